@@ -1,0 +1,2 @@
+//! The `iovatrack` command.
+fn main() {}

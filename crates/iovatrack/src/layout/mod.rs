@@ -1,0 +1,1 @@
+//! The guest physical memory map.
