@@ -497,10 +497,13 @@ impl DmaLogger for EmulatedDevice {
         let (rstart, rend) = (range.iova as u128, range.end());
         let rshift = page_size.trailing_zeros();
         let shift = s.shift;
-        let first = s.regions.partition_point(|r| r.range.end() <= rstart);
+        // Whole device pages are the unit (a region's first and last page may stick out of
+        // it when the driver clamped the page size up), so select regions by page span.
+        let span_end = |r: &Region| ((r.first_page + r.npages) as u128) << shift;
+        let first = s.regions.partition_point(|r| span_end(r) <= rstart);
         for r in s.regions[first..]
             .iter()
-            .take_while(|r| (r.range.iova as u128) < rend)
+            .take_while(|r| ((r.first_page as u128) << shift) < rend)
         {
             // Device pages of this region touching the report range.
             let r_last_page = r.first_page + r.npages - 1;

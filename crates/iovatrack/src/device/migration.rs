@@ -141,7 +141,8 @@ pub fn next_state(flags: MigFlags, cur: MigState, new: MigState) -> Result<MigSt
     Ok(next)
 }
 
-/// The whole path from `cur` to `new` (excluding `cur`), as a driver walks it.
+/// The whole path from `cur` to `new` (excluding `cur`), as a driver walks it
+/// (`while cur != new`: asking for the current state is a no-op, even ERROR).
 pub fn path(flags: MigFlags, cur: MigState, new: MigState) -> Result<Vec<MigState>, Rule> {
     let mut out = Vec::new();
     let mut at = cur;
@@ -361,10 +362,14 @@ mod tests {
             a.extend([(Running, RunningP2p), (RunningP2p, Running)]);
             a.extend([(RunningP2p, Stop), (Stop, RunningP2p)]);
         }
-        if pc {
+        // "If precopy and P2P are supported together then the driver must support these
+        // additional arcs beyond the P2P arcs" (vfio_main.c): PRE_COPY -> STOP_COPY is then
+        // *not* an arc, the walk goes through PRE_COPY_P2P.
+        if pc && !p2p {
             a.extend([(Running, PreCopy), (PreCopy, Running), (PreCopy, StopCopy)]);
         }
         if p2p && pc {
+            a.extend([(PreCopy, Running), (Running, PreCopy)]);
             a.extend([(PreCopy, PreCopyP2p), (PreCopyP2p, PreCopy)]);
             a.extend([(PreCopyP2p, RunningP2p), (PreCopyP2p, StopCopy)]);
             a.push((RunningP2p, PreCopyP2p));
@@ -376,30 +381,42 @@ mod tests {
         a
     }
 
-    /// Independent oracle: BFS over the allowed arcs where saving-group states may only be
-    /// the endpoints; STOP_COPY -> PRE_COPY* blocked; ERROR never a target.
+    /// Independent oracle: BFS over the allowed arcs. Saving-group states may appear only
+    /// at the ends of a path: a saving prefix (from a saving start) or a saving suffix (into
+    /// a saving target), never both around a non-saving middle, which is what blocks
+    /// STOP_COPY -> PRE_COPY*. ERROR is never a target.
     fn bfs(flags: MigFlags, cur: MigState, new: MigState) -> Option<usize> {
+        if cur == new {
+            return Some(0); // drivers loop `while cur != new`: nothing to do
+        }
         if !flags.supports(cur) || !flags.supports(new) {
             return None;
         }
-        if cur == StopCopy && matches!(new, PreCopy | PreCopyP2p) {
-            return None;
-        }
+        // Phase: 0 saving prefix, 1 non-saving middle, 2 saving suffix.
+        let start_phase = if cur.is_saving() { 0 } else { 1 };
         let arcs = arcs(flags);
-        let mut dist = [usize::MAX; 8];
-        dist[cur as usize] = 0;
-        let mut q = VecDeque::from([cur]);
-        while let Some(s) = q.pop_front() {
+        let mut dist = [[usize::MAX; 3]; 8];
+        dist[cur as usize][start_phase] = 0;
+        let mut q = VecDeque::from([(cur, start_phase)]);
+        while let Some((s, ph)) = q.pop_front() {
+            let d = dist[s as usize][ph];
             if s == new {
-                return Some(dist[s as usize]);
-            }
-            if s != cur && s.is_saving() {
-                continue; // interior saving states are not allowed
+                return Some(d);
             }
             for &(a, b) in &arcs {
-                if a == s && dist[b as usize] == usize::MAX {
-                    dist[b as usize] = dist[s as usize] + 1;
-                    q.push_back(b);
+                if a != s {
+                    continue;
+                }
+                let next_ph = match (ph, b.is_saving()) {
+                    (0, true) => 0,
+                    (0, false) | (1, false) => 1,
+                    (1, true) if !cur.is_saving() => 2,
+                    (2, true) => 2,
+                    _ => continue,
+                };
+                if dist[b as usize][next_ph] == usize::MAX {
+                    dist[b as usize][next_ph] = d + 1;
+                    q.push_back((b, next_ph));
                 }
             }
         }
@@ -419,14 +436,11 @@ mod tests {
                         (Some(d), Ok(p)) => {
                             assert_eq!(p.len(), d, "{flags:?} {cur:?}->{new:?}: {p:?}");
                             let mut at = cur;
-                            for (i, &s) in p.iter().enumerate() {
+                            for &s in &p {
                                 assert!(
                                     allowed.contains(&(at, s)),
                                     "{flags:?} {cur:?}->{new:?}: arc {at:?}->{s:?} not allowed"
                                 );
-                                if i + 1 < p.len() {
-                                    assert!(!s.is_saving(), "interior saving state in {p:?}");
-                                }
                                 at = s;
                             }
                         }
