@@ -265,11 +265,11 @@ impl MigrationDevice {
                 frame(&self.snap, &mut self.out);
             }
             // PRE_COPY* -> STOP_COPY: the stream goes on; send the final state if it moved.
-            (MigState::PreCopy | MigState::PreCopyP2p, MigState::StopCopy) => {
-                if self.snap != self.data {
-                    self.snap = self.data.clone();
-                    frame(&self.snap, &mut self.out);
-                }
+            (MigState::PreCopy | MigState::PreCopyP2p, MigState::StopCopy)
+                if self.snap != self.data =>
+            {
+                self.snap = self.data.clone();
+                frame(&self.snap, &mut self.out);
             }
             (_, MigState::Resuming) => self.incoming.clear(),
             (MigState::Resuming, _) => {

@@ -54,10 +54,11 @@ const _: () = {
 
 /// START or STOP: the bare header.
 pub(crate) fn encode_flag(flags: u32) -> vfio_iommu_type1_dirty_bitmap {
-    let mut h = vfio_iommu_type1_dirty_bitmap::default();
-    h.argsz = std::mem::size_of::<vfio_iommu_type1_dirty_bitmap>() as u32;
-    h.flags = flags;
-    h
+    vfio_iommu_type1_dirty_bitmap {
+        argsz: std::mem::size_of::<vfio_iommu_type1_dirty_bitmap>() as u32,
+        flags,
+        ..Default::default()
+    }
 }
 
 /// GET_BITMAP into `bitmap`: `bitmap.size` is the bytes the range needs.

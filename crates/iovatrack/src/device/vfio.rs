@@ -57,28 +57,35 @@ const _: () = {
 
 impl<T> FeatureBuf<T> {
     fn new(flags: u32, payload: T) -> Self {
-        let mut hdr = vfio_device_feature::default();
-        hdr.argsz = std::mem::size_of::<Self>() as u32;
-        hdr.flags = flags;
-        Self { hdr, payload }
+        Self {
+            hdr: header(std::mem::size_of::<Self>() as u32, flags),
+            payload,
+        }
+    }
+}
+
+fn header(argsz: u32, flags: u32) -> vfio_device_feature {
+    vfio_device_feature {
+        argsz,
+        flags,
+        ..Default::default()
     }
 }
 
 /// The PROBE request for DMA logging: `PROBE | SET | START`, argsz 8.
 pub(crate) fn encode_probe() -> vfio_device_feature {
-    let mut hdr = vfio_device_feature::default();
-    hdr.argsz = HDR as u32;
-    hdr.flags =
-        VFIO_DEVICE_FEATURE_PROBE | VFIO_DEVICE_FEATURE_SET | VFIO_DEVICE_FEATURE_DMA_LOGGING_START;
-    hdr
+    header(
+        HDR as u32,
+        VFIO_DEVICE_FEATURE_PROBE | VFIO_DEVICE_FEATURE_SET | VFIO_DEVICE_FEATURE_DMA_LOGGING_START,
+    )
 }
 
 /// The STOP request: `SET | STOP`, argsz 8.
 pub(crate) fn encode_stop() -> vfio_device_feature {
-    let mut hdr = vfio_device_feature::default();
-    hdr.argsz = HDR as u32;
-    hdr.flags = VFIO_DEVICE_FEATURE_SET | VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP;
-    hdr
+    header(
+        HDR as u32,
+        VFIO_DEVICE_FEATURE_SET | VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP,
+    )
 }
 
 /// The START request; `array` receives the ranges and must outlive the ioctl (the control
