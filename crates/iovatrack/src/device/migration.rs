@@ -7,6 +7,9 @@
 
 use super::{DeviceError, DeviceOp, Errno, Rule};
 
+/// `VFIO_MIG_GET_PRECOPY_INFO` = `_IO(';', 100 + 21)` on the migration data fd (6.2+).
+pub const VFIO_MIG_GET_PRECOPY_INFO: u64 = 0x3B79;
+
 /// `enum vfio_device_mig_state`, with the kernel's numbers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(u32)]
