@@ -1,0 +1,560 @@
+//! A software device that logs its DMA writes the way a VFIO driver does.
+//!
+//! It enforces the vfio core's START/REPORT/STOP checks (drivers/vfio/vfio_main.c) in the
+//! kernel's order, so the first offending range decides the errno, then the driver rules of
+//! its [`DeviceLimits`]: mlx5 (page size floored and clamped, smallest-gap merge to the
+//! device's range count, EOPNOTSUPP on the total size) or pds (merge to its regions, a
+//! REPORT must stay inside one region).
+//!
+//! DMA writes arrive through [`EmulatedDevice::dma_write`] from any number of threads. The
+//! tracked set is fixed at START, so the hot path takes only a shared read lock (no writer
+//! ever waits on it while logging runs), binary-searches the immutable region list and sets
+//! bits with one atomic OR per word. A write outside every tracked range is what a real
+//! device silently loses; it is counted instead.
+
+use super::migration::{MigFlags, MigrationDevice};
+use super::{DeviceError, DeviceOp, DmaLogger, Errno, Rule};
+use crate::plan::combine::combine;
+use crate::plan::limits::{DeviceLimits, DeviceProfile, DriverKind};
+use crate::range::{is_pow2, IovaRange};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
+
+/// The smallest REPORT page size the core accepts (`SZ_4K`, not the kernel's PAGE_SIZE).
+const MIN_REPORT_PAGE: u64 = 4096;
+
+/// Default cap on the log's memory (bits at the tracking page size): 256 MiB, i.e. 8 TiB
+/// tracked at 4 KiB.
+const DEFAULT_MAX_LOG_BYTES: u64 = 256 << 20;
+
+/// A software DMA-logging device. See the module documentation.
+pub struct EmulatedDevice {
+    name: String,
+    limits: DeviceLimits,
+    logging: bool,
+    max_log_bytes: u64,
+    session: RwLock<Option<Session>>,
+    untracked_writes: AtomicU64,
+    untracked_pages: AtomicU64,
+    faults: Mutex<Faults>,
+    migration: Mutex<MigrationDevice>,
+}
+
+/// What START fixed: the page size and the merged regions, sorted by IOVA.
+struct Session {
+    shift: u32,
+    regions: Vec<Region>,
+}
+
+/// One tracked region: a bit per device page from `first_page` on.
+struct Region {
+    range: IovaRange,
+    first_page: u64,
+    npages: u64,
+    bits: Box<[AtomicU64]>,
+}
+
+#[derive(Default)]
+struct Faults {
+    /// Fail the REPORT after `n - 1` more successful ones.
+    report: Option<(u64, Errno)>,
+    /// Refuse START (when given more than `above` ranges, if set).
+    start: Option<(Errno, Option<usize>)>,
+}
+
+impl EmulatedDevice {
+    /// A device with DMA logging following `limits`, migration flags STOP_COPY|P2P|PRE_COPY.
+    pub fn new(limits: DeviceLimits) -> Self {
+        let name = match limits.driver {
+            DriverKind::Generic => "emulated-generic",
+            DriverKind::Mlx5 => "emulated-mlx5",
+            DriverKind::Pds => "emulated-pds",
+        };
+        Self {
+            name: name.to_string(),
+            limits,
+            logging: true,
+            max_log_bytes: DEFAULT_MAX_LOG_BYTES,
+            session: RwLock::new(None),
+            untracked_writes: AtomicU64::new(0),
+            untracked_pages: AtomicU64::new(0),
+            faults: Mutex::new(Faults::default()),
+            migration: Mutex::new(MigrationDevice::new(MigFlags::ALL)),
+        }
+    }
+
+    /// A device with a profile's default limits.
+    pub fn with_profile(profile: DeviceProfile) -> Self {
+        Self::new(profile.limits())
+    }
+
+    /// The same device without DMA logging support: probe/start/report/stop give ENOTTY.
+    pub fn without_logging(mut self) -> Self {
+        self.logging = false;
+        self
+    }
+
+    /// Rename the device.
+    pub fn named(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Cap the log memory (START fails with ENOMEM above it).
+    pub fn max_log_bytes(mut self, bytes: u64) -> Self {
+        self.max_log_bytes = bytes;
+        self
+    }
+
+    /// The migration flags the device reports.
+    pub fn migration_flags(self, flags: MigFlags) -> Self {
+        *self
+            .migration
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = MigrationDevice::new(flags);
+        self
+    }
+
+    /// The device's limits.
+    pub fn limits(&self) -> &DeviceLimits {
+        &self.limits
+    }
+
+    /// The migration v2 side of the device (state machine and state stream).
+    pub fn migration(&self) -> MutexGuard<'_, MigrationDevice> {
+        self.migration
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// What the device really tracks (after the driver's merge), if logging.
+    pub fn tracked_ranges(&self) -> Option<Vec<IovaRange>> {
+        let s = self.session.read().unwrap_or_else(PoisonError::into_inner);
+        s.as_ref()
+            .map(|s| s.regions.iter().map(|r| r.range).collect())
+    }
+
+    /// The tracking page size, if logging.
+    pub fn page_size(&self) -> Option<u64> {
+        let s = self.session.read().unwrap_or_else(PoisonError::into_inner);
+        s.as_ref().map(|s| 1u64 << s.shift)
+    }
+
+    /// DMA writes that touched at least one byte outside every tracked range while logging.
+    pub fn untracked_writes(&self) -> u64 {
+        self.untracked_writes.load(Ordering::Relaxed)
+    }
+
+    /// Device pages (at the tracking page size) of those bytes: dirt a real device loses.
+    pub fn untracked_pages(&self) -> u64 {
+        self.untracked_pages.load(Ordering::Relaxed)
+    }
+
+    /// Fail the `nth` REPORT from now (1 = the next one) with `errno`.
+    pub fn fail_report(&self, nth: u64, errno: Errno) {
+        self.faults
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .report = Some((nth.max(1), errno));
+    }
+
+    /// Refuse every START with `errno` (after the core's checks, as a driver would); with
+    /// `above`, only STARTs given more than that many ranges.
+    pub fn refuse_start(&self, errno: Errno, above: Option<usize>) {
+        self.faults
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .start = Some((errno, above));
+    }
+
+    /// Remove injected faults.
+    pub fn clear_faults(&self) {
+        *self.faults.lock().unwrap_or_else(PoisonError::into_inner) = Faults::default();
+    }
+
+    /// The device DMA-writes `len` bytes at `iova`. Logged at the tracking page size inside
+    /// the tracked ranges; bytes outside them are counted as untracked. No-op when not
+    /// logging.
+    pub fn dma_write(&self, iova: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let guard = self.session.read().unwrap_or_else(PoisonError::into_inner);
+        let Some(s) = guard.as_ref() else { return };
+        let end = iova as u128 + len as u128;
+        let mut i = s.regions.partition_point(|r| r.range.end() <= iova as u128);
+        let mut cur = iova as u128;
+        let mut lost = Untracked {
+            shift: s.shift,
+            pages: 0,
+            last: None,
+        };
+        while cur < end {
+            match s.regions.get(i) {
+                Some(r) if (r.range.iova as u128) < end => {
+                    let rs = r.range.iova as u128;
+                    if rs > cur {
+                        lost.add(cur, rs);
+                    }
+                    let a = cur.max(rs);
+                    let b = end.min(r.range.end());
+                    r.mark((a >> s.shift) as u64, ((b - 1) >> s.shift) as u64);
+                    cur = b;
+                    i += 1;
+                }
+                _ => {
+                    lost.add(cur, end);
+                    cur = end;
+                }
+            }
+        }
+        if lost.pages > 0 {
+            self.untracked_writes.fetch_add(1, Ordering::Relaxed);
+            self.untracked_pages
+                .fetch_add(lost.pages, Ordering::Relaxed);
+        }
+    }
+
+    fn err(op: DeviceOp, errno: Errno, rule: Rule) -> DeviceError {
+        DeviceError::new(op, errno, rule)
+    }
+
+    fn check_supported(&self, op: DeviceOp) -> Result<(), DeviceError> {
+        if self.logging {
+            Ok(())
+        } else {
+            Err(Self::err(op, Errno::ENOTTY, Rule::NoLoggingSupport))
+        }
+    }
+
+    /// `vfio_ioctl_device_feature_logging_start`'s checks, in order.
+    fn core_start_checks(&self, page_size: u64, ranges: &[IovaRange]) -> Result<(), DeviceError> {
+        let e = |errno, rule| Self::err(DeviceOp::Start, errno, rule);
+        let n = ranges.len();
+        if n == 0 {
+            return Err(e(Errno::EINVAL, Rule::NoRanges));
+        }
+        if n > self.limits.core_max_ranges as usize {
+            return Err(e(
+                Errno::E2BIG,
+                Rule::TooManyRanges {
+                    count: n,
+                    max: self.limits.core_max_ranges,
+                },
+            ));
+        }
+        // IS_ALIGNED with a mask: page size 0 makes the mask all ones.
+        let mask = page_size.wrapping_sub(1);
+        // Inclusive [start, last] as the interval tree holds them; a zero length wraps.
+        let mut nodes: Vec<(u64, u64)> = Vec::with_capacity(n);
+        for (index, &range) in ranges.iter().enumerate() {
+            if range.iova & mask != 0 || range.length & mask != 0 {
+                return Err(e(
+                    Errno::EINVAL,
+                    Rule::Misaligned {
+                        index,
+                        range,
+                        page_size,
+                    },
+                ));
+            }
+            if !range.fits_u64() {
+                return Err(e(Errno::EOVERFLOW, Rule::RangeOverflow { index, range }));
+            }
+            let start = range.iova;
+            let last = start.wrapping_add(range.length).wrapping_sub(1);
+            if let Some(other) = nodes.iter().position(|&(s, l)| s <= last && start <= l) {
+                return Err(e(
+                    Errno::EINVAL,
+                    Rule::Overlap {
+                        index,
+                        range,
+                        other,
+                    },
+                ));
+            }
+            nodes.push((start, last));
+        }
+        Ok(())
+    }
+
+    /// The driver's `log_start`: state, page size, merge, limits, allocation.
+    fn driver_start(&self, page_size: u64, ranges: &[IovaRange]) -> Result<Session, DeviceError> {
+        let e = |errno, rule| Self::err(DeviceOp::Start, errno, rule);
+        if let Some((errno, above)) = self
+            .faults
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .start
+        {
+            if above.is_none_or(|a| ranges.len() > a) {
+                return Err(e(errno, Rule::Injected));
+            }
+        }
+        if let Some(index) = ranges.iter().position(|r| r.length == 0) {
+            return Err(e(Errno::EINVAL, Rule::ZeroLength { index }));
+        }
+        let ps = self.limits.negotiate_page_size(page_size);
+        if !is_pow2(ps) {
+            return Err(e(Errno::EINVAL, Rule::UnusablePageSize { page_size: ps }));
+        }
+        let mut sorted = ranges.to_vec();
+        sorted.sort_unstable();
+        let max = self.limits.max_ranges.max(1) as usize;
+        let merged = if sorted.len() > max {
+            combine(&sorted, max)
+        } else {
+            sorted
+        };
+        if let Some((min, max)) = self.limits.addr_space_log2 {
+            let total: u128 = merged.iter().map(|r| r.length as u128).sum();
+            // ilog2(roundup_pow_of_two(total)); total > 0 (no zero lengths).
+            let log2 = 128 - (total - 1).leading_zeros();
+            if log2 < min as u32 || log2 > max as u32 {
+                return Err(e(
+                    Errno::EOPNOTSUPP,
+                    Rule::AddressSpace {
+                        total,
+                        log2,
+                        min,
+                        max,
+                    },
+                ));
+            }
+        }
+        let shift = ps.trailing_zeros();
+        let mut words_total: u128 = 0;
+        let mut spans = Vec::with_capacity(merged.len());
+        for r in &merged {
+            let first_page = r.iova >> shift;
+            let last_page = r.last().map_or(first_page, |l| l >> shift);
+            let npages = last_page - first_page + 1;
+            words_total += npages.div_ceil(64) as u128;
+            spans.push((first_page, npages));
+        }
+        let bytes = words_total * 8;
+        if bytes > self.max_log_bytes as u128 {
+            return Err(e(
+                Errno::ENOMEM,
+                Rule::TrackerMemory {
+                    bytes,
+                    max: self.max_log_bytes,
+                },
+            ));
+        }
+        let mut regions = Vec::with_capacity(merged.len());
+        for (r, (first_page, npages)) in merged.into_iter().zip(spans) {
+            let words = npages.div_ceil(64) as usize;
+            let mut bits = Vec::new();
+            bits.try_reserve_exact(words).map_err(|_| {
+                e(
+                    Errno::ENOMEM,
+                    Rule::TrackerMemory {
+                        bytes,
+                        max: self.max_log_bytes,
+                    },
+                )
+            })?;
+            bits.extend((0..words).map(|_| AtomicU64::new(0)));
+            regions.push(Region {
+                range: r,
+                first_page,
+                npages,
+                bits: bits.into_boxed_slice(),
+            });
+        }
+        Ok(Session { shift, regions })
+    }
+
+    fn take_report_fault(&self) -> Option<Errno> {
+        let mut f = self.faults.lock().unwrap_or_else(PoisonError::into_inner);
+        match f.report {
+            Some((1, errno)) => {
+                f.report = None;
+                Some(errno)
+            }
+            Some((n, errno)) => {
+                f.report = Some((n - 1, errno));
+                None
+            }
+            None => None,
+        }
+    }
+}
+
+/// Counts device pages of untracked bytes, each page once per write.
+struct Untracked {
+    shift: u32,
+    pages: u64,
+    last: Option<u128>,
+}
+
+impl Untracked {
+    fn add(&mut self, a: u128, b: u128) {
+        let mut first = a >> self.shift;
+        let last = (b - 1) >> self.shift;
+        if self.last == Some(first) {
+            first += 1;
+        }
+        if first <= last {
+            self.pages += (last - first + 1) as u64;
+        }
+        self.last = Some(last);
+    }
+}
+
+impl Region {
+    /// Set the bits of absolute device pages `p0..=p1` (inside this region).
+    fn mark(&self, p0: u64, p1: u64) {
+        let (k0, k1) = (p0 - self.first_page, p1 - self.first_page);
+        for_word_masks(k0, k1, |w, mask| {
+            // SeqCst: free on x86 (a locked RMW anyway) and it makes "a write racing a
+            // REPORT lands in that report or the next" provable with a SeqCst round counter.
+            self.bits[w].fetch_or(mask, Ordering::SeqCst);
+        });
+    }
+}
+
+/// Calls `f(word, mask)` for the words covering bits `k0..=k1`.
+fn for_word_masks(k0: u64, k1: u64, mut f: impl FnMut(usize, u64)) {
+    let (w0, w1) = (k0 / 64, k1 / 64);
+    for w in w0..=w1 {
+        let lo = if w == w0 { k0 % 64 } else { 0 };
+        let hi = if w == w1 { k1 % 64 } else { 63 };
+        let mask = (u64::MAX >> (63 - hi)) & (u64::MAX << lo);
+        f(w as usize, mask);
+    }
+}
+
+/// OR bits `k0..=k1` into a caller bitmap (sized by the caller's check).
+fn set_bits(bitmap: &mut [u64], k0: u64, k1: u64) {
+    for_word_masks(k0, k1, |w, mask| bitmap[w] |= mask);
+}
+
+impl DmaLogger for EmulatedDevice {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn probe(&self) -> Result<(), DeviceError> {
+        self.check_supported(DeviceOp::Probe)
+    }
+
+    fn start(&self, page_size: u64, ranges: &[IovaRange]) -> Result<u64, DeviceError> {
+        self.check_supported(DeviceOp::Start)?;
+        self.core_start_checks(page_size, ranges)?;
+        let mut session = self.session.write().unwrap_or_else(PoisonError::into_inner);
+        if session.is_some() {
+            return Err(Self::err(
+                DeviceOp::Start,
+                Errno::EINVAL,
+                Rule::AlreadyStarted,
+            ));
+        }
+        let s = self.driver_start(page_size, ranges)?;
+        let ps = 1u64 << s.shift;
+        *session = Some(s);
+        Ok(ps)
+    }
+
+    fn report(
+        &self,
+        range: IovaRange,
+        page_size: u64,
+        bitmap: &mut [u64],
+    ) -> Result<(), DeviceError> {
+        let e = |errno, rule| Self::err(DeviceOp::Report, errno, rule);
+        self.check_supported(DeviceOp::Report)?;
+        if page_size < MIN_REPORT_PAGE || !is_pow2(page_size) {
+            return Err(e(Errno::EINVAL, Rule::ReportPageSize { page_size }));
+        }
+        if !range.fits_u64() {
+            return Err(e(Errno::EOVERFLOW, Rule::ReportOverflow { range }));
+        }
+        let guard = self.session.read().unwrap_or_else(PoisonError::into_inner);
+        let Some(s) = guard.as_ref() else {
+            return Err(e(Errno::EINVAL, Rule::NotStarted));
+        };
+        if let Some(errno) = self.take_report_fault() {
+            return Err(e(errno, Rule::Injected));
+        }
+        if self.limits.driver == DriverKind::Pds {
+            let i = s
+                .regions
+                .partition_point(|r| r.range.end() <= range.iova as u128);
+            let region = match s.regions.get(i) {
+                Some(r) if r.range.contains(range.iova) => r.range,
+                _ => return Err(e(Errno::EINVAL, Rule::OutsideRegions { range })),
+            };
+            if range.length == 0 || range.end() > region.end() {
+                return Err(e(Errno::EINVAL, Rule::CrossesRegion { range, region }));
+            }
+        }
+        super::check_bitmap(DeviceOp::Report, range, page_size, bitmap)?;
+        let Some(last) = range.last() else {
+            return Ok(());
+        };
+        let (rstart, rend) = (range.iova as u128, range.end());
+        let rshift = page_size.trailing_zeros();
+        let shift = s.shift;
+        // Whole device pages are the unit (a region's first and last page may stick out of
+        // it when the driver clamped the page size up), so select regions by page span.
+        let span_end = |r: &Region| ((r.first_page + r.npages) as u128) << shift;
+        let first = s.regions.partition_point(|r| span_end(r) <= rstart);
+        for r in s.regions[first..]
+            .iter()
+            .take_while(|r| ((r.first_page as u128) << shift) < rend)
+        {
+            // Device pages of this region touching the report range.
+            let r_last_page = r.first_page + r.npages - 1;
+            let p_lo = (range.iova >> shift).max(r.first_page);
+            let p_hi = (last >> shift).min(r_last_page);
+            if p_lo > p_hi {
+                continue;
+            }
+            // Only pages wholly inside the range are cleared: a partly queried page keeps
+            // its bit for the query of its other part (reported twice, never lost).
+            let whole =
+                |p: u64| (p as u128) << shift >= rstart && ((p as u128 + 1) << shift) <= rend;
+            let keep = |p: u64, base: u64| {
+                if !whole(p) && p >= base && p - base < 64 {
+                    1u64 << (p - base)
+                } else {
+                    0
+                }
+            };
+            for_word_masks(p_lo - r.first_page, p_hi - r.first_page, |w, mask| {
+                let base = r.first_page + w as u64 * 64;
+                let clear = mask & !keep(p_lo, base) & !keep(p_hi, base);
+                let old = if clear == 0 {
+                    r.bits[w].load(Ordering::SeqCst)
+                } else {
+                    r.bits[w].fetch_and(!clear, Ordering::SeqCst)
+                };
+                let mut dirty = old & mask;
+                while dirty != 0 {
+                    let p = base + dirty.trailing_zeros() as u64;
+                    dirty &= dirty - 1;
+                    // iova_bitmap_set(addr = page start, len = device page), clamped.
+                    let a = ((p as u128) << shift).max(rstart);
+                    let b = (((p as u128) + 1) << shift).min(rend) - 1;
+                    set_bits(
+                        bitmap,
+                        ((a - rstart) >> rshift) as u64,
+                        ((b - rstart) >> rshift) as u64,
+                    );
+                }
+            });
+        }
+        Ok(())
+    }
+
+    fn stop(&self) -> Result<(), DeviceError> {
+        self.check_supported(DeviceOp::Stop)?;
+        *self.session.write().unwrap_or_else(PoisonError::into_inner) = None;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;
