@@ -14,7 +14,10 @@
 //! | `B + 0x13000`    | stack page (unused by the program; RSP points at its top) |
 //! | `B + 0x14000`    | PML4, then PDPT and PD pages as needed, up to `B + 1 MiB` |
 //!
-//! All of it is ordinary guest RAM, so it migrates with the rest of memory.
+//! All of it is ordinary guest RAM, so it migrates with the rest of memory. The guest only
+//! reads it: descriptors have their Accessed bit and page-table entries their Accessed
+//! (and, for leaves, Dirty) bits preset, so the CPU never writes back to them and these pages
+//! stay out of KVM's dirty log.
 
 use kvm_bindings::{kvm_dtable, kvm_regs, kvm_segment, kvm_sregs};
 
@@ -38,7 +41,14 @@ pub const PROGRESS_PORT: u16 = 0x3f0;
 /// Page-table entry bits.
 const PTE_P: u64 = 1;
 const PTE_RW: u64 = 1 << 1;
+const PTE_A: u64 = 1 << 5;
+const PTE_D: u64 = 1 << 6;
 const PTE_PS: u64 = 1 << 7;
+/// Flags of a table (non-leaf) entry. Accessed is preset so the CPU never writes the tables
+/// (a hardware A/D update is a guest write and would dirty the reserved pages).
+const TABLE_FLAGS: u64 = PTE_P | PTE_RW | PTE_A;
+/// Flags of a huge leaf entry, Accessed and Dirty preset for the same reason.
+const LEAF_FLAGS: u64 = PTE_P | PTE_RW | PTE_A | PTE_D | PTE_PS;
 const PTE_ADDR: u64 = 0x000f_ffff_ffff_f000;
 
 /// Identity mapping stays in the canonical lower half of 4-level paging.
@@ -87,6 +97,9 @@ pub const GUEST_CODE: &[u8] = &[
     0xef,                         // 55 out dx, eax           ; report progress (VM exit)
     0xeb, 0xbc,                   // 56 jmp top
 ];
+
+/// Offset in [`GUEST_CODE`] (and in its page) of the `mov [rcx], r8` store.
+pub const STORE_OFFSET: u64 = 0x37;
 
 /// Where the setup lives for a given memory layout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -156,7 +169,7 @@ pub fn build_page_tables(
         let t = next;
         next += PAGE_SIZE;
         mem.write_page(t, &zero)?;
-        mem.write_u64(entry_gpa, t | PTE_P | PTE_RW)?;
+        mem.write_u64(entry_gpa, t | TABLE_FLAGS)?;
         Ok(t)
     };
     let leaf = if huge_1g { 1u64 << 30 } else { 1u64 << 21 };
@@ -169,10 +182,10 @@ pub fn build_page_tables(
             let pdpt = table_at(pml4 + 8 * ((a >> 39) & 511))?;
             let pdpte = pdpt + 8 * ((a >> 30) & 511);
             if huge_1g {
-                mem.write_u64(pdpte, a | PTE_P | PTE_RW | PTE_PS)?;
+                mem.write_u64(pdpte, a | LEAF_FLAGS)?;
             } else {
                 let pd = table_at(pdpte)?;
-                mem.write_u64(pd + 8 * ((a >> 21) & 511), a | PTE_P | PTE_RW | PTE_PS)?;
+                mem.write_u64(pd + 8 * ((a >> 21) & 511), a | LEAF_FLAGS)?;
             }
             a += leaf;
         }
@@ -380,9 +393,15 @@ fn regs_array(r: &kvm_regs) -> [u64; 18] {
 }
 
 impl VcpuState {
-    /// The program's running counter (`r8`).
+    /// The value of the program's last completed page write: `r8`, except when the vCPU
+    /// stopped between `inc r8` and the store (RIP at [`STORE_OFFSET`]), where RAM holds
+    /// `r8 - 1` at most. So this equals the largest counter in RAM.
     pub fn counter(&self) -> u64 {
-        self.regs.r8
+        if self.regs.rip & (PAGE_SIZE - 1) == STORE_OFFSET {
+            self.regs.r8.wrapping_sub(1)
+        } else {
+            self.regs.r8
+        }
     }
 
     /// Versioned byte layout (see `state.rs`): header, 18 general registers in `kvm_regs`
@@ -547,6 +566,9 @@ mod tests {
         let mut page = vec![0u8; 4096];
         mem.read_page(layout.code, &mut page).unwrap();
         assert_eq!(&page[..GUEST_CODE.len()], GUEST_CODE);
+        // STORE_OFFSET really is `mov [rcx], r8`, right after `inc r8`.
+        let at = STORE_OFFSET as usize;
+        assert_eq!(&GUEST_CODE[at - 3..at + 3], &[0x49, 0xff, 0xc0, 0x4c, 0x89, 0x01]);
         assert_eq!(mem.read_u64(layout.gdt + 8).unwrap(), 0x00af_9b00_0000_ffff);
         assert_eq!(mem.read_u64(layout.gdt + 16).unwrap(), 0x00cf_9300_0000_ffff);
         assert_eq!(WalkTable::read_from(&mem, layout.table).unwrap(), table);
@@ -569,6 +591,9 @@ mod tests {
             sregs: long_mode_sregs(&kvm_sregs::default(), &layout),
         };
         st.regs.r8 = 0x1234_5678_9abc;
+        assert_eq!(st.counter(), 0x1234_5678_9abc);
+        st.regs.rip = layout.code + STORE_OFFSET;
+        assert_eq!(st.counter(), 0x1234_5678_9abb);
         st.sregs.apic_base = 0xfee0_0900;
         st.sregs.interrupt_bitmap[3] = 7;
         let bytes = st.to_bytes();
