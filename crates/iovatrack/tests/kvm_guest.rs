@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 
 use iovatrack::migrate::guest::x86::{VcpuState, RESERVED_BYTES};
 use iovatrack::migrate::guest::{
-    kvm_available, resume_guest, GuestConfig, GuestCpu, GuestMemory, KvmGuest, SoftGuest,
-    PAGE_SIZE,
+    kvm_available, resume_guest, GuestConfig, GuestCpu, GuestMemory, KvmGuest, SoftGuest, PAGE_SIZE,
 };
 
 const MIB: u64 = 1 << 20;
@@ -50,7 +49,11 @@ fn read_logs(g: &dyn GuestCpu) -> Vec<Vec<u64>> {
             let words = mem.bitmap_words(slot).unwrap();
             let mut buf = vec![0xdead_beef_dead_beef_u64; words + 2];
             g.dirty_log(slot, &mut buf).unwrap();
-            assert_eq!(&buf[words..], &[0xdead_beef_dead_beef; 2], "slot {slot} overrun");
+            assert_eq!(
+                &buf[words..],
+                &[0xdead_beef_dead_beef; 2],
+                "slot {slot} overrun"
+            );
             let pages = mem.region_pages(slot).unwrap();
             if pages % 64 != 0 {
                 assert_eq!(buf[words - 1] >> (pages % 64), 0, "bits past slot {slot}");
@@ -123,7 +126,10 @@ fn migrate_scenario(src: Box<dyn GuestCpu>, reserved: bool) {
     // Dirty log: non-empty, each dirty page really holds a counter value, and nothing in
     // the reserved area.
     let logs = read_logs(&*src);
-    assert!(dirty_pages(&logs) > 0, "{kind}: empty dirty log while running");
+    assert!(
+        dirty_pages(&logs) > 0,
+        "{kind}: empty dirty log while running"
+    );
     for (slot, log) in logs.iter().enumerate() {
         let base = mem.regions()[slot].iova;
         for (w, word) in log.iter().enumerate() {
@@ -131,7 +137,10 @@ fn migrate_scenario(src: Box<dyn GuestCpu>, reserved: bool) {
                 if word & (1 << b) != 0 {
                     let page = (w * 64 + b) as u64;
                     if reserved && slot == 0 {
-                        assert!(page * PAGE_SIZE >= RESERVED_BYTES, "setup page {page} dirty");
+                        assert!(
+                            page * PAGE_SIZE >= RESERVED_BYTES,
+                            "setup page {page} dirty"
+                        );
                     }
                     // The page was written, so it holds a counter >= 1 (a later write
                     // may have replaced it, never with 0).
@@ -187,7 +196,10 @@ fn migrate_scenario(src: Box<dyn GuestCpu>, reserved: bool) {
     assert!(dst.progress().counter >= saved.counter);
     wait_counter(&*dst, saved_counter + 20_000);
     let logs = read_logs(&*dst);
-    assert!(dirty_pages(&logs) > 0, "{kind}: destination dirties nothing");
+    assert!(
+        dirty_pages(&logs) > 0,
+        "{kind}: destination dirties nothing"
+    );
     dst.pause().unwrap();
     let final_counter = max_counter_in_ram(&dst_mem, reserved);
     assert!(final_counter >= saved_counter + 20_000);

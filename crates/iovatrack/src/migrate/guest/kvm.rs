@@ -36,8 +36,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    kvm_dirty_log, kvm_dirty_log__bindgen_ty_1, kvm_userspace_memory_region,
-    KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
+    kvm_dirty_log, kvm_dirty_log__bindgen_ty_1, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES,
+    KVM_MEM_LOG_DIRTY_PAGES,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
@@ -100,7 +100,9 @@ fn install_kick_handler() -> Result<(), GuestError> {
         if rc == 0 {
             0
         } else {
-            std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EINVAL)
+            std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EINVAL)
         }
     });
     if err == 0 {
@@ -306,7 +308,8 @@ impl KvmGuest {
         };
         // SAFETY: `vm` is a KVM VM fd; KVM writes ALIGN(npages, 64) / 8 bytes for the slot,
         // which is `words * 8`, and `buf` holds at least `words` u64s for this call.
-        let rc = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(&self.vm, KVM_GET_DIRTY_LOG(), &log) };
+        let rc =
+            unsafe { vmm_sys_util::ioctl::ioctl_with_ref(&self.vm, KVM_GET_DIRTY_LOG(), &log) };
         if rc != 0 {
             return Err(GuestError::Kvm {
                 op: "GET_DIRTY_LOG",

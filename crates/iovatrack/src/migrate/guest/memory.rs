@@ -245,7 +245,9 @@ impl GuestMemory {
     /// 64-bit FNV-1a hash of the page at `gpa`, over its 512 little-endian words.
     pub fn hash_page(&self, gpa: u64) -> Result<u64, GuestError> {
         Ok(hash_words(
-            self.page_words(gpa)?.iter().map(|w| w.load(Ordering::Relaxed)),
+            self.page_words(gpa)?
+                .iter()
+                .map(|w| w.load(Ordering::Relaxed)),
         ))
     }
 
@@ -347,7 +349,10 @@ mod tests {
         assert_eq!(back, page);
         assert!(!m.is_zero_page(gpa).unwrap());
         assert_eq!(m.hash_page(gpa).unwrap(), hash_page_bytes(&page));
-        assert_ne!(m.hash_page(gpa).unwrap(), m.hash_page(gpa + PAGE_SIZE).unwrap());
+        assert_ne!(
+            m.hash_page(gpa).unwrap(),
+            m.hash_page(gpa + PAGE_SIZE).unwrap()
+        );
         m.write_u64(gpa + 8, 42).unwrap();
         assert_eq!(m.read_u64(gpa + 8).unwrap(), 42);
     }

@@ -254,9 +254,8 @@ fn write_loop(s: &Shared, t: usize, n: usize) -> Result<(), GuestError> {
         s.reports.fetch_add(1, Ordering::Relaxed);
         if let Some(d) = pacer.after(batch, thread_rate(s.rate.load(Ordering::Relaxed))) {
             let ctl = s.lock();
-            let _ = s.cv.wait_timeout_while(ctl, d, |_| {
-                s.want.load(Ordering::SeqCst) == WANT_RUN
-            });
+            let _ =
+                s.cv.wait_timeout_while(ctl, d, |_| s.want.load(Ordering::SeqCst) == WANT_RUN);
         }
     }
 }
@@ -320,9 +319,8 @@ impl GuestCpu for SoftGuest {
     }
 
     fn stop(&self) -> Result<(), GuestError> {
-        let handles: Vec<_> = std::mem::take(
-            &mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()),
-        );
+        let handles: Vec<_> =
+            std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
         {
             let _ctl = self.shared.lock();
             self.shared.want.store(WANT_STOP, Ordering::SeqCst);

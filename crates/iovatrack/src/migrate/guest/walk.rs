@@ -33,11 +33,7 @@ pub struct WalkTable {
 
 impl WalkTable {
     /// Table over `regions` minus `reserved` (a byte range inside them, page aligned).
-    pub fn new(
-        regions: &[IovaRange],
-        reserved: IovaRange,
-        batch: u64,
-    ) -> Result<Self, GuestError> {
+    pub fn new(regions: &[IovaRange], reserved: IovaRange, batch: u64) -> Result<Self, GuestError> {
         let mut entries = Vec::new();
         for r in regions {
             let (start, end) = (r.iova as u128, r.end());
@@ -95,7 +91,12 @@ impl WalkTable {
     /// Write the table into guest memory at `gpa` (page aligned) in the layout above.
     pub(crate) fn write_to(&self, mem: &GuestMemory, gpa: u64) -> Result<(), GuestError> {
         mem.write_page(gpa, &[0u8; PAGE_SIZE as usize])?;
-        let header = [self.stride, self.total, self.batch, self.entries.len() as u64];
+        let header = [
+            self.stride,
+            self.total,
+            self.batch,
+            self.entries.len() as u64,
+        ];
         for (i, v) in header.iter().enumerate() {
             mem.write_u64(gpa + 8 * i as u64, *v)?;
         }

@@ -10,7 +10,7 @@
 //! |------------------|------------------------------------------------------|
 //! | `B + 0x10000`    | GDT: null, 64-bit code (0x08), data (0x10), TSS (0x18) |
 //! | `B + 0x11000`    | guest program ([`GUEST_CODE`])                       |
-//! | `B + 0x12000`    | walk table ([`super::walk`])                         |
+//! | `B + 0x12000`    | walk table ([`super::WalkTable`])                    |
 //! | `B + 0x13000`    | stack page (unused by the program; RSP points at its top) |
 //! | `B + 0x14000`    | PML4, then PDPT and PD pages as needed, up to `B + 1 MiB` |
 //!
@@ -196,25 +196,33 @@ pub fn build_page_tables(
 /// Walk the 4-level tables at `cr3` in guest memory like the MMU does: the physical
 /// address `va` maps to, or `None` if not present.
 pub fn translate(mem: &GuestMemory, cr3: u64, va: u64) -> Option<u64> {
-    let pml4e = mem.read_u64((cr3 & PTE_ADDR) + 8 * ((va >> 39) & 511)).ok()?;
+    let pml4e = mem
+        .read_u64((cr3 & PTE_ADDR) + 8 * ((va >> 39) & 511))
+        .ok()?;
     if pml4e & PTE_P == 0 {
         return None;
     }
-    let pdpte = mem.read_u64((pml4e & PTE_ADDR) + 8 * ((va >> 30) & 511)).ok()?;
+    let pdpte = mem
+        .read_u64((pml4e & PTE_ADDR) + 8 * ((va >> 30) & 511))
+        .ok()?;
     if pdpte & PTE_P == 0 {
         return None;
     }
     if pdpte & PTE_PS != 0 {
         return Some((pdpte & PTE_ADDR & !((1 << 30) - 1)) | (va & ((1 << 30) - 1)));
     }
-    let pde = mem.read_u64((pdpte & PTE_ADDR) + 8 * ((va >> 21) & 511)).ok()?;
+    let pde = mem
+        .read_u64((pdpte & PTE_ADDR) + 8 * ((va >> 21) & 511))
+        .ok()?;
     if pde & PTE_P == 0 {
         return None;
     }
     if pde & PTE_PS != 0 {
         return Some((pde & PTE_ADDR & !((1 << 21) - 1)) | (va & ((1 << 21) - 1)));
     }
-    let pte = mem.read_u64((pde & PTE_ADDR) + 8 * ((va >> 12) & 511)).ok()?;
+    let pte = mem
+        .read_u64((pde & PTE_ADDR) + 8 * ((va >> 12) & 511))
+        .ok()?;
     (pte & PTE_P != 0).then_some((pte & PTE_ADDR) | (va & 0xfff))
 }
 
@@ -496,8 +504,8 @@ mod tests {
     use super::*;
 
     fn check_identity(huge_1g: bool) {
-        let mem = GuestMemory::new(&[(0, 64 << 20), (4 << 30, 64 << 20), (1 << 40, 4 << 20)])
-            .unwrap();
+        let mem =
+            GuestMemory::new(&[(0, 64 << 20), (4 << 30, 64 << 20), (1 << 40, 4 << 20)]).unwrap();
         let layout = SetupLayout::for_memory(&mem).unwrap();
         let end = build_page_tables(&mem, layout.pml4, layout.limit, huge_1g).unwrap();
         // PML4 + PDPT for slot 0 + PDPT for 1 TiB (slot 2); with 2 MiB pages also one PD per
@@ -505,7 +513,12 @@ mod tests {
         let expect_pages = if huge_1g { 3 } else { 6 };
         assert_eq!(end, layout.pml4 + expect_pages * PAGE_SIZE);
         for r in mem.regions() {
-            for va in [r.iova, r.iova + 0x1234, r.iova + r.length / 2 + 8, r.iova + r.length - 1] {
+            for va in [
+                r.iova,
+                r.iova + 0x1234,
+                r.iova + r.length / 2 + 8,
+                r.iova + r.length - 1,
+            ] {
                 assert_eq!(translate(&mem, layout.pml4, va), Some(va), "va {va:#x}");
             }
         }
@@ -568,12 +581,24 @@ mod tests {
         assert_eq!(&page[..GUEST_CODE.len()], GUEST_CODE);
         // STORE_OFFSET really is `mov [rcx], r8`, right after `inc r8`.
         let at = STORE_OFFSET as usize;
-        assert_eq!(&GUEST_CODE[at - 3..at + 3], &[0x49, 0xff, 0xc0, 0x4c, 0x89, 0x01]);
+        assert_eq!(
+            &GUEST_CODE[at - 3..at + 3],
+            &[0x49, 0xff, 0xc0, 0x4c, 0x89, 0x01]
+        );
         assert_eq!(mem.read_u64(layout.gdt + 8).unwrap(), 0x00af_9b00_0000_ffff);
-        assert_eq!(mem.read_u64(layout.gdt + 16).unwrap(), 0x00cf_9300_0000_ffff);
+        assert_eq!(
+            mem.read_u64(layout.gdt + 16).unwrap(),
+            0x00cf_9300_0000_ffff
+        );
         assert_eq!(WalkTable::read_from(&mem, layout.table).unwrap(), table);
         // Every setup page is inside the reserved (never walked) area.
-        for gpa in [layout.gdt, layout.code, layout.table, layout.stack_top - 1, layout.pml4] {
+        for gpa in [
+            layout.gdt,
+            layout.code,
+            layout.table,
+            layout.stack_top - 1,
+            layout.pml4,
+        ] {
             assert!(layout.reserved.contains(gpa));
         }
         let cs = segment(1);
