@@ -295,3 +295,38 @@ fn state_of_wrong_kind_is_refused() {
     assert!(KvmGuest::resume_from(Arc::clone(&mem), &st, &GuestConfig::default()).is_err());
     assert!(resume_guest(mem, &st[..10], &GuestConfig::default()).is_err());
 }
+
+/// Pause must land while the writer sleeps in the rate limiter, for both kinds.
+fn pause_while_rate_limited(g: &dyn GuestCpu) {
+    wait_counter(g, 500);
+    for _ in 0..20 {
+        g.pause().unwrap();
+        let before = g.progress();
+        assert_eq!(g.progress(), before);
+        g.resume().unwrap();
+    }
+    let c = g.progress().counter;
+    wait_counter(g, c + 200);
+    g.set_rate(0);
+    wait_counter(g, c + 5_000);
+    g.stop().unwrap();
+}
+
+#[test]
+fn pause_lands_during_rate_limit_sleep() {
+    let cfg = GuestConfig {
+        rate_pages_per_sec: 2_000,
+        ..GuestConfig::default()
+    };
+    let mem = Arc::new(GuestMemory::new(&LAYOUT).unwrap());
+    // `start_guest(.., false)` is the `--no-kvm` path.
+    let soft = iovatrack::migrate::guest::start_guest(Arc::clone(&mem), &cfg, false).unwrap();
+    assert_eq!(soft.kind(), "software");
+    pause_while_rate_limited(&*soft);
+    if kvm_or_skip() {
+        let mem = Arc::new(GuestMemory::new(&LAYOUT).unwrap());
+        let kvm = iovatrack::migrate::guest::start_guest(mem, &cfg, true).unwrap();
+        assert_eq!(kvm.kind(), "kvm");
+        pause_while_rate_limited(&*kvm);
+    }
+}
