@@ -1,1 +1,3 @@
-//! placeholder
+//! Live migration: guest, DMA workload, pre-copy engine, wire protocol.
+
+pub mod guest;

@@ -1,0 +1,400 @@
+//! Guest RAM: one anonymous private `mmap(MAP_NORESERVE)` per RAM region.
+//!
+//! All host access to guest RAM goes through relaxed 64-bit atomic loads and stores: the
+//! vCPU (KVM or software), a DMA workload and the migration thread touch the same pages
+//! concurrently, and plain slices over memory that another thread writes would be a data
+//! race. Relaxed atomics compile to ordinary `mov`s on x86-64, so this costs nothing.
+
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::GuestError;
+use crate::range::IovaRange;
+
+/// Guest page size: one dirty bit per 4 KiB page.
+pub const PAGE_SIZE: u64 = 4096;
+/// `u64` words in one guest page.
+pub const PAGE_WORDS: usize = (PAGE_SIZE / 8) as usize;
+
+/// One mapping; unmapped on drop.
+struct Mapping {
+    range: IovaRange,
+    host: NonNull<u8>,
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `host` and `range.length` are exactly what mmap returned/was given in
+        // `Mapping::new`, and no reference into the mapping outlives `self` (every accessor
+        // borrows `GuestMemory`).
+        unsafe {
+            libc::munmap(self.host.as_ptr().cast(), self.range.length as usize);
+        }
+    }
+}
+
+impl Mapping {
+    fn new(range: IovaRange) -> Result<Self, GuestError> {
+        let len = usize::try_from(range.length).map_err(|_| GuestError::RegionOverflow {
+            gpa: range.iova,
+            size: range.length,
+        })?;
+        // SAFETY: anonymous private mapping at a kernel-chosen address: it aliases no Rust
+        // object. MAP_NORESERVE so a large sparse layout costs only the pages touched.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(GuestError::Mmap {
+                size: range.length,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let host = NonNull::new(p.cast::<u8>()).ok_or(GuestError::Mmap {
+            size: range.length,
+            source: std::io::Error::from(std::io::ErrorKind::AddrNotAvailable),
+        })?;
+        Ok(Self { range, host })
+    }
+
+    /// The words of `[offset, offset + 8 * count)`; caller checked bounds and alignment.
+    fn words(&self, offset: u64, count: usize) -> &[AtomicU64] {
+        debug_assert!(offset % 8 == 0);
+        debug_assert!(offset + 8 * count as u64 <= self.range.length);
+        // SAFETY: the range lies inside the live mapping (checked by every caller), is 8-byte
+        // aligned (mmap is page aligned, offset is a multiple of 8), and the memory is only
+        // ever accessed as atomics by Rust code (the guest and the kernel write it outside
+        // Rust's model), so viewing it as `[AtomicU64]` is sound for the borrow of `self`.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.host.as_ptr().add(offset as usize).cast::<AtomicU64>(),
+                count,
+            )
+        }
+    }
+}
+
+/// Guest physical RAM: sorted, disjoint, page-aligned regions, each backed by its own
+/// anonymous mapping. Used by the source (with a vCPU writing it) and by the destination
+/// (same constructor) to hold received pages.
+pub struct GuestMemory {
+    regions: Vec<IovaRange>,
+    maps: Vec<Mapping>,
+}
+
+// SAFETY: the mappings are owned by this value and freed only on drop; all shared access goes
+// through `&[AtomicU64]` views, which are Sync.
+unsafe impl Send for GuestMemory {}
+// SAFETY: see `Send`: no interior state besides atomically accessed guest RAM.
+unsafe impl Sync for GuestMemory {}
+
+impl std::fmt::Debug for GuestMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestMemory")
+            .field("regions", &self.regions)
+            .finish()
+    }
+}
+
+impl GuestMemory {
+    /// Map RAM regions given as `(gpa, size)`: page-aligned, non-empty, sorted, disjoint,
+    /// ending at or below 2^64 − 1.
+    pub fn new(regions: &[(u64, u64)]) -> Result<Self, GuestError> {
+        if regions.is_empty() {
+            return Err(GuestError::NoRegions);
+        }
+        let mut out = Vec::with_capacity(regions.len());
+        for (index, &(gpa, size)) in regions.iter().enumerate() {
+            let r = IovaRange::new(gpa, size);
+            if size == 0 {
+                return Err(GuestError::RegionEmpty { gpa });
+            }
+            if !r.is_aligned(PAGE_SIZE) {
+                return Err(GuestError::RegionUnaligned { gpa, size });
+            }
+            if !r.fits_u64() {
+                return Err(GuestError::RegionOverflow { gpa, size });
+            }
+            if let Some(prev) = out.last() {
+                let prev: &IovaRange = prev;
+                if prev.end() > gpa as u128 {
+                    return Err(GuestError::RegionsOverlapOrUnsorted { index });
+                }
+            }
+            out.push(r);
+        }
+        let maps = out
+            .iter()
+            .map(|r| Mapping::new(*r))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self { regions: out, maps })
+    }
+
+    /// The RAM regions, in address order; region `i` is KVM memslot `i`.
+    pub fn regions(&self) -> &[IovaRange] {
+        &self.regions
+    }
+
+    /// Total RAM bytes.
+    pub fn total_bytes(&self) -> u64 {
+        self.regions.iter().map(|r| r.length).sum()
+    }
+
+    /// Pages in region `index`.
+    pub fn region_pages(&self, index: usize) -> Result<u64, GuestError> {
+        self.regions
+            .get(index)
+            .map(|r| r.length / PAGE_SIZE)
+            .ok_or(GuestError::NoSuchRegion { index })
+    }
+
+    /// `u64` words a dirty bitmap of region `index` needs (one bit per 4 KiB page).
+    pub fn bitmap_words(&self, index: usize) -> Result<usize, GuestError> {
+        Ok(self.region_pages(index)?.div_ceil(64) as usize)
+    }
+
+    /// Index of the region holding `gpa`.
+    pub fn region_of(&self, gpa: u64) -> Option<usize> {
+        // Regions are sorted: the candidate is the last one starting at or below gpa.
+        let i = self.regions.partition_point(|r| r.iova <= gpa);
+        let i = i.checked_sub(1)?;
+        self.regions[i].contains(gpa).then_some(i)
+    }
+
+    /// Host address of region `index`'s first byte (for KVM memslots).
+    pub(crate) fn host_addr(&self, index: usize) -> Option<u64> {
+        self.maps.get(index).map(|m| m.host.as_ptr() as u64)
+    }
+
+    /// The words of `[gpa, gpa + len)`, which must be 8-byte aligned and inside one region.
+    pub fn words(&self, gpa: u64, len: u64) -> Result<&[AtomicU64], GuestError> {
+        if gpa % 8 != 0 || len % 8 != 0 {
+            return Err(GuestError::Unaligned { gpa, align: 8 });
+        }
+        let i = self
+            .region_of(gpa)
+            .ok_or(GuestError::OutOfRange { gpa, len })?;
+        let m = &self.maps[i];
+        let off = gpa - m.range.iova;
+        if len > m.range.length - off {
+            return Err(GuestError::OutOfRange { gpa, len });
+        }
+        Ok(m.words(off, (len / 8) as usize))
+    }
+
+    /// The 512 words of the 4 KiB page at `gpa` (page aligned).
+    pub fn page_words(&self, gpa: u64) -> Result<&[AtomicU64], GuestError> {
+        if gpa % PAGE_SIZE != 0 {
+            return Err(GuestError::Unaligned {
+                gpa,
+                align: PAGE_SIZE,
+            });
+        }
+        self.words(gpa, PAGE_SIZE)
+    }
+
+    /// Read the 8-byte word at `gpa` (8-byte aligned).
+    pub fn read_u64(&self, gpa: u64) -> Result<u64, GuestError> {
+        Ok(self.words(gpa, 8)?[0].load(Ordering::Relaxed))
+    }
+
+    /// Write the 8-byte word at `gpa` (8-byte aligned). Host writes are not in KVM's dirty log.
+    pub fn write_u64(&self, gpa: u64, value: u64) -> Result<(), GuestError> {
+        self.words(gpa, 8)?[0].store(value, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Copy the page at `gpa` into `buf` (exactly 4096 bytes).
+    pub fn read_page(&self, gpa: u64, buf: &mut [u8]) -> Result<(), GuestError> {
+        check_page_buf(buf.len())?;
+        let words = self.page_words(gpa)?;
+        for (w, chunk) in words.iter().zip(buf.chunks_exact_mut(8)) {
+            chunk.copy_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
+        }
+        Ok(())
+    }
+
+    /// Overwrite the page at `gpa` with `buf` (exactly 4096 bytes). Host writes are not in
+    /// KVM's dirty log.
+    pub fn write_page(&self, gpa: u64, buf: &[u8]) -> Result<(), GuestError> {
+        check_page_buf(buf.len())?;
+        let words = self.page_words(gpa)?;
+        for (w, chunk) in words.iter().zip(buf.chunks_exact(8)) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(chunk);
+            w.store(u64::from_le_bytes(b), Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Whether the page at `gpa` is all zero bytes.
+    pub fn is_zero_page(&self, gpa: u64) -> Result<bool, GuestError> {
+        Ok(self
+            .page_words(gpa)?
+            .iter()
+            .all(|w| w.load(Ordering::Relaxed) == 0))
+    }
+
+    /// 64-bit FNV-1a hash of the page at `gpa`, over its 512 little-endian words.
+    pub fn hash_page(&self, gpa: u64) -> Result<u64, GuestError> {
+        Ok(hash_words(
+            self.page_words(gpa)?
+                .iter()
+                .map(|w| w.load(Ordering::Relaxed)),
+        ))
+    }
+
+    /// Hashes of every page of region `index`, in page order.
+    pub fn page_hashes(&self, index: usize) -> Result<Vec<u64>, GuestError> {
+        let r = *self
+            .regions
+            .get(index)
+            .ok_or(GuestError::NoSuchRegion { index })?;
+        let m = &self.maps[index];
+        Ok((0..r.length / PAGE_SIZE)
+            .map(|p| {
+                hash_words(
+                    m.words(p * PAGE_SIZE, PAGE_WORDS)
+                        .iter()
+                        .map(|w| w.load(Ordering::Relaxed)),
+                )
+            })
+            .collect())
+    }
+}
+
+fn check_page_buf(len: usize) -> Result<(), GuestError> {
+    if len as u64 != PAGE_SIZE {
+        return Err(GuestError::BufferSize {
+            expected: PAGE_SIZE as usize,
+            got: len,
+        });
+    }
+    Ok(())
+}
+
+/// FNV-1a (64-bit) over whole words: one xor and one multiply per 8 bytes.
+pub fn hash_words(words: impl IntoIterator<Item = u64>) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    words
+        .into_iter()
+        .fold(OFFSET, |h, w| (h ^ w).wrapping_mul(PRIME))
+}
+
+/// Hash of a 4096-byte page held in a byte buffer; equals [`GuestMemory::hash_page`] of a
+/// guest page with the same contents.
+pub fn hash_page_bytes(page: &[u8]) -> u64 {
+    hash_words(page.chunks_exact(8).map(|c| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(c);
+        u64::from_le_bytes(b)
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_bad_layouts() {
+        assert!(matches!(GuestMemory::new(&[]), Err(GuestError::NoRegions)));
+        assert!(matches!(
+            GuestMemory::new(&[(0, 0)]),
+            Err(GuestError::RegionEmpty { .. })
+        ));
+        assert!(matches!(
+            GuestMemory::new(&[(0x800, 0x1000)]),
+            Err(GuestError::RegionUnaligned { .. })
+        ));
+        assert!(matches!(
+            GuestMemory::new(&[(u64::MAX - 0xfff, 0x1000)]),
+            Err(GuestError::RegionOverflow { .. })
+        ));
+        assert!(matches!(
+            GuestMemory::new(&[(0x2000, 0x1000), (0x1000, 0x1000)]),
+            Err(GuestError::RegionsOverlapOrUnsorted { index: 1 })
+        ));
+        assert!(matches!(
+            GuestMemory::new(&[(0, 0x2000), (0x1000, 0x1000)]),
+            Err(GuestError::RegionsOverlapOrUnsorted { index: 1 })
+        ));
+    }
+
+    #[test]
+    fn sparse_large_layout_and_access() {
+        // 1 GiB + 1 GiB at 4 GiB: NORESERVE keeps this cheap.
+        let m = GuestMemory::new(&[(0, 1 << 30), (4 << 30, 1 << 30)]).unwrap();
+        assert_eq!(m.total_bytes(), 2 << 30);
+        assert_eq!(m.region_of(0), Some(0));
+        assert_eq!(m.region_of((1 << 30) - 1), Some(0));
+        assert_eq!(m.region_of(1 << 30), None);
+        assert_eq!(m.region_of(4 << 30), Some(1));
+        assert_eq!(m.region_of(5 << 30), None);
+        assert_eq!(m.bitmap_words(0).unwrap(), (1 << 18) / 64);
+
+        let gpa = (4 << 30) + 7 * PAGE_SIZE;
+        assert!(m.is_zero_page(gpa).unwrap());
+        let page: Vec<u8> = (0..4096).map(|i| (i * 7) as u8).collect();
+        m.write_page(gpa, &page).unwrap();
+        let mut back = vec![0u8; 4096];
+        m.read_page(gpa, &mut back).unwrap();
+        assert_eq!(back, page);
+        assert!(!m.is_zero_page(gpa).unwrap());
+        assert_eq!(m.hash_page(gpa).unwrap(), hash_page_bytes(&page));
+        assert_ne!(
+            m.hash_page(gpa).unwrap(),
+            m.hash_page(gpa + PAGE_SIZE).unwrap()
+        );
+        m.write_u64(gpa + 8, 42).unwrap();
+        assert_eq!(m.read_u64(gpa + 8).unwrap(), 42);
+    }
+
+    #[test]
+    fn bounds_are_errors() {
+        let m = GuestMemory::new(&[(0, 0x4000), (0x10000, 0x1000)]).unwrap();
+        let mut buf = vec![0u8; 4096];
+        assert!(matches!(
+            m.read_page(0x4000, &mut buf),
+            Err(GuestError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            m.read_page(0x100, &mut buf),
+            Err(GuestError::Unaligned { .. })
+        ));
+        assert!(matches!(
+            m.read_page(0, &mut buf[..100]),
+            Err(GuestError::BufferSize { .. })
+        ));
+        assert!(matches!(
+            m.words(0x3ff8, 16),
+            Err(GuestError::OutOfRange { .. })
+        ));
+        assert!(m.words(0x3ff8, 8).is_ok());
+        assert!(matches!(m.read_u64(3), Err(GuestError::Unaligned { .. })));
+        assert!(matches!(
+            m.read_u64(u64::MAX - 7),
+            Err(GuestError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            m.page_hashes(2),
+            Err(GuestError::NoSuchRegion { .. })
+        ));
+        assert_eq!(m.page_hashes(1).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn hash_detects_single_bit() {
+        let mut page = vec![0u8; 4096];
+        let h0 = hash_page_bytes(&page);
+        page[4095] = 1;
+        assert_ne!(hash_page_bytes(&page), h0);
+    }
+}
