@@ -444,7 +444,9 @@ pub enum WireError {
         ty: u16,
     },
     /// Header and payload do not match their CRC-32C.
-    #[error("checksum mismatch in frame {seq}: computed {computed:#010x}, received {received:#010x}")]
+    #[error(
+        "checksum mismatch in frame {seq}: computed {computed:#010x}, received {received:#010x}"
+    )]
     Checksum {
         /// Sequence number as received (itself possibly corrupt).
         seq: u64,
@@ -840,9 +842,8 @@ impl<'a> Cursor<'a> {
 }
 
 fn le_u64s(b: &[u8]) -> impl Iterator<Item = u64> + '_ {
-    b.chunks_exact(8).map(|c| {
-        u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])
-    })
+    b.chunks_exact(8)
+        .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
 }
 
 fn decode_payload(kind: FrameKind, payload: &[u8]) -> Result<Frame<'_>, WireError> {
@@ -958,9 +959,7 @@ fn parse_header(h: &[u8; HEADER_LEN], limits: &Limits) -> Result<Header, WireErr
             max: limits.max_payload,
         });
     }
-    let seq = u64::from_le_bytes([
-        h[12], h[13], h[14], h[15], h[16], h[17], h[18], h[19],
-    ]);
+    let seq = u64::from_le_bytes([h[12], h[13], h[14], h[15], h[16], h[17], h[18], h[19]]);
     Ok(Header { ty, len, seq })
 }
 
@@ -1562,5 +1561,1146 @@ impl Validator {
             (state, _) => return unexpected(state),
         }
         Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::net::{TcpListener, TcpStream};
+
+    const PAGE: u64 = 4096;
+
+    fn layout() -> MemoryLayout {
+        MemoryLayout::new(
+            PAGE,
+            "emulated",
+            vec![
+                IovaRange::new(0, 0x8000_0000),
+                IovaRange::new(0x1_0000_0000, 0x4000_0000),
+                // Ends exactly at 2^64: end arithmetic must not overflow.
+                IovaRange::new(u64::MAX - 0xF_FFFF, 0x10_0000),
+            ],
+        )
+        .unwrap()
+    }
+
+    fn b(s: &[u8]) -> Cow<'_, [u8]> {
+        Cow::Borrowed(s)
+    }
+
+    /// One frame of every type.
+    fn every_frame() -> Vec<OwnedFrame> {
+        let l = layout();
+        vec![
+            l.hello().into_owned(),
+            Frame::HelloAck,
+            Frame::PassBegin { pass: 0, pages: 3 },
+            Frame::Pages {
+                gpa: 0x2000,
+                count: 2,
+                data: Cow::Owned((0..2 * PAGE).map(|i| i as u8).collect()),
+            },
+            Frame::PassEnd {
+                pass: 7,
+                pages_sent: u64::MAX,
+            },
+            Frame::DeviceState {
+                name: Cow::Owned("0000:3b:00.0 mlx5 ✓".into()),
+                bytes: Cow::Owned(vec![1, 2, 3, 0, 255]),
+            },
+            Frame::DeviceState {
+                name: Cow::Owned(String::new()),
+                bytes: Cow::Owned(vec![]),
+            },
+            Frame::VcpuState {
+                index: 3,
+                bytes: Cow::Owned(vec![9; 1000]),
+            },
+            Frame::Complete {
+                total_pages: 12345,
+                digest: 0xdead_beef_cafe_f00d,
+            },
+            Frame::Verify {
+                digest: 1,
+                region_hashes: Cow::Owned(vec![2, 3, u64::MAX]),
+            },
+            Frame::VerifyResult {
+                ok: false,
+                digest: 5,
+                mismatched_regions: Cow::Owned(vec![0, 2]),
+            },
+            Frame::VerifyResult {
+                ok: true,
+                digest: 5,
+                mismatched_regions: Cow::Owned(vec![]),
+            },
+            Frame::Abort {
+                reason: Cow::Owned("device refused STOP_COPY".into()),
+            },
+            Frame::Ack { pass: u32::MAX },
+        ]
+    }
+
+    fn encode(frames: &[OwnedFrame]) -> Vec<u8> {
+        let mut w = FrameWriter::new(Vec::new());
+        for f in frames {
+            w.write_frame(f).unwrap();
+        }
+        w.into_inner()
+    }
+
+    /// A frame with arbitrary header fields and a correct CRC, to test checks behind the CRC.
+    fn raw_frame(version: u16, ty: u16, seq: u64, payload: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&MAGIC);
+        v.extend_from_slice(&version.to_le_bytes());
+        v.extend_from_slice(&ty.to_le_bytes());
+        v.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        v.extend_from_slice(&seq.to_le_bytes());
+        v.extend_from_slice(payload);
+        let c = crc32c(&v);
+        v.extend_from_slice(&c.to_le_bytes());
+        v
+    }
+
+    fn bitwise_crc32c(data: &[u8]) -> u32 {
+        let mut c = !0u32;
+        for &b in data {
+            c ^= b as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 {
+                    (c >> 1) ^ CRC32C_POLY
+                } else {
+                    c >> 1
+                };
+            }
+        }
+        !c
+    }
+
+    #[test]
+    fn crc32c_known_values() {
+        // RFC 3720 B.4 / the standard check value.
+        assert_eq!(crc32c(b"123456789"), 0xE306_9283);
+        assert_eq!(crc32c(&[0u8; 32]), 0x8A91_36AA);
+        assert_eq!(crc32c(&[0xffu8; 32]), 0x62A8_AB43);
+        assert_eq!(crc32c(b""), 0);
+    }
+
+    #[test]
+    fn round_trip_every_frame_type() {
+        let frames = every_frame();
+        let kinds: std::collections::HashSet<_> = frames.iter().map(|f| f.kind()).collect();
+        assert_eq!(kinds.len(), 12, "every frame kind is covered");
+        let bytes = encode(&frames);
+        assert_eq!(decode_all(&bytes, &Limits::default()).unwrap(), frames);
+        // And through the streaming reader, which borrows its buffer.
+        let mut r = FrameReader::new(&bytes[..]);
+        for f in &frames {
+            assert_eq!(&r.read_frame().unwrap(), f);
+        }
+        assert_eq!(r.next_seq(), frames.len() as u64);
+        assert!(matches!(r.read_frame(), Err(WireError::Closed)));
+    }
+
+    #[test]
+    fn header_layout_is_as_documented() {
+        let bytes = encode(&[Frame::Ack { pass: 0x0102_0304 }]);
+        assert_eq!(&bytes[0..4], b"IOVT");
+        assert_eq!(&bytes[4..6], &PROTOCOL_VERSION.to_le_bytes());
+        assert_eq!(&bytes[6..8], &(FrameKind::Ack as u16).to_le_bytes());
+        assert_eq!(&bytes[8..12], &4u32.to_le_bytes());
+        assert_eq!(&bytes[12..20], &0u64.to_le_bytes());
+        assert_eq!(&bytes[20..24], &[4, 3, 2, 1]);
+        assert_eq!(bytes.len(), HEADER_LEN + 4 + TRAILER_LEN);
+        let crc = crc32c(&bytes[..24]).to_le_bytes();
+        assert_eq!(&bytes[24..], &crc);
+    }
+
+    #[test]
+    fn header_rejections() {
+        let l = Limits::default();
+        let good = encode(&[Frame::HelloAck]);
+
+        let mut bad = good.clone();
+        bad[0] = b'X';
+        assert!(matches!(
+            decode_all(&bad, &l),
+            Err(WireError::BadMagic { found }) if found == *b"XOVT"
+        ));
+
+        let v2 = raw_frame(2, FrameKind::HelloAck as u16, 0, &[]);
+        assert!(matches!(
+            decode_all(&v2, &l),
+            Err(WireError::VersionMismatch { ours: 1, theirs: 2 })
+        ));
+
+        let unknown = raw_frame(PROTOCOL_VERSION, 99, 0, &[]);
+        assert!(matches!(
+            decode_all(&unknown, &l),
+            Err(WireError::UnknownFrameType { ty: 99 })
+        ));
+        let zero = raw_frame(PROTOCOL_VERSION, 0, 0, &[]);
+        assert!(matches!(
+            decode_all(&zero, &l),
+            Err(WireError::UnknownFrameType { ty: 0 })
+        ));
+
+        let mut bad = good.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert!(matches!(
+            decode_all(&bad, &l),
+            Err(WireError::Checksum { seq: 0, .. })
+        ));
+
+        // Two streams each starting at 0, glued: the second frame is a replay.
+        let mut glued = good.clone();
+        glued.extend_from_slice(&good);
+        assert!(matches!(
+            decode_all(&glued, &l),
+            Err(WireError::SequenceGap {
+                expected: 1,
+                got: 0
+            })
+        ));
+        let skip = [good.clone(), raw_frame(PROTOCOL_VERSION, 2, 2, &[])].concat();
+        assert!(matches!(
+            decode_all(&skip, &l),
+            Err(WireError::SequenceGap {
+                expected: 1,
+                got: 2
+            })
+        ));
+
+        assert!(matches!(
+            decode_all(&good[..good.len() - 1], &l),
+            Err(WireError::Truncated)
+        ));
+        assert!(matches!(
+            decode_all(&good[..5], &l),
+            Err(WireError::Truncated)
+        ));
+        assert!(decode_all(&[], &l).unwrap().is_empty());
+    }
+
+    #[test]
+    fn hostile_length_rejected_before_allocation() {
+        let limits = Limits {
+            max_payload: 1 << 20,
+        };
+        let mut hdr = raw_frame(PROTOCOL_VERSION, FrameKind::Pages as u16, 0, &[]);
+        hdr.truncate(HEADER_LEN);
+        hdr[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            decode_all(&hdr, &limits),
+            Err(WireError::FrameTooLarge { len, max }) if len == u32::MAX as u64 && max == 1 << 20
+        ));
+        let mut r = FrameReader::with_limits(&hdr[..], limits);
+        assert!(matches!(
+            r.read_frame(),
+            Err(WireError::FrameTooLarge { .. })
+        ));
+        assert_eq!(
+            r.buf.capacity(),
+            0,
+            "nothing allocated for a refused length"
+        );
+
+        // Within the limit but the bytes never come: the buffer only grows with the data.
+        hdr[8..12].copy_from_slice(&(1u32 << 20).to_le_bytes());
+        let mut stream = hdr.clone();
+        stream.extend_from_slice(&[0u8; 100]);
+        let mut r = FrameReader::with_limits(&stream[..], limits);
+        assert!(matches!(r.read_frame(), Err(WireError::Truncated)));
+        assert!(r.buf.capacity() < 4096, "capacity {}", r.buf.capacity());
+        assert!(matches!(
+            decode_all(&stream, &limits),
+            Err(WireError::Truncated)
+        ));
+    }
+
+    #[test]
+    fn reader_closed_versus_truncated() {
+        let bytes = encode(&[Frame::HelloAck]);
+        let mut r = FrameReader::new(&bytes[..]);
+        r.read_frame().unwrap();
+        assert!(matches!(r.read_frame(), Err(WireError::Closed)));
+        for cut in 1..bytes.len() {
+            let mut r = FrameReader::new(&bytes[..cut]);
+            assert!(
+                matches!(r.read_frame(), Err(WireError::Truncated)),
+                "cut at {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_payloads() {
+        let l = Limits::default();
+        let check = |ty: FrameKind, payload: &[u8], want: Malformation| {
+            let bytes = raw_frame(PROTOCOL_VERSION, ty as u16, 0, payload);
+            match decode_all(&bytes, &l) {
+                Err(WireError::Malformed { frame, problem }) => {
+                    assert_eq!((frame, problem), (ty, want), "{payload:?}")
+                }
+                other => panic!("{ty:?} {payload:?}: {other:?}"),
+            }
+        };
+        check(FrameKind::Ack, &[1, 2, 3], Malformation::Short);
+        check(FrameKind::Ack, &[1, 2, 3, 4, 5], Malformation::Trailing);
+        check(FrameKind::HelloAck, &[0], Malformation::Trailing);
+        check(FrameKind::Pages, &[0; 11], Malformation::Short);
+        check(FrameKind::Abort, &[0xff, 0xfe], Malformation::InvalidUtf8);
+        check(
+            FrameKind::DeviceState,
+            &[2, 0, 0xc3, 0x28],
+            Malformation::InvalidUtf8,
+        );
+        check(FrameKind::DeviceState, &[5, 0, b'a'], Malformation::Short);
+        let mut vr = vec![2u8];
+        vr.extend_from_slice(&[0; 12]);
+        check(FrameKind::VerifyResult, &vr, Malformation::BadBool);
+        // A hostile list count: claims 2^32 − 1 hashes, carries one.
+        let mut v = vec![0u8; 8];
+        v.extend_from_slice(&u32::MAX.to_le_bytes());
+        v.extend_from_slice(&[0; 8]);
+        check(FrameKind::Verify, &v, Malformation::CountMismatch);
+        // And one that claims fewer than it carries.
+        let mut v = vec![0u8; 8];
+        v.extend_from_slice(&1u32.to_le_bytes());
+        v.extend_from_slice(&[0; 16]);
+        check(FrameKind::Verify, &v, Malformation::CountMismatch);
+        let mut h = Vec::new();
+        h.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        h.extend_from_slice(&[0; 16]);
+        h.extend_from_slice(&[0, 0]);
+        h.extend_from_slice(&1u32.to_le_bytes());
+        h.extend_from_slice(&[0; 15]);
+        check(FrameKind::Hello, &h, Malformation::CountMismatch);
+    }
+
+    #[test]
+    fn writer_refuses_oversized_frames_before_writing() {
+        let limits = Limits { max_payload: 64 };
+        let mut w = FrameWriter::with_limits(Vec::new(), limits);
+        let data = [0u8; 64 - PAGES_PREFIX_LEN];
+        w.write_pages(0, 1, &data).unwrap();
+        let written = w.get_ref().len();
+        let too_big = [0u8; 64 - PAGES_PREFIX_LEN + 1];
+        assert!(matches!(
+            w.write_pages(0, 1, &too_big),
+            Err(WireError::FrameTooLarge { len: 65, max: 64 })
+        ));
+        assert_eq!(w.get_ref().len(), written);
+        assert_eq!(w.next_seq(), 1);
+        let long_name = "x".repeat(70_000);
+        let mut w = FrameWriter::new(Vec::new());
+        assert!(matches!(
+            w.write_frame(&Frame::DeviceState {
+                name: Cow::Borrowed(&long_name),
+                bytes: b(&[]),
+            }),
+            Err(WireError::Malformed {
+                problem: Malformation::FieldTooLong,
+                ..
+            })
+        ));
+        assert_eq!(Limits::default().max_pages_per_frame(4096), 16383);
+        assert_eq!(limits.max_pages_per_frame(4096), 0);
+        assert_eq!(limits.max_pages_per_frame(0), 0);
+    }
+
+    #[test]
+    fn buffers_are_reused_once_warm() {
+        let data = vec![7u8; 4 * PAGE as usize];
+        let mut w = FrameWriter::new(Vec::with_capacity(1 << 20));
+        w.write_pages(0, 4, &data).unwrap();
+        let scratch = (w.scratch.as_ptr(), w.scratch.capacity());
+        for i in 0..50u32 {
+            let n = i % 4 + 1;
+            w.write_pages(u64::from(i) * PAGE, n, &data[..(n as u64 * PAGE) as usize])
+                .unwrap();
+        }
+        assert_eq!((w.scratch.as_ptr(), w.scratch.capacity()), scratch);
+
+        let bytes = w.into_inner();
+        let mut r = FrameReader::new(&bytes[..]);
+        r.read_frame().unwrap();
+        let buf = (r.buf.as_ptr(), r.buf.capacity());
+        for _ in 0..50 {
+            let f = r.read_frame().unwrap();
+            let Frame::Pages { data, .. } = f else {
+                panic!("not pages")
+            };
+            assert!(matches!(data, Cow::Borrowed(_)), "pages borrow the buffer");
+        }
+        assert_eq!((r.buf.as_ptr(), r.buf.capacity()), buf);
+    }
+
+    // --- Validation -------------------------------------------------------------------
+
+    #[test]
+    fn layout_construction_rules() {
+        let bad = |p, regions: Vec<IovaRange>| {
+            assert!(matches!(
+                MemoryLayout::new(PAGE, "k", regions),
+                Err(WireError::InvalidLayout(q)) if q == p
+            ));
+        };
+        assert!(matches!(
+            MemoryLayout::new(3000, "k", vec![]),
+            Err(WireError::InvalidLayout(LayoutProblem::PageSize(3000)))
+        ));
+        bad(LayoutProblem::EmptyRegion(0), vec![IovaRange::new(0, 0)]);
+        bad(LayoutProblem::Misaligned(0), vec![IovaRange::new(1, PAGE)]);
+        bad(LayoutProblem::Misaligned(0), vec![IovaRange::new(0, 1)]);
+        bad(
+            LayoutProblem::Overlap(1),
+            vec![IovaRange::new(0, 2 * PAGE), IovaRange::new(PAGE, PAGE)],
+        );
+        bad(
+            LayoutProblem::Overlap(1),
+            vec![IovaRange::new(PAGE, PAGE), IovaRange::new(0, PAGE)],
+        );
+        bad(
+            LayoutProblem::Overflow(0),
+            vec![IovaRange::new(u64::MAX - PAGE + 1, 2 * PAGE)],
+        );
+        let l = layout();
+        assert_eq!(
+            l.total_pages(),
+            (0x8000_0000 + 0x4000_0000 + 0x10_0000) / PAGE
+        );
+    }
+
+    #[test]
+    fn hello_must_match_layout() {
+        let ours = layout();
+        assert!(ours.check_hello(&ours.hello()).is_ok());
+        let mismatch = |l: MemoryLayout| {
+            let e = ours.check_hello(&l.hello()).unwrap_err();
+            match e {
+                WireError::LayoutMismatch(d) => d,
+                e => panic!("{e:?}"),
+            }
+        };
+        let regions = ours.regions().to_vec();
+        assert!(matches!(
+            mismatch(MemoryLayout::new(8192, "emulated", vec![IovaRange::new(0, 8192)]).unwrap()),
+            LayoutDiff::PageSize {
+                ours: 4096,
+                theirs: 8192
+            }
+        ));
+        assert!(matches!(
+            mismatch(MemoryLayout::new(PAGE, "kvm", regions.clone()).unwrap()),
+            LayoutDiff::GuestKind { .. }
+        ));
+        assert!(matches!(
+            mismatch(MemoryLayout::new(PAGE, "emulated", regions[..2].to_vec()).unwrap()),
+            LayoutDiff::RegionCount { ours: 3, theirs: 2 }
+        ));
+        let mut r2 = regions.clone();
+        r2[1].length += PAGE;
+        assert!(matches!(
+            mismatch(MemoryLayout::new(PAGE, "emulated", r2).unwrap()),
+            LayoutDiff::Region { index: 1, .. }
+        ));
+        // A Hello whose total disagrees with its own regions.
+        let Frame::Hello {
+            guest_kind,
+            regions: rs,
+            ..
+        } = ours.hello()
+        else {
+            unreachable!()
+        };
+        let lying = Frame::Hello {
+            version: PROTOCOL_VERSION,
+            guest_kind,
+            page_size: PAGE,
+            regions: rs.clone(),
+            total_pages: 1,
+        };
+        assert!(matches!(
+            ours.check_hello(&lying),
+            Err(WireError::LayoutMismatch(LayoutDiff::TotalPages {
+                theirs: 1,
+                ..
+            }))
+        ));
+        let old = Frame::Hello {
+            version: 0,
+            guest_kind: Cow::Borrowed("emulated"),
+            page_size: PAGE,
+            regions: rs,
+            total_pages: ours.total_pages(),
+        };
+        assert!(matches!(
+            ours.check_hello(&old),
+            Err(WireError::VersionMismatch { ours: 1, theirs: 0 })
+        ));
+    }
+
+    #[test]
+    fn pages_rules() {
+        let l = layout();
+        let page = vec![0u8; PAGE as usize];
+        let two = vec![0u8; 2 * PAGE as usize];
+        assert_eq!(
+            l.locate(0x1000, 1, page.len()).unwrap(),
+            PagesTarget {
+                region: 0,
+                offset: 0x1000
+            }
+        );
+        assert_eq!(
+            l.locate(0x1_0000_2000, 2, two.len()).unwrap(),
+            PagesTarget {
+                region: 1,
+                offset: 0x2000
+            }
+        );
+        // Last page of the space, ending at exactly 2^64.
+        assert_eq!(
+            l.locate(u64::MAX - PAGE + 1, 1, page.len()).unwrap(),
+            PagesTarget {
+                region: 2,
+                offset: 0x10_0000 - PAGE
+            }
+        );
+        // Last page of region 0.
+        assert!(l.locate(0x8000_0000 - PAGE, 1, page.len()).is_ok());
+
+        assert!(matches!(
+            l.locate(0x1000, 0, 0),
+            Err(WireError::PagesEmpty { gpa: 0x1000 })
+        ));
+        assert!(matches!(
+            l.locate(0x1001, 1, page.len()),
+            Err(WireError::PagesMisaligned {
+                gpa: 0x1001,
+                page_size: PAGE
+            })
+        ));
+        assert!(matches!(
+            l.locate(0x1000, 2, page.len()),
+            Err(WireError::PagesLength {
+                expected: 8192,
+                got: 4096,
+                ..
+            })
+        ));
+        assert!(matches!(
+            l.locate(0x1000, 1, two.len()),
+            Err(WireError::PagesLength { .. })
+        ));
+        let outside = |gpa, count: u32| {
+            let len = (count as u64 * PAGE) as usize;
+            matches!(
+                l.locate(gpa, count, len),
+                Err(WireError::PagesOutsideGuest { gpa: g, count: c }) if g == gpa && c == count
+            )
+        };
+        // Straddles the end of region 0.
+        assert!(outside(0x8000_0000 - PAGE, 2));
+        // In the hole between regions.
+        assert!(outside(0x8000_0000, 1));
+        assert!(outside(0xFFFF_F000, 1));
+        // Spans region 0's end, the hole and region 1's start.
+        assert!(outside(0x7FFF_F000, 0x2_0000));
+        // Beyond the last region: u64 overflow would wrap without u128.
+        assert!(outside(u64::MAX - PAGE + 1, 2));
+        // Past region 1.
+        assert!(outside(0x1_4000_0000, 1));
+        // A huge count whose byte length overflows u64: the length check fires first and
+        // must not overflow either.
+        assert!(matches!(
+            l.locate(0, u32::MAX, 0),
+            Err(WireError::PagesLength { expected, .. }) if expected == u32::MAX as u64 * PAGE
+        ));
+        let big = MemoryLayout::new(1 << 40, "k", vec![IovaRange::new(0, 1 << 40)]).unwrap();
+        assert!(matches!(
+            big.locate(0, u32::MAX, 0),
+            Err(WireError::PagesLength {
+                expected: u64::MAX,
+                ..
+            })
+        ));
+    }
+
+    fn pages(gpa: u64, count: u32, data: &[u8]) -> Frame<'_> {
+        Frame::Pages {
+            gpa,
+            count,
+            data: Cow::Borrowed(&data[..(count as u64 * PAGE) as usize]),
+        }
+    }
+
+    #[test]
+    fn validator_accepts_a_full_migration() {
+        let l = layout();
+        let hello = l.hello().into_owned();
+        let mut v = Validator::new(l);
+        let data = vec![0u8; 4 * PAGE as usize];
+        assert_eq!(v.state(), StreamState::AwaitHello);
+        v.validate(&hello).unwrap();
+        v.validate(&Frame::PassBegin { pass: 0, pages: 3 }).unwrap();
+        assert_eq!(
+            v.validate(&pages(0, 2, &data)).unwrap(),
+            Some(PagesTarget {
+                region: 0,
+                offset: 0
+            })
+        );
+        v.validate(&pages(0x1_0000_0000, 1, &data)).unwrap();
+        v.validate(&Frame::PassEnd {
+            pass: 0,
+            pages_sent: 3,
+        })
+        .unwrap();
+        v.validate(&Frame::PassBegin { pass: 1, pages: 0 }).unwrap();
+        v.validate(&Frame::PassEnd {
+            pass: 1,
+            pages_sent: 0,
+        })
+        .unwrap();
+        v.validate(&Frame::PassBegin { pass: 2, pages: 1 }).unwrap();
+        v.validate(&pages(0, 1, &data)).unwrap();
+        v.validate(&Frame::PassEnd {
+            pass: 2,
+            pages_sent: 1,
+        })
+        .unwrap();
+        v.validate(&Frame::DeviceState {
+            name: "nic".into(),
+            bytes: b(&[1]),
+        })
+        .unwrap();
+        v.validate(&Frame::VcpuState {
+            index: 0,
+            bytes: b(&[2]),
+        })
+        .unwrap();
+        v.validate(&Frame::Complete {
+            total_pages: 4,
+            digest: 9,
+        })
+        .unwrap();
+        v.validate(&Frame::Verify {
+            digest: 9,
+            region_hashes: Cow::Owned(vec![1, 2, 3]),
+        })
+        .unwrap();
+        assert_eq!(v.state(), StreamState::Completed);
+        assert_eq!(v.pages_received(), 4);
+    }
+
+    #[test]
+    fn validator_rejections() {
+        let l = layout();
+        let hello = l.hello().into_owned();
+        let data = vec![0u8; 4 * PAGE as usize];
+        let fresh = || Validator::new(layout());
+        let in_pass = |announced| {
+            let mut v = fresh();
+            v.validate(&hello).unwrap();
+            v.validate(&Frame::PassBegin {
+                pass: 0,
+                pages: announced,
+            })
+            .unwrap();
+            v
+        };
+        let unexpected = |r: Result<_, WireError>, f, s| matches!(r, Err(WireError::UnexpectedFrame { frame, state }) if frame == f && state == s);
+
+        // Anything before Hello.
+        assert!(unexpected(
+            fresh().validate(&Frame::PassBegin { pass: 0, pages: 0 }),
+            FrameKind::PassBegin,
+            StreamState::AwaitHello
+        ));
+        // A second Hello.
+        let mut v = fresh();
+        v.validate(&hello).unwrap();
+        assert!(unexpected(
+            v.validate(&hello),
+            FrameKind::Hello,
+            StreamState::Idle
+        ));
+        // Destination-only frames.
+        for f in [
+            Frame::HelloAck,
+            Frame::Ack { pass: 0 },
+            Frame::VerifyResult {
+                ok: true,
+                digest: 0,
+                mismatched_regions: Cow::Borrowed(&[]),
+            },
+        ] {
+            assert!(unexpected(v.validate(&f), f.kind(), StreamState::Idle));
+        }
+        // Pages outside a pass.
+        assert!(unexpected(
+            v.validate(&pages(0, 1, &data)),
+            FrameKind::Pages,
+            StreamState::Idle
+        ));
+        // Pass numbering.
+        assert!(matches!(
+            v.validate(&Frame::PassBegin { pass: 1, pages: 0 }),
+            Err(WireError::PassOrder {
+                expected: 0,
+                got: 1
+            })
+        ));
+        let mut v = in_pass(1);
+        assert!(matches!(
+            v.validate(&Frame::PassEnd {
+                pass: 5,
+                pages_sent: 0
+            }),
+            Err(WireError::PassOrder {
+                expected: 0,
+                got: 5
+            })
+        ));
+        // State inside a pass, a nested pass.
+        assert!(unexpected(
+            v.validate(&Frame::VcpuState {
+                index: 0,
+                bytes: b(&[])
+            }),
+            FrameKind::VcpuState,
+            StreamState::InPass
+        ));
+        assert!(unexpected(
+            v.validate(&Frame::PassBegin { pass: 1, pages: 0 }),
+            FrameKind::PassBegin,
+            StreamState::InPass
+        ));
+        // Bad pages are refused by the validator too.
+        assert!(matches!(
+            v.validate(&pages(0x8000_0000, 1, &data)),
+            Err(WireError::PagesOutsideGuest { .. })
+        ));
+        // More pages than announced.
+        let mut v = in_pass(1);
+        assert!(matches!(
+            v.validate(&pages(0, 2, &data)),
+            Err(WireError::PassCount {
+                announced: 1,
+                received: 2,
+                ..
+            })
+        ));
+        // Fewer pages than announced, or a wrong report.
+        let mut v = in_pass(2);
+        v.validate(&pages(0, 1, &data)).unwrap();
+        assert!(matches!(
+            v.validate(&Frame::PassEnd {
+                pass: 0,
+                pages_sent: 1
+            }),
+            Err(WireError::PassCount {
+                announced: 2,
+                received: 1,
+                reported: 1,
+                ..
+            })
+        ));
+        let mut v = in_pass(1);
+        v.validate(&pages(0, 1, &data)).unwrap();
+        assert!(matches!(
+            v.validate(&Frame::PassEnd {
+                pass: 0,
+                pages_sent: 2
+            }),
+            Err(WireError::PassCount { reported: 2, .. })
+        ));
+        v.validate(&Frame::PassEnd {
+            pass: 0,
+            pages_sent: 1,
+        })
+        .unwrap();
+        // Complete with a wrong total.
+        assert!(matches!(
+            v.validate(&Frame::Complete {
+                total_pages: 2,
+                digest: 0
+            }),
+            Err(WireError::TotalPages {
+                reported: 2,
+                received: 1
+            })
+        ));
+        // Verify before Complete; then a wrong region count; then nothing after Complete.
+        let verify = |n: usize| Frame::Verify {
+            digest: 0,
+            region_hashes: Cow::Owned(vec![0; n]),
+        };
+        assert!(unexpected(
+            v.validate(&verify(3)),
+            FrameKind::Verify,
+            StreamState::Idle
+        ));
+        v.validate(&Frame::Complete {
+            total_pages: 1,
+            digest: 0,
+        })
+        .unwrap();
+        assert!(matches!(
+            v.validate(&verify(2)),
+            Err(WireError::LayoutMismatch(LayoutDiff::RegionCount {
+                ours: 3,
+                theirs: 2
+            }))
+        ));
+        assert!(unexpected(
+            v.validate(&Frame::PassBegin { pass: 1, pages: 0 }),
+            FrameKind::PassBegin,
+            StreamState::Completed
+        ));
+        // Abort anywhere, then nothing.
+        v.validate(&Frame::Abort {
+            reason: "bye".into(),
+        })
+        .unwrap();
+        assert!(unexpected(
+            v.validate(&verify(3)),
+            FrameKind::Verify,
+            StreamState::Aborted
+        ));
+        let mut v = in_pass(5);
+        v.validate(&Frame::Abort { reason: "".into() }).unwrap();
+        assert_eq!(v.state(), StreamState::Aborted);
+        // A mismatched Hello.
+        let other = MemoryLayout::new(PAGE, "kvm", layout().regions().to_vec()).unwrap();
+        assert!(matches!(
+            fresh().validate(&other.hello()),
+            Err(WireError::LayoutMismatch(_))
+        ));
+    }
+
+    // --- Loopback TCP ----------------------------------------------------------------
+
+    /// Deterministic page contents, so the receiver can check every byte.
+    fn fill_page(gpa: u64, pass: u32, out: &mut [u8]) {
+        let seed = gpa ^ (u64::from(pass) << 56);
+        for (i, w) in out.chunks_exact_mut(8).enumerate() {
+            w.copy_from_slice(&(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i as u64).to_le_bytes());
+        }
+    }
+
+    #[test]
+    fn loopback_tcp_stream_of_pages() {
+        const FRAMES: u32 = 3000;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+
+        let dest = std::thread::spawn(move || -> Result<(u64, u32), WireError> {
+            let (sock, _) = listener.accept()?;
+            let mut reader = FrameReader::new(std::io::BufReader::new(sock.try_clone()?));
+            let mut writer = FrameWriter::new(sock);
+            let mut v = Validator::new(layout());
+            let mut expect = vec![0u8; 4 * PAGE as usize];
+            let mut frames = 0u32;
+            let mut pass = 0;
+            loop {
+                let frame = reader.read_frame()?;
+                let target = v.validate(&frame)?;
+                match &frame {
+                    Frame::Hello { .. } => {
+                        writer.write_frame(&Frame::HelloAck)?;
+                    }
+                    Frame::PassBegin { pass: p, .. } => pass = *p,
+                    Frame::Pages { gpa, count, data } => {
+                        assert!(target.is_some());
+                        for k in 0..u64::from(*count) {
+                            let page = &mut expect[..PAGE as usize];
+                            fill_page(gpa + k * PAGE, pass, page);
+                            let at = (k * PAGE) as usize;
+                            assert_eq!(&data[at..at + PAGE as usize], &page[..]);
+                        }
+                        frames += 1;
+                    }
+                    Frame::PassEnd { pass, .. } => {
+                        writer.write_frame(&Frame::Ack { pass: *pass })?;
+                    }
+                    Frame::Complete { .. } => {
+                        writer.write_frame(&Frame::VerifyResult {
+                            ok: true,
+                            digest: 0,
+                            mismatched_regions: Cow::Borrowed(&[]),
+                        })?;
+                        return Ok((v.pages_received(), frames));
+                    }
+                    _ => {}
+                }
+            }
+        });
+
+        let sock = TcpStream::connect(addr).unwrap();
+        let mut reader = FrameReader::new(sock.try_clone().unwrap());
+        let mut writer = FrameWriter::new(sock);
+        let l = layout();
+        writer.write_frame(&l.hello()).unwrap();
+        assert_eq!(reader.read_frame().unwrap(), Frame::HelloAck);
+        let mut data = vec![0u8; 4 * PAGE as usize];
+        let mut total = 0u64;
+        let passes = 2;
+        for pass in 0..passes {
+            let n = FRAMES / passes;
+            let runs: Vec<(u64, u32)> = (0..n)
+                .map(|i| {
+                    // Alternate between regions 0 and 1, runs of 1–4 pages.
+                    let base = if i % 2 == 0 { 0 } else { 0x1_0000_0000 };
+                    (base + u64::from(i) * 8 * PAGE, i % 4 + 1)
+                })
+                .collect();
+            let pages: u64 = runs.iter().map(|r| u64::from(r.1)).sum();
+            writer
+                .write_frame(&Frame::PassBegin { pass, pages })
+                .unwrap();
+            for &(gpa, count) in &runs {
+                let buf = &mut data[..(u64::from(count) * PAGE) as usize];
+                for (k, page) in buf.chunks_exact_mut(PAGE as usize).enumerate() {
+                    fill_page(gpa + k as u64 * PAGE, pass, page);
+                }
+                writer.write_pages(gpa, count, buf).unwrap();
+            }
+            writer
+                .write_frame(&Frame::PassEnd {
+                    pass,
+                    pages_sent: pages,
+                })
+                .unwrap();
+            // Dirt stays pending until this Ack arrives.
+            assert_eq!(reader.read_frame().unwrap(), Frame::Ack { pass });
+            total += pages;
+        }
+        writer
+            .write_frame(&Frame::Complete {
+                total_pages: total,
+                digest: 0,
+            })
+            .unwrap();
+        assert!(matches!(
+            reader.read_frame().unwrap(),
+            Frame::VerifyResult { ok: true, .. }
+        ));
+        let (received, frames) = dest.join().unwrap().unwrap();
+        assert_eq!(received, total);
+        assert_eq!(frames, FRAMES);
+    }
+
+    // --- Properties ------------------------------------------------------------------
+
+    fn arb_frame() -> impl Strategy<Value = OwnedFrame> {
+        let bytes = |n| proptest::collection::vec(any::<u8>(), 0..n);
+        prop_oneof![
+            (
+                any::<u16>(),
+                ".{0,12}",
+                any::<u64>(),
+                proptest::collection::vec((any::<u64>(), any::<u64>()), 0..5),
+                any::<u64>()
+            )
+                .prop_map(|(version, k, page_size, rs, total_pages)| Frame::Hello {
+                    version,
+                    guest_kind: Cow::Owned(k),
+                    page_size,
+                    regions: Cow::Owned(
+                        rs.into_iter().map(|(a, b)| IovaRange::new(a, b)).collect()
+                    ),
+                    total_pages,
+                }),
+            Just(Frame::HelloAck),
+            (any::<u32>(), any::<u64>()).prop_map(|(pass, pages)| Frame::PassBegin { pass, pages }),
+            (any::<u64>(), any::<u32>(), bytes(300)).prop_map(|(gpa, count, d)| Frame::Pages {
+                gpa,
+                count,
+                data: Cow::Owned(d)
+            }),
+            (any::<u32>(), any::<u64>())
+                .prop_map(|(pass, pages_sent)| Frame::PassEnd { pass, pages_sent }),
+            (".{0,12}", bytes(64)).prop_map(|(n, d)| Frame::DeviceState {
+                name: Cow::Owned(n),
+                bytes: Cow::Owned(d)
+            }),
+            (any::<u32>(), bytes(64)).prop_map(|(index, d)| Frame::VcpuState {
+                index,
+                bytes: Cow::Owned(d)
+            }),
+            (any::<u64>(), any::<u64>()).prop_map(|(total_pages, digest)| Frame::Complete {
+                total_pages,
+                digest
+            }),
+            (any::<u64>(), proptest::collection::vec(any::<u64>(), 0..6)).prop_map(
+                |(digest, h)| Frame::Verify {
+                    digest,
+                    region_hashes: Cow::Owned(h)
+                }
+            ),
+            (
+                any::<bool>(),
+                any::<u64>(),
+                proptest::collection::vec(any::<u32>(), 0..6)
+            )
+                .prop_map(|(ok, digest, m)| Frame::VerifyResult {
+                    ok,
+                    digest,
+                    mismatched_regions: Cow::Owned(m)
+                }),
+            ".{0,20}".prop_map(|r| Frame::Abort {
+                reason: Cow::Owned(r)
+            }),
+            any::<u32>().prop_map(|pass| Frame::Ack { pass }),
+        ]
+    }
+
+    fn frame_ends(frames: &[OwnedFrame]) -> Vec<usize> {
+        let mut w = FrameWriter::new(Vec::new());
+        frames
+            .iter()
+            .map(|f| {
+                w.write_frame(f).unwrap();
+                w.get_ref().len()
+            })
+            .collect()
+    }
+
+    proptest! {
+        #[test]
+        fn crc_table_matches_bitwise_and_hardware(
+            data in proptest::collection::vec(any::<u8>(), 0..200),
+            split in 0usize..200,
+        ) {
+            let want = bitwise_crc32c(&data);
+            prop_assert_eq!(!crc32c_update_table(!0, &data), want);
+            prop_assert_eq!(crc32c(&data), want);
+            // Running over two pieces equals one pass.
+            let split = split.min(data.len());
+            let mut c = Crc::new();
+            c.update(&data[..split]);
+            c.update(&data[split..]);
+            prop_assert_eq!(c.finish(), want);
+        }
+
+        #[test]
+        fn stream_round_trips(frames in proptest::collection::vec(arb_frame(), 0..8)) {
+            let bytes = encode(&frames);
+            prop_assert_eq!(&decode_all(&bytes, &Limits::default()).unwrap(), &frames);
+            let mut r = FrameReader::new(&bytes[..]);
+            for f in &frames {
+                prop_assert_eq!(&r.read_frame().unwrap(), f);
+            }
+            prop_assert!(matches!(r.read_frame(), Err(WireError::Closed)));
+        }
+
+        #[test]
+        fn any_single_byte_flip_is_rejected(
+            frames in proptest::collection::vec(arb_frame(), 1..6),
+            at in any::<prop::sample::Index>(),
+            flip in 1u8..=255,
+        ) {
+            let mut bytes = encode(&frames);
+            let i = at.index(bytes.len());
+            bytes[i] ^= flip;
+            prop_assert!(decode_all(&bytes, &Limits::default()).is_err());
+            let mut r = FrameReader::new(&bytes[..]);
+            let mut failed = false;
+            for _ in 0..frames.len() + 1 {
+                match r.read_frame() {
+                    Ok(_) => {}
+                    Err(WireError::Closed) => break,
+                    Err(_) => { failed = true; break; }
+                }
+            }
+            prop_assert!(failed, "flip at {} of {} accepted", i, bytes.len());
+        }
+
+        #[test]
+        fn truncation_yields_a_prefix_or_truncated(
+            frames in proptest::collection::vec(arb_frame(), 1..6),
+            at in any::<prop::sample::Index>(),
+        ) {
+            let bytes = encode(&frames);
+            let cut = at.index(bytes.len());
+            let ends = frame_ends(&frames);
+            match decode_all(&bytes[..cut], &Limits::default()) {
+                Ok(got) => {
+                    let k = got.len();
+                    prop_assert_eq!(&got[..], &frames[..k]);
+                    prop_assert_eq!(if k == 0 { 0 } else { ends[k - 1] }, cut);
+                }
+                Err(WireError::Truncated) => prop_assert!(!ends.contains(&cut) && cut != 0),
+                Err(e) => prop_assert!(false, "unexpected {:?}", e),
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(
+            bytes in proptest::collection::vec(any::<u8>(), 0..512),
+            max in 0u32..1024,
+        ) {
+            let limits = Limits { max_payload: max };
+            let _ = decode_all(&bytes, &limits);
+            let mut r = FrameReader::with_limits(&bytes[..], limits);
+            while r.read_frame().is_ok() {}
+        }
+
+        #[test]
+        fn arbitrary_payloads_behind_a_valid_crc_never_panic(
+            ty in 0u16..14,
+            payload in proptest::collection::vec(any::<u8>(), 0..128),
+        ) {
+            let bytes = raw_frame(PROTOCOL_VERSION, ty, 0, &payload);
+            if let Ok(frames) = decode_all(&bytes, &Limits::default()) {
+                // Whatever parsed re-encodes to the same bytes: no two encodings per frame.
+                prop_assert_eq!(encode(&frames), bytes);
+            }
+        }
+
+        #[test]
+        fn locate_matches_brute_force(
+            gpa_page in 0u64..64,
+            off in prop_oneof![Just(0u64), 1u64..PAGE],
+            count in 0u32..20,
+            extra in prop_oneof![Just(0usize), 1usize..3],
+        ) {
+            // Small layout: pages [4, 10) and [16, 20) and [30, 31).
+            let regions = vec![
+                IovaRange::new(4 * PAGE, 6 * PAGE),
+                IovaRange::new(16 * PAGE, 4 * PAGE),
+                IovaRange::new(30 * PAGE, PAGE),
+            ];
+            let l = MemoryLayout::new(PAGE, "k", regions.clone()).unwrap();
+            let gpa = gpa_page * PAGE + off;
+            let len = count as usize * PAGE as usize + extra;
+            let got = l.locate(gpa, count, len);
+            // Oracle: every page of the run is in the same region.
+            let region_of = |p: u64| regions.iter().position(|r| r.contains(p * PAGE));
+            let want_region = (0..u64::from(count))
+                .map(|k| region_of(gpa_page + k))
+                .collect::<Vec<_>>();
+            let same = !want_region.is_empty()
+                && want_region.iter().all(|r| r.is_some() && *r == want_region[0]);
+            match got {
+                Ok(t) => {
+                    prop_assert!(off == 0 && count > 0 && extra == 0 && same);
+                    prop_assert_eq!(Some(t.region), want_region[0]);
+                    prop_assert_eq!(t.offset, gpa - regions[t.region].iova);
+                }
+                Err(WireError::PagesEmpty { .. }) => prop_assert_eq!(count, 0),
+                Err(WireError::PagesMisaligned { .. }) => prop_assert!(off != 0 && count > 0),
+                Err(WireError::PagesLength { .. }) => prop_assert!(extra != 0 && off == 0),
+                Err(WireError::PagesOutsideGuest { .. }) => prop_assert!(!same && off == 0 && extra == 0),
+                Err(e) => prop_assert!(false, "unexpected {:?}", e),
+            }
+        }
     }
 }
