@@ -1089,7 +1089,7 @@ impl<W: Write> FrameWriter<W> {
             ],
         )?;
         let seq = self.seq;
-        self.seq += 1;
+        self.seq = self.seq.wrapping_add(1);
         Ok(seq)
     }
 
@@ -1196,7 +1196,7 @@ impl<R: Read> FrameReader<R> {
         let (payload, trailer) = self.buf.split_at(header.len as usize);
         let trailer = [trailer[0], trailer[1], trailer[2], trailer[3]];
         let frame = finish_frame(&raw_header, &header, payload, trailer, self.seq)?;
-        self.seq += 1;
+        self.seq = self.seq.wrapping_add(1);
         Ok(frame)
     }
 
@@ -1507,7 +1507,8 @@ impl Validator {
             }
             (InPass, Frame::Pages { gpa, count, data }) => {
                 let target = self.layout.locate(*gpa, *count, data.len())?;
-                let received = self.received + *count as u64;
+                // Saturating: a sum past u64::MAX is past any announcement too.
+                let received = self.received.saturating_add(u64::from(*count));
                 if received > self.announced {
                     return Err(WireError::PassCount {
                         pass: self.next_pass,
