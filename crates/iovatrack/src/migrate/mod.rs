@@ -1,3 +1,4 @@
 //! Live migration: guest, DMA workload, pre-copy engine, wire protocol.
 
 pub mod guest;
+pub mod wire;
