@@ -4,7 +4,8 @@
 //! bitmap), dirty 0 %, 0.1 %, 1 %, 10 %, 100 % of pages chosen by a seeded xorshift.
 //!
 //! * `or_merge/<size>/<dirty>`: `DirtyBitmap::or_assign` vs a plain indexed word loop;
-//!   throughput is the bytes of one bitmap operand.
+//!   throughput is the bytes of one bitmap operand; `memcpy_ref` (copying one operand) is
+//!   there to show the machine's memory bandwidth.
 //! * `runs/<size>/<dirty>`: `DirtyBitmap::runs` → address ranges vs Cloud Hypervisor's
 //!   `MemoryRangeTable::from_dirty_bitmap` (a per-bit `BitposIterator` then an
 //!   itertools-style `coalesce` of adjacent pages), re-implemented below.
@@ -260,6 +261,12 @@ fn benches(c: &mut Criterion) {
                 g.bench_function("indexed", |bch| {
                     bch.iter(|| or_indexed(black_box(&mut raw), black_box(b.words())))
                 });
+                // Memory-bandwidth reference: a plain copy of one operand (reads one
+                // bitmap, writes one; the OR reads two).
+                let mut copy = vec![0u64; b.words().len()];
+                g.bench_function("memcpy_ref", |bch| {
+                    bch.iter(|| copy.copy_from_slice(black_box(b.words())))
+                });
                 g.finish();
                 assert_eq!(dst.words(), &raw[..]);
             }
@@ -267,20 +274,26 @@ fn benches(c: &mut Criterion) {
             // (b) bitmap → ranges.
             {
                 let base = 1u64 << 32;
+                // The per-bit CH baseline at 2 TiB, 100 % takes ~4.4 s per iteration
+                // (measured: 4.06–4.70 s; ours ~12 ms), so it is skipped there to keep the
+                // run short; at 2 TiB, 10 % it is ~0.5 s and stays.
+                let run_ch = !(size >= 2 << 40 && ratio >= 1.0);
                 let ours = digest(our_ranges(&a0, base, PAGE));
-                let ch = digest(ch_ranges(a0.words().iter().copied(), base, PAGE));
-                assert_eq!(ours, ch, "ours and CH disagree at {id}");
+                if run_ch {
+                    let ch = digest(ch_ranges(a0.words().iter().copied(), base, PAGE));
+                    assert_eq!(ours, ch, "ours and CH disagree at {id}");
+                }
                 let mut g = config(c, format!("runs/{id}"));
                 g.bench_function("ours", |bch| {
                     bch.iter(|| digest(our_ranges(black_box(&a0), base, PAGE)))
                 });
-                // At 2 TiB, 100 % the per-bit baseline takes ~1.5 s per iteration: measured
-                // anyway (≈15 s); 10 % is ~0.2 s.
-                g.bench_function("ch", |bch| {
-                    bch.iter(|| {
-                        digest(ch_ranges(black_box(a0.words()).iter().copied(), base, PAGE))
-                    })
-                });
+                if run_ch {
+                    g.bench_function("ch", |bch| {
+                        bch.iter(|| {
+                            digest(ch_ranges(black_box(a0.words()).iter().copied(), base, PAGE))
+                        })
+                    });
+                }
                 g.finish();
             }
 

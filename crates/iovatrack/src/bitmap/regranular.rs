@@ -119,78 +119,82 @@ pub fn or_regranular(
     if lo >= hi {
         return Ok(());
     }
-    let (sb, sp) = (src_geo.base as u128, src_geo.page as u128);
-    let (db, dp) = (dst_geo.base as u128, dst_geo.page as u128);
+    // Pages are powers of two: divide by shifting (u128 division is a libcall).
+    let (sb, ss) = (src_geo.base as u128, src_geo.page.trailing_zeros());
+    let (db, ds) = (dst_geo.base as u128, dst_geo.page.trailing_zeros());
+    let up = |x: u128, s: u32| ((x + (1u128 << s) - 1) >> s) as u64;
 
-    if sp == dp && (sb.abs_diff(db)) % sp == 0 {
+    if ss == ds && (sb.abs_diff(db) >> ss) << ss == sb.abs_diff(db) {
         // Same pages, bit-aligned: lo and hi are boundaries on both sides.
-        let s0 = ((lo - sb) / sp) as u64;
-        let t0 = ((lo - db) / dp) as u64;
-        let n = ((hi - lo) / sp) as u64;
+        let s0 = ((lo - sb) >> ss) as u64;
+        let t0 = ((lo - db) >> ds) as u64;
+        let n = ((hi - lo) >> ss) as u64;
         or_shifted(dst, t0, src, s0, n);
         return Ok(());
     }
 
-    if sp < dp && sb.abs_diff(db) % dp == 0 && dp / sp >= 64 {
-        fold_words(dst, dst_geo, src, src_geo, lo, hi);
+    if ds >= ss + 6 && (sb.abs_diff(db) >> ds) << ds == sb.abs_diff(db) {
+        fold_words(
+            dst,
+            src,
+            src_geo,
+            ((lo - sb) >> ss) as u64,
+            ((lo - db) >> ds) as u64,
+            up(hi - db, ds),
+            ds - ss - 6,
+        );
         return Ok(());
     }
 
     // General: each source run becomes one byte interval, clipped, then rounded outward
     // to destination pages.
-    let s_lo = ((lo - sb) / sp) as u64;
-    let s_hi = (hi - sb).div_ceil(sp) as u64;
+    let s_lo = ((lo - sb) >> ss) as u64;
+    let s_hi = up(hi - sb, ss);
     for (first, len) in Runs::range(src, s_lo, s_hi) {
-        let a = (sb + first as u128 * sp).max(lo);
-        let b = (sb + (first + len) as u128 * sp).min(hi);
-        let j0 = ((a - db) / dp) as u64;
-        let j1 = (b - db).div_ceil(dp) as u64;
+        let a = (sb + ((first as u128) << ss)).max(lo);
+        let b = (sb + (((first + len) as u128) << ss)).min(hi);
+        let j0 = ((a - db) >> ds) as u64;
+        let j1 = up(b - db, ds);
         fill_range(dst, j0, j1 - j0);
     }
     Ok(())
 }
 
 /// Fine → coarse where every coarse page starts on a source word boundary: a coarse bit is
-/// the OR of its `dp / sp` (a multiple of 64) source bits, i.e. of whole words.
+/// the OR of its `2^group_shift` source words. Destination bits `j_lo..j_hi`; the first
+/// starts at source bit `s_lo` (a multiple of 64).
 fn fold_words(
     dst: &mut [u64],
-    dst_geo: &Geometry,
     src: &[u64],
     src_geo: &Geometry,
-    lo: u128,
-    hi: u128,
+    s_lo: u64,
+    j_lo: u64,
+    j_hi: u64,
+    group_shift: u32,
 ) {
-    let (sb, sp) = (src_geo.base as u128, src_geo.page as u128);
-    let (db, dp) = (dst_geo.base as u128, dst_geo.page as u128);
-    let group = (dp / sp / 64) as usize; // source words per destination bit
-    let src_words = src_geo.words();
-    let last_mask = tail_mask(src_geo.bits);
-    let j_lo = ((lo - db) / dp) as u64;
-    let j_hi = (hi - db).div_ceil(dp) as u64;
-    for j in j_lo..j_hi {
-        // Source word range of destination page j, clipped to the source.
-        let start = db + j as u128 * dp;
-        let w0 = if start <= sb {
-            0
-        } else {
-            ((start - sb) / sp / 64) as usize
-        };
-        let w_end = if start + dp <= sb {
-            0
-        } else {
-            (((start + dp - sb) / sp / 64) as usize).min(src_words)
-        };
-        let w_end = w_end.max(w0).min(w0 + group);
-        let ws = &src[w0..w_end];
-        let acc = match ws.split_last() {
-            // The source's last word: drop bits past its length.
-            Some((&tail, body)) if w_end == src_words => {
-                body.iter().fold(tail & last_mask, |a, &w| a | w)
-            }
-            _ => ws.iter().fold(0, |a, &w| a | w),
-        };
+    let group = 1usize << group_shift;
+    let n = src_geo.words();
+    let w_lo = (s_lo / 64) as usize;
+    if n == 0 || w_lo >= n {
+        return;
+    }
+    // Only the source's last word may hold bits past its length: mask a copy.
+    let last = src[n - 1] & tail_mask(src_geo.bits);
+    let body = &src[w_lo..n - 1];
+    let mut j = j_lo;
+    let mut chunks = body.chunks(group);
+    while j < j_hi {
+        let Some(chunk) = chunks.next() else { break };
+        let acc = chunk.iter().fold(0, |a, &w| a | w);
+        // The final word belongs to this group if the group is cut short by it.
+        let acc = if chunk.len() < group { acc | last } else { acc };
         if acc != 0 {
             dst[(j / 64) as usize] |= 1 << (j % 64);
         }
+        j += 1;
+    }
+    // A group made of the last word alone (body ended exactly on a group boundary).
+    if j < j_hi && body.len() % group == 0 && last != 0 {
+        dst[(j / 64) as usize] |= 1 << (j % 64);
     }
 }

@@ -504,7 +504,7 @@ proptest! {
     #[test]
     fn regranular_both_ways_overlapping(
         fine_shift in 12u32..16, coarse_shift in 16u32..23, fine_bits in 1u64..2000,
-        off_pages in 0u64..600, coarse_bits in 1u64..40, seed in any::<u64>(),
+        off_pages in 0u64..600, coarse_bits in 1u64..40, seed in any::<u64>(), sparse in any::<bool>(),
     ) {
         let (fp, cp) = (1u64 << fine_shift, 1u64 << coarse_shift);
         let fine = Geometry::new(16 << 20, fp, fine_bits).unwrap();
@@ -512,7 +512,10 @@ proptest! {
         let coarse_down = Geometry::new((16 << 20) - cp, cp, coarse_bits).unwrap();
         let mut x = seed | 1;
         let mut next = || { x ^= x << 13; x ^= x >> 7; x ^= x << 17; x };
-        let fine_src: Vec<u64> = (0..fine.words()).map(|_| next() & next() & next()).collect();
+        // Sparse: a lone bit in one word of eight, so a coarse bit can hinge on one word.
+        let fine_src: Vec<u64> = (0..fine.words())
+            .map(|_| if !sparse { next() & next() & next() } else if next() % 8 == 0 { 1 << (next() % 64) } else { 0 })
+            .collect();
         let coarse_src: Vec<u64> = (0..coarse.words()).map(|_| next()).collect();
         let none = BTreeSet::new();
         for cg in [coarse, coarse_down] {
