@@ -1,0 +1,128 @@
+//! The concurrent dirty bitmap, set from DMA threads or a software vCPU.
+
+use super::plain::DirtyBitmap;
+use super::words::{mask, words_for};
+use super::BitmapError;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A dirty bitmap many threads may set while one reader drains it. Same bit layout as
+/// [`DirtyBitmap`].
+///
+/// Ordering: a writer stores to guest memory, then sets the bit (`Release`); the reader
+/// swaps the word to zero (`Acquire`), then reads the pages. A page the reader saw dirty is
+/// read with the writer's data; a write racing with the drain leaves its bit set for the
+/// next pass, so no write is ever lost.
+///
+/// ```
+/// use iovatrack::bitmap::{AtomicDirtyBitmap, DirtyBitmap};
+/// use std::sync::Arc;
+///
+/// let log = Arc::new(AtomicDirtyBitmap::new(4096));
+/// let writer = { let log = log.clone(); std::thread::spawn(move || log.set_range(100, 300)) };
+/// writer.join().unwrap()?;
+/// let mut pass = DirtyBitmap::new(4096);
+/// log.read_and_clear_into(&mut pass)?;
+/// assert_eq!(pass.runs().collect::<Vec<_>>(), [(100, 300)]);
+/// assert_eq!(log.count_ones(), 0);
+/// # Ok::<(), iovatrack::bitmap::BitmapError>(())
+/// ```
+#[derive(Debug, Default)]
+pub struct AtomicDirtyBitmap {
+    words: Vec<AtomicU64>,
+    bits: u64,
+}
+
+impl AtomicDirtyBitmap {
+    /// An all-clear bitmap of `bits` bits.
+    pub fn new(bits: u64) -> Self {
+        Self {
+            words: (0..words_for(bits)).map(|_| AtomicU64::new(0)).collect(),
+            bits,
+        }
+    }
+
+    /// Number of bits (pages).
+    pub fn len(&self) -> u64 {
+        self.bits
+    }
+
+    /// Whether the bitmap has no bits at all.
+    pub fn is_empty(&self) -> bool {
+        self.bits == 0
+    }
+
+    fn check(&self, first: u64, count: u64) -> Result<(), BitmapError> {
+        match first.checked_add(count) {
+            Some(end) if end <= self.bits => Ok(()),
+            _ => Err(BitmapError::OutOfRange {
+                first,
+                count,
+                len: self.bits,
+            }),
+        }
+    }
+
+    /// OR `m` into word `i`. Always a read-modify-write: skipping it when a plain load sees
+    /// the bits already set would race with a concurrent drain (the load may return the
+    /// pre-swap value, or on x86 pass the writer's pending data store) and lose the write.
+    #[inline]
+    fn or_word(&self, i: usize, m: u64) {
+        self.words[i].fetch_or(m, Ordering::Release);
+    }
+
+    /// Set one bit.
+    pub fn set(&self, bit: u64) -> Result<(), BitmapError> {
+        self.check(bit, 1)?;
+        self.or_word((bit / 64) as usize, 1 << (bit % 64));
+        Ok(())
+    }
+
+    /// Set bits `first..first + count` with one masked `fetch_or` per word.
+    pub fn set_range(&self, first: u64, count: u64) -> Result<(), BitmapError> {
+        self.check(first, count)?;
+        if count == 0 {
+            return Ok(());
+        }
+        let last = first + count - 1;
+        let (fw, lw) = ((first / 64) as usize, (last / 64) as usize);
+        for i in fw..=lw {
+            let lo = if i == fw { (first % 64) as u32 } else { 0 };
+            let hi = if i == lw { (last % 64) as u32 + 1 } else { 64 };
+            self.or_word(i, mask(lo, hi));
+        }
+        Ok(())
+    }
+
+    /// Whether `bit` is set now; `false` past the end.
+    pub fn is_set(&self, bit: u64) -> bool {
+        bit < self.bits
+            && self.words[(bit / 64) as usize].load(Ordering::Relaxed) & (1 << (bit % 64)) != 0
+    }
+
+    /// Number of bits set at the time each word is read (a snapshot only if writers are
+    /// quiet).
+    pub fn count_ones(&self) -> u64 {
+        self.words
+            .iter()
+            .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
+            .sum()
+    }
+
+    /// Drain: OR every set bit into `dst` and clear it here. A clean word costs one plain
+    /// load (no read-modify-write); a dirty one is swapped to zero. Lengths must be equal.
+    pub fn read_and_clear_into(&self, dst: &mut DirtyBitmap) -> Result<(), BitmapError> {
+        if dst.len() != self.bits {
+            return Err(BitmapError::LengthMismatch {
+                left: self.bits,
+                right: dst.len(),
+            });
+        }
+        let mut out = dst.words_mut();
+        for (d, w) in out.iter_mut().zip(&self.words) {
+            if w.load(Ordering::Relaxed) != 0 {
+                *d |= w.swap(0, Ordering::Acquire);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,124 @@
+//! Maximal runs of set bits, found a word at a time.
+
+use super::words::{mask, next_nonzero, tail_mask, words_for};
+
+/// Iterator over the maximal runs of set bits of a bitmap, as `(first_bit, len)`, in
+/// increasing order.
+///
+/// It works on words, not bits: clean words are skipped eight at a time, all-ones words are
+/// swallowed whole, and `trailing_zeros` / `trailing_ones` find run edges inside a word. A
+/// run that crosses word boundaries is yielded once.
+///
+/// ```
+/// use iovatrack::bitmap::Runs;
+///
+/// // bits 1..=3 and 62..=65 (crossing into word 1); bit 70 is past the 70-bit length.
+/// let words = [0b1110 | (0b11 << 62), 0b11 | (1 << 6)];
+/// let runs: Vec<_> = Runs::new(&words, 70).collect();
+/// assert_eq!(runs, [(1, 3), (62, 4)]);
+/// ```
+#[derive(Clone, Debug)]
+pub struct Runs<'a> {
+    /// Words up to and including the last one holding a valid bit.
+    words: &'a [u64],
+    /// Valid bits of `words[last]`.
+    last_mask: u64,
+    /// Index of the word `cur` came from.
+    idx: usize,
+    /// Bits of `words[idx]` not yet yielded.
+    cur: u64,
+}
+
+impl<'a> Runs<'a> {
+    /// Runs of the first `bits` bits of `words` (bits past the end of `words` count as
+    /// clear, bits at or past `bits` are ignored).
+    pub fn new(words: &'a [u64], bits: u64) -> Self {
+        Self::range(words, 0, bits)
+    }
+
+    /// Runs within bits `lo..hi` only (clipped to `words`); runs are cut at both ends.
+    pub(crate) fn range(words: &'a [u64], lo: u64, hi: u64) -> Self {
+        let hi = hi.min(words.len() as u64 * 64);
+        if lo >= hi {
+            return Self {
+                words: &[],
+                last_mask: 0,
+                idx: 0,
+                cur: 0,
+            };
+        }
+        let n = words_for(hi);
+        let words = &words[..n];
+        let last_mask = tail_mask(hi);
+        let idx = (lo / 64) as usize;
+        let mut cur = words[idx] & mask((lo % 64) as u32, 64);
+        if idx == n - 1 {
+            cur &= last_mask;
+        }
+        Self {
+            words,
+            last_mask,
+            idx,
+            cur,
+        }
+    }
+
+    #[inline]
+    fn load(&self, i: usize) -> u64 {
+        let w = self.words[i];
+        if i + 1 == self.words.len() {
+            w & self.last_mask
+        } else {
+            w
+        }
+    }
+}
+
+impl Iterator for Runs<'_> {
+    type Item = (u64, u64);
+
+    #[inline]
+    fn next(&mut self) -> Option<(u64, u64)> {
+        let n = self.words.len();
+        if self.cur == 0 {
+            // Skip clean words; the last word is checked masked.
+            if n == 0 || self.idx + 1 >= n {
+                return None;
+            }
+            let body = &self.words[..n - 1];
+            let i = next_nonzero(body, self.idx + 1);
+            self.idx = i;
+            self.cur = self.load(i);
+            if self.cur == 0 {
+                self.idx = n - 1;
+                return None;
+            }
+        }
+        let tz = self.cur.trailing_zeros();
+        let start = self.idx as u64 * 64 + tz as u64;
+        let ones = (self.cur >> tz).trailing_ones();
+        if tz + ones < 64 {
+            // The run ends inside this word.
+            self.cur &= !mask(0, tz + ones);
+            return Some((start, ones as u64));
+        }
+        // The run reaches the word's top bit: swallow all-ones words, then finish in the
+        // first word that is not all ones.
+        let mut j = self.idx + 1;
+        while j < n && self.load(j) == u64::MAX {
+            j += 1;
+        }
+        if j == n {
+            self.idx = n - 1;
+            self.cur = 0;
+            return Some((start, n as u64 * 64 - start));
+        }
+        let w = self.load(j);
+        let t = w.trailing_ones(); // < 64 since w != MAX
+        self.idx = j;
+        self.cur = w & !mask(0, t);
+        Some((start, j as u64 * 64 + t as u64 - start))
+    }
+}
+
+impl std::iter::FusedIterator for Runs<'_> {}
