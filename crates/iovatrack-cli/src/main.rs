@@ -1,2 +1,47 @@
-//! The `iovatrack` command.
-fn main() {}
+//! `iovatrack`: plan the IOVA ranges a passthrough device must log for a VM's memory map,
+//! and live-migrate a KVM guest with an emulated DMA device writing all the while.
+//!
+//! Arguments in, rendering out: every decision is the library's.
+
+mod plan_cmd;
+mod svg;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "iovatrack",
+    version,
+    about = "IOVA range planning and live migration for VMs with passthrough devices"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show the IOVA ranges a device must log for a VM memory map.
+    Plan(plan_cmd::PlanArgs),
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    let res = match cli.command {
+        Command::Plan(a) => plan_cmd::run(a),
+    };
+    match res {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("iovatrack: error: {e}");
+            let mut src = std::error::Error::source(e.as_ref());
+            while let Some(s) = src {
+                eprintln!("  caused by: {s}");
+                src = s.source();
+            }
+            ExitCode::from(2)
+        }
+    }
+}

@@ -43,7 +43,9 @@ pub enum JsonLayoutError {
         text: String,
     },
     /// A kind not in the list.
-    #[error("section {index}: unknown kind {kind:?} (expected ram, ram_device, rom, romd, io or iommu)")]
+    #[error(
+        "section {index}: unknown kind {kind:?} (expected ram, ram_device, rom, romd, io or iommu)"
+    )]
     UnknownKind {
         /// Position in `sections`.
         index: usize,
@@ -94,7 +96,9 @@ impl Num {
                     Some(h) => u128::from_str_radix(h, 16),
                     None => t.parse::<u128>(),
                 };
-                r.ok().filter(|v| *v <= 1u128 << 64).ok_or_else(|| bad(s.clone()))
+                r.ok()
+                    .filter(|v| *v <= 1u128 << 64)
+                    .ok_or_else(|| bad(s.clone()))
             }
             Num::Other(v) => Err(bad(v.to_string())),
         }
@@ -151,26 +155,47 @@ pub fn parse(text: &str) -> Result<Layout, JsonLayoutError> {
             "romd" => SectionKind::Romd,
             "io" | "i/o" => SectionKind::Io,
             "iommu" => SectionKind::Iommu,
-            _ => return Err(JsonLayoutError::UnknownKind { index, kind: s.kind }),
+            _ => {
+                return Err(JsonLayoutError::UnknownKind {
+                    index,
+                    kind: s.kind,
+                })
+            }
         };
         let start = s.start.get(index, "start")?;
         if start > u64::MAX as u128 {
-            return Err(JsonLayoutError::Number { index, field: "start", text: format!("{start:#x}") });
+            return Err(JsonLayoutError::Number {
+                index,
+                field: "start",
+                text: format!("{start:#x}"),
+            });
         }
         let start = start as u64;
         let size = s.size.get(index, "size")?;
         if size == 0 {
-            return Err(JsonLayoutError::ZeroSize { index, name: s.name });
+            return Err(JsonLayoutError::ZeroSize {
+                index,
+                name: s.name,
+            });
         }
         if start as u128 + size > 1u128 << 64 {
-            return Err(JsonLayoutError::PastTop { index, name: s.name, start, size });
+            return Err(JsonLayoutError::PastTop {
+                index,
+                name: s.name,
+                start,
+                size,
+            });
         }
         let offset = match &s.offset {
             Some(n) => n.get(index, "offset")?,
             None => 0,
         };
         if offset > u64::MAX as u128 {
-            return Err(JsonLayoutError::Number { index, field: "offset", text: format!("{offset:#x}") });
+            return Err(JsonLayoutError::Number {
+                index,
+                field: "offset",
+                text: format!("{offset:#x}"),
+            });
         }
         let mut sec = Section::new(start, (start as u128 + size - 1) as u64, kind, s.name);
         sec.offset_in_region = offset as u64;
@@ -229,16 +254,44 @@ mod tests {
     #[test]
     fn named_errors() {
         let e = |t: &str| parse(t).unwrap_err();
-        assert!(matches!(e(r#"{"sections":[{"start":0,"size":0,"kind":"ram"}]}"#), JsonLayoutError::ZeroSize { index: 0, .. }));
-        assert!(matches!(e(r#"{"sections":[{"start":"0xfffffffffffff000","size":"0x2000","kind":"ram"}]}"#), JsonLayoutError::PastTop { .. }));
-        assert!(matches!(e(r#"{"sections":[{"start":0,"size":1,"kind":"flash"}]}"#), JsonLayoutError::UnknownKind { .. }));
-        assert!(matches!(e(r#"{"sections":[{"start":-1,"size":1,"kind":"ram"}]}"#), JsonLayoutError::Number { field: "start", .. }));
-        assert!(matches!(e(r#"{"sections":[{"start":"0x1g","size":1,"kind":"ram"}]}"#), JsonLayoutError::Number { .. }));
-        assert!(matches!(e(r#"{"sections":[]}"#), JsonLayoutError::Layout(LayoutError::Empty)));
-        assert!(matches!(e(r#"{"sections":[{"start":0,"size":8192,"kind":"ram"},{"start":4096,"size":1,"kind":"ram"}]}"#), JsonLayoutError::Layout(LayoutError::Overlap { .. })));
-        assert!(matches!(e(r#"{"sections":[{"start":0,"lenght":1,"kind":"ram"}]}"#), JsonLayoutError::Syntax(_)));
+        assert!(matches!(
+            e(r#"{"sections":[{"start":0,"size":0,"kind":"ram"}]}"#),
+            JsonLayoutError::ZeroSize { index: 0, .. }
+        ));
+        assert!(matches!(
+            e(r#"{"sections":[{"start":"0xfffffffffffff000","size":"0x2000","kind":"ram"}]}"#),
+            JsonLayoutError::PastTop { .. }
+        ));
+        assert!(matches!(
+            e(r#"{"sections":[{"start":0,"size":1,"kind":"flash"}]}"#),
+            JsonLayoutError::UnknownKind { .. }
+        ));
+        assert!(matches!(
+            e(r#"{"sections":[{"start":-1,"size":1,"kind":"ram"}]}"#),
+            JsonLayoutError::Number { field: "start", .. }
+        ));
+        assert!(matches!(
+            e(r#"{"sections":[{"start":"0x1g","size":1,"kind":"ram"}]}"#),
+            JsonLayoutError::Number { .. }
+        ));
+        assert!(matches!(
+            e(r#"{"sections":[]}"#),
+            JsonLayoutError::Layout(LayoutError::Empty)
+        ));
+        assert!(matches!(
+            e(
+                r#"{"sections":[{"start":0,"size":8192,"kind":"ram"},{"start":4096,"size":1,"kind":"ram"}]}"#
+            ),
+            JsonLayoutError::Layout(LayoutError::Overlap { .. })
+        ));
+        assert!(matches!(
+            e(r#"{"sections":[{"start":0,"lenght":1,"kind":"ram"}]}"#),
+            JsonLayoutError::Syntax(_)
+        ));
         assert!(matches!(e("{"), JsonLayoutError::Syntax(_)));
-        let iommu = parse(r#"{"sections":[{"start":0,"size":"0x10000000000000000","kind":"iommu"}]}"#).unwrap();
+        let iommu =
+            parse(r#"{"sections":[{"start":0,"size":"0x10000000000000000","kind":"iommu"}]}"#)
+                .unwrap();
         assert!(iommu.viommu());
     }
 }

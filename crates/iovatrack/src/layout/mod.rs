@@ -71,7 +71,10 @@ impl VfioBar {
     pub fn parse(name: &str) -> Option<VfioBar> {
         let (bdf, rest) = name.split_once(" BAR ")?;
         let b = bdf.as_bytes();
-        let hex = |s: &[u8]| s.iter().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c));
+        let hex = |s: &[u8]| {
+            s.iter()
+                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
+        };
         let ok = b.len() == 12
             && hex(&b[0..4])
             && b[4] == b':'
@@ -89,7 +92,11 @@ impl VfioBar {
         if !digits(bar) || !digits(idx) {
             return None;
         }
-        Some(VfioBar { bdf: bdf.to_string(), bar: bar.parse().ok()?, mmap: idx.parse().ok()? })
+        Some(VfioBar {
+            bdf: bdf.to_string(),
+            bar: bar.parse().ok()?,
+            mmap: idx.parse().ok()?,
+        })
     }
 }
 
@@ -197,12 +204,18 @@ pub struct Layout {
 
 impl Layout {
     /// Build from sections in any order; sorts them and checks they are disjoint.
-    pub fn new(address_space: impl Into<String>, mut sections: Vec<Section>) -> Result<Self, LayoutError> {
+    pub fn new(
+        address_space: impl Into<String>,
+        mut sections: Vec<Section>,
+    ) -> Result<Self, LayoutError> {
         if sections.is_empty() {
             return Err(LayoutError::Empty);
         }
         if let Some((index, s)) = sections.iter().enumerate().find(|(_, s)| s.last < s.start) {
-            return Err(LayoutError::Inverted { index, name: s.name.clone() });
+            return Err(LayoutError::Inverted {
+                index,
+                name: s.name.clone(),
+            });
         }
         sections.sort_by_key(|s| (s.start, s.last));
         for w in sections.windows(2) {
@@ -217,7 +230,11 @@ impl Layout {
             }
         }
         let viommu = sections.iter().any(|s| s.kind == SectionKind::Iommu);
-        Ok(Layout { address_space: address_space.into(), sections, viommu })
+        Ok(Layout {
+            address_space: address_space.into(),
+            sections,
+            viommu,
+        })
     }
 
     /// Mark the container's address space as translated by a vIOMMU (its mappings are
@@ -244,7 +261,11 @@ impl Layout {
 
     /// Total bytes of `ram` sections (any flags).
     pub fn ram_bytes(&self) -> u128 {
-        self.sections.iter().filter(|s| s.kind == SectionKind::Ram).map(Section::size).sum()
+        self.sections
+            .iter()
+            .filter(|s| s.kind == SectionKind::Ram)
+            .map(Section::size)
+            .sum()
     }
 }
 
@@ -264,7 +285,7 @@ pub enum LoadError {
     #[error(transparent)]
     Layout(#[from] LayoutError),
     /// Reading the input failed.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Io {
         /// What was read.
         path: String,
@@ -281,7 +302,10 @@ pub fn parse_any(text: &str, address_space: Option<&str>) -> Result<Layout, Load
     if text.trim_start().starts_with('{') {
         Ok(json::parse(text)?)
     } else {
-        Ok(mtree::parse(text, address_space.unwrap_or(mtree::DEFAULT_ADDRESS_SPACE))?)
+        Ok(mtree::parse(
+            text,
+            address_space.unwrap_or(mtree::DEFAULT_ADDRESS_SPACE),
+        )?)
     }
 }
 
@@ -294,7 +318,10 @@ pub fn load_file(path: &str, address_space: Option<&str>) -> Result<Layout, Load
     } else {
         std::fs::read_to_string(path).map(|t| text = t)
     };
-    res.map_err(|source| LoadError::Io { path: path.to_string(), source })?;
+    res.map_err(|source| LoadError::Io {
+        path: path.to_string(),
+        source,
+    })?;
     parse_any(&text, address_space)
 }
 
@@ -317,9 +344,15 @@ mod tests {
         assert_eq!(Layout::new("m", vec![]), Err(LayoutError::Empty));
         let a = Section::new(0, 0xfff, SectionKind::Ram, "a");
         let b = Section::new(0xfff, 0x1fff, SectionKind::Ram, "b");
-        assert!(matches!(Layout::new("m", vec![b.clone(), a.clone()]), Err(LayoutError::Overlap { at: 0xfff, .. })));
+        assert!(matches!(
+            Layout::new("m", vec![b.clone(), a.clone()]),
+            Err(LayoutError::Overlap { at: 0xfff, .. })
+        ));
         let inv = Section::new(0x2000, 0x1000, SectionKind::Ram, "inv");
-        assert!(matches!(Layout::new("m", vec![inv]), Err(LayoutError::Inverted { .. })));
+        assert!(matches!(
+            Layout::new("m", vec![inv]),
+            Err(LayoutError::Inverted { .. })
+        ));
         let top = Section::new(u64::MAX - 0xfff, u64::MAX, SectionKind::Ram, "top");
         let l = Layout::new("m", vec![top, a]).unwrap();
         assert_eq!(l.sections()[1].size(), 0x1000);

@@ -142,22 +142,33 @@ pub fn parse(text: &str, address_space: &str) -> Result<Layout, MtreeError> {
     if blocks.is_empty() {
         return Err(MtreeError::NoFlatView);
     }
-    let Some(block) = blocks.iter().find(|b| b.address_spaces.iter().any(|a| a == address_space)) else {
+    let Some(block) = blocks
+        .iter()
+        .find(|b| b.address_spaces.iter().any(|a| a == address_space))
+    else {
         return Err(MtreeError::NoAddressSpace {
             wanted: address_space.to_string(),
-            available: blocks.iter().flat_map(|b| b.address_spaces.iter().cloned()).collect(),
+            available: blocks
+                .iter()
+                .flat_map(|b| b.address_spaces.iter().cloned())
+                .collect(),
         });
     };
     let viommu = block.root.as_deref().is_some_and(is_iommu_root);
     Layout::new(address_space, block.sections.clone())
         .map(|l| l.with_viommu(viommu))
-        .map_err(|source| MtreeError::Layout { address_space: address_space.to_string(), source })
+        .map_err(|source| MtreeError::Layout {
+            address_space: address_space.to_string(),
+            source,
+        })
 }
 
 /// Roots of vIOMMU-translated address spaces (intel-iommu, amd-iommu, virtio-iommu, SMMUv3).
 fn is_iommu_root(root: &str) -> bool {
     let r = root.to_ascii_lowercase();
-    ["iommu", "dmar", "vtd", "smmu"].iter().any(|k| r.contains(k))
+    ["iommu", "dmar", "vtd", "smmu"]
+        .iter()
+        .any(|k| r.contains(k))
 }
 
 fn hex(s: &str) -> Result<u64, LineProblem> {
@@ -170,7 +181,11 @@ fn hex(s: &str) -> Result<u64, LineProblem> {
 /// One section line, already trimmed.
 fn parse_section(t: &str) -> Result<Section, LineProblem> {
     let (range, rest) = t.split_once(" (prio ").ok_or_else(|| {
-        if t.contains('-') && t.split('-').next().is_some_and(|a| a.bytes().all(|c| c.is_ascii_hexdigit())) {
+        if t.contains('-')
+            && t.split('-')
+                .next()
+                .is_some_and(|a| a.bytes().all(|c| c.is_ascii_hexdigit()))
+        {
             LineProblem::Prio
         } else {
             LineProblem::Unexpected
@@ -256,7 +271,10 @@ mod tests {
         let s = l.sections();
         assert_eq!(s.len(), 7);
         assert_eq!(s[0].accel.as_deref(), Some("KVM"));
-        assert_eq!((s[1].kind, s[1].readonly, s[1].offset_in_region), (SectionKind::Rom, true, 0xc0000));
+        assert_eq!(
+            (s[1].kind, s[1].readonly, s[1].offset_in_region),
+            (SectionKind::Rom, true, 0xc0000)
+        );
         assert!(s[2].vfio_pci);
         assert_eq!(s[3].offset_in_region, 0xb90090);
         assert_eq!(s[3].name, "0000:01:00.0 BAR 0 mmaps[0]");
@@ -273,23 +291,78 @@ mod tests {
     fn errors_name_the_line() {
         let bad = SAMPLE.replace("(prio 0, ram): pc.ram KVM", "(prio 0, ram-ish): pc.ram KVM");
         let e = parse(&bad, "memory").unwrap_err();
-        assert!(matches!(&e, MtreeError::Line { line: 6, problem: LineProblem::UnknownType(t), .. } if t == "ram-ish"), "{e}");
-        let garbage = SAMPLE.replace(" Root memory region: system\n", " Root memory region: system\nhello world\n");
-        assert!(matches!(parse(&garbage, "memory"), Err(MtreeError::Line { line: 6, problem: LineProblem::Unexpected, .. })));
-        let big = SAMPLE.replace("0000000000000000-000000000009ffff", "10000000000000000-000000000009ffff");
-        assert!(matches!(parse(&big, "memory"), Err(MtreeError::Line { problem: LineProblem::Hex(_), .. })));
-        let inv = SAMPLE.replace("0000000000000000-000000000009ffff", "00000000000a0000-000000000009ffff");
-        assert!(matches!(parse(&inv, "memory"), Err(MtreeError::Line { problem: LineProblem::Inverted, .. })));
+        assert!(
+            matches!(&e, MtreeError::Line { line: 6, problem: LineProblem::UnknownType(t), .. } if t == "ram-ish"),
+            "{e}"
+        );
+        let garbage = SAMPLE.replace(
+            " Root memory region: system\n",
+            " Root memory region: system\nhello world\n",
+        );
+        assert!(matches!(
+            parse(&garbage, "memory"),
+            Err(MtreeError::Line {
+                line: 6,
+                problem: LineProblem::Unexpected,
+                ..
+            })
+        ));
+        let big = SAMPLE.replace(
+            "0000000000000000-000000000009ffff",
+            "10000000000000000-000000000009ffff",
+        );
+        assert!(matches!(
+            parse(&big, "memory"),
+            Err(MtreeError::Line {
+                problem: LineProblem::Hex(_),
+                ..
+            })
+        ));
+        let inv = SAMPLE.replace(
+            "0000000000000000-000000000009ffff",
+            "00000000000a0000-000000000009ffff",
+        );
+        assert!(matches!(
+            parse(&inv, "memory"),
+            Err(MtreeError::Line {
+                problem: LineProblem::Inverted,
+                ..
+            })
+        ));
         let noname = SAMPLE.replace("(prio 1, i/o): vga ioports remapped", "(prio 1, i/o): ");
-        assert!(matches!(parse(&noname, "memory"), Err(MtreeError::Line { .. })));
-        assert!(matches!(parse("hello\n", "memory"), Err(MtreeError::NoFlatView)));
+        assert!(matches!(
+            parse(&noname, "memory"),
+            Err(MtreeError::Line { .. })
+        ));
+        assert!(matches!(
+            parse("hello\n", "memory"),
+            Err(MtreeError::NoFlatView)
+        ));
         assert!(matches!(parse("", "memory"), Err(MtreeError::NoFlatView)));
         assert!(matches!(parse("address-space: memory\n  0000000000000000-ffffffffffffffff (prio 0, i/o): system\n", "memory"), Err(MtreeError::NotFlat { line: 1 })));
-        assert!(matches!(parse(SAMPLE, "nope"), Err(MtreeError::NoAddressSpace { .. })));
-        let ov = SAMPLE.replace("00000000000c0000-00000000000cafff", "0000000000090000-00000000000cafff");
-        assert!(matches!(parse(&ov, "memory"), Err(MtreeError::Layout { source: LayoutError::Overlap { .. }, .. })));
+        assert!(matches!(
+            parse(SAMPLE, "nope"),
+            Err(MtreeError::NoAddressSpace { .. })
+        ));
+        let ov = SAMPLE.replace(
+            "00000000000c0000-00000000000cafff",
+            "0000000000090000-00000000000cafff",
+        );
+        assert!(matches!(
+            parse(&ov, "memory"),
+            Err(MtreeError::Layout {
+                source: LayoutError::Overlap { .. },
+                ..
+            })
+        ));
         let empty = "FlatView #0\n AS \"memory\", root: system\n Root memory region: system\n  No rendered FlatView\n";
-        assert!(matches!(parse(empty, "memory"), Err(MtreeError::Layout { source: LayoutError::Empty, .. })));
+        assert!(matches!(
+            parse(empty, "memory"),
+            Err(MtreeError::Layout {
+                source: LayoutError::Empty,
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -6,13 +6,41 @@
 use super::{mtree, Layout, LoadError};
 
 const PRESETS: [(&str, &str, &str); 7] = [
-    ("q35-16g", "q35, 16 GiB, TCG (2 GiB below 4 GiB, 14 GiB above)", include_str!("../../presets/q35-16g.mtree")),
-    ("q35-16g-kvm", "q35, 16 GiB, KVM memslots", include_str!("../../presets/q35-16g-kvm.mtree")),
-    ("q35-2g", "q35, 2 GiB: 1 GiB below 4 GiB, 1 GiB above (migration default)", include_str!("../../presets/q35-2g.mtree")),
-    ("q35-dimms", "q35 with three pc-dimm devices above 4 GiB", include_str!("../../presets/q35-dimms.mtree")),
-    ("q35-virtio-mem", "q35 with a 16 GiB virtio-mem device", include_str!("../../presets/q35-virtio-mem.mtree")),
-    ("pc-4g", "i440fx pc, 4 GiB", include_str!("../../presets/pc-4g.mtree")),
-    ("amd-1t", "AMD guest with ram-above-4g relocated to 1 TiB", include_str!("../../presets/amd-1t.mtree")),
+    (
+        "q35-16g",
+        "q35, 16 GiB, TCG (2 GiB below 4 GiB, 14 GiB above)",
+        include_str!("../../presets/q35-16g.mtree"),
+    ),
+    (
+        "q35-16g-kvm",
+        "q35, 16 GiB, KVM memslots",
+        include_str!("../../presets/q35-16g-kvm.mtree"),
+    ),
+    (
+        "q35-2g",
+        "q35, 2 GiB: 1 GiB below 4 GiB, 1 GiB above (migration default)",
+        include_str!("../../presets/q35-2g.mtree"),
+    ),
+    (
+        "q35-dimms",
+        "q35 with three pc-dimm devices above 4 GiB",
+        include_str!("../../presets/q35-dimms.mtree"),
+    ),
+    (
+        "q35-virtio-mem",
+        "q35 with a 16 GiB virtio-mem device",
+        include_str!("../../presets/q35-virtio-mem.mtree"),
+    ),
+    (
+        "pc-4g",
+        "i440fx pc, 4 GiB",
+        include_str!("../../presets/pc-4g.mtree"),
+    ),
+    (
+        "amd-1t",
+        "AMD guest with ram-above-4g relocated to 1 TiB",
+        include_str!("../../presets/amd-1t.mtree"),
+    ),
 ];
 
 /// The preset `iovatrack plan` uses with no input.

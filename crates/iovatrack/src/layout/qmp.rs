@@ -68,17 +68,22 @@ impl Qmp {
             if line.trim().is_empty() {
                 continue;
             }
-            let v: serde_json::Value = serde_json::from_str(&line).map_err(|_| QmpError::Unexpected {
-                expected,
-                message: line.chars().take(200).collect(),
-            })?;
+            let v: serde_json::Value =
+                serde_json::from_str(&line).map_err(|_| QmpError::Unexpected {
+                    expected,
+                    message: line.chars().take(200).collect(),
+                })?;
             if v.get("event").is_none() {
                 return Ok(v);
             }
         }
     }
 
-    fn execute(&mut self, command: &'static str, args: serde_json::Value) -> Result<serde_json::Value, QmpError> {
+    fn execute(
+        &mut self,
+        command: &'static str,
+        args: serde_json::Value,
+    ) -> Result<serde_json::Value, QmpError> {
         let msg = serde_json::json!({ "execute": command, "arguments": args });
         self.writer.write_all(format!("{msg}\n").as_bytes())?;
         let v = self.read_msg(command)?;
@@ -86,29 +91,56 @@ impl Qmp {
             return Ok(ret.clone());
         }
         if let Some(err) = v.get("error") {
-            let s = |k| err.get(k).and_then(|x| x.as_str()).unwrap_or_default().to_string();
-            return Err(QmpError::Command { command, class: s("class"), desc: s("desc") });
+            let s = |k| {
+                err.get(k)
+                    .and_then(|x| x.as_str())
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            return Err(QmpError::Command {
+                command,
+                class: s("class"),
+                desc: s("desc"),
+            });
         }
-        Err(QmpError::Unexpected { expected: command, message: v.to_string().chars().take(200).collect() })
+        Err(QmpError::Unexpected {
+            expected: command,
+            message: v.to_string().chars().take(200).collect(),
+        })
     }
 }
 
 /// The raw `info mtree -f` text of a live QEMU.
 pub fn fetch_mtree(path: impl AsRef<Path>) -> Result<String, QmpError> {
     let path = path.as_ref();
-    let stream = UnixStream::connect(path).map_err(|source| QmpError::Connect { path: path.display().to_string(), source })?;
+    let stream = UnixStream::connect(path).map_err(|source| QmpError::Connect {
+        path: path.display().to_string(),
+        source,
+    })?;
     stream.set_read_timeout(Some(REPLY_TIMEOUT))?;
     stream.set_write_timeout(Some(REPLY_TIMEOUT))?;
-    let mut q = Qmp { reader: BufReader::new(stream.try_clone()?), writer: stream };
+    let mut q = Qmp {
+        reader: BufReader::new(stream.try_clone()?),
+        writer: stream,
+    };
     let greeting = q.read_msg("the QMP greeting")?;
     if greeting.get("QMP").is_none() {
-        return Err(QmpError::Unexpected { expected: "the QMP greeting", message: greeting.to_string() });
+        return Err(QmpError::Unexpected {
+            expected: "the QMP greeting",
+            message: greeting.to_string(),
+        });
     }
     q.execute("qmp_capabilities", serde_json::json!({}))?;
-    let out = q.execute("human-monitor-command", serde_json::json!({ "command-line": "info mtree -f" }))?;
+    let out = q.execute(
+        "human-monitor-command",
+        serde_json::json!({ "command-line": "info mtree -f" }),
+    )?;
     out.as_str()
         .map(str::to_string)
-        .ok_or_else(|| QmpError::Unexpected { expected: "human-monitor-command", message: out.to_string() })
+        .ok_or_else(|| QmpError::Unexpected {
+            expected: "human-monitor-command",
+            message: out.to_string(),
+        })
 }
 
 /// The flat view serving `address_space` of a live QEMU.

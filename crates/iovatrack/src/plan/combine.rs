@@ -52,7 +52,12 @@ pub fn combine(ranges: &[IovaRange], req: usize) -> Vec<IovaRange> {
     }
     // Gap i lies between ranges[i-1] and ranges[i]; its kernel size is start - prev.last.
     let mut gaps: Vec<(u64, usize)> = (1..n)
-        .map(|i| (ranges[i].iova - ranges[i - 1].last().unwrap_or(ranges[i - 1].iova), i))
+        .map(|i| {
+            (
+                ranges[i].iova - ranges[i - 1].last().unwrap_or(ranges[i - 1].iova),
+                i,
+            )
+        })
         .collect();
     let close = n - req;
     // Only the `close` smallest matter: select, then mark. (gap, index) orders ties lowest first.
@@ -98,9 +103,17 @@ mod tests {
     #[test]
     fn smallest_gap_first_ties_lowest() {
         // gaps: 0x1000 (between 0 and 1), 0x1000 (1,2), 0x3000 (2,3)
-        let v = [r(0, 0x1000), r(0x2000, 0x1000), r(0x4000, 0x1000), r(0x8000, 0x1000)];
+        let v = [
+            r(0, 0x1000),
+            r(0x2000, 0x1000),
+            r(0x4000, 0x1000),
+            r(0x8000, 0x1000),
+        ];
         let out = combine(&v, 3);
-        assert_eq!(out, vec![r(0, 0x3000), r(0x4000, 0x1000), r(0x8000, 0x1000)]);
+        assert_eq!(
+            out,
+            vec![r(0, 0x3000), r(0x4000, 0x1000), r(0x8000, 0x1000)]
+        );
         assert_eq!(out, combine_kernel(&v, 3));
         assert_eq!(combine(&v, 1), vec![r(0, 0x9000)]);
         assert_eq!(combine_kernel(&v, 1), vec![r(0, 0x9000)]);

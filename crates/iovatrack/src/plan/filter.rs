@@ -25,14 +25,24 @@ pub struct FilterOptions {
 
 impl Default for FilterOptions {
     fn default() -> Self {
-        FilterOptions { host_page_size: 4096, include_ram_device: false, include_readonly: false, include_iommu: false }
+        FilterOptions {
+            host_page_size: 4096,
+            include_ram_device: false,
+            include_readonly: false,
+            include_iommu: false,
+        }
     }
 }
 
 impl FilterOptions {
     /// QEMU master's rules: ram_device kept, read-only skipped.
     pub fn qemu(host_page_size: u64) -> Self {
-        FilterOptions { host_page_size, include_ram_device: true, include_readonly: false, include_iommu: true }
+        FilterOptions {
+            host_page_size,
+            include_ram_device: true,
+            include_readonly: false,
+            include_iommu: true,
+        }
     }
 }
 
@@ -164,8 +174,17 @@ mod tests {
         let d = dma_able(&l, &FilterOptions::default());
         let reasons: Vec<_> = d.skipped.iter().map(|s| s.1).collect();
         use SkipReason::*;
-        assert_eq!(reasons, vec![Misaligned, Io, Readonly, Romd, RamDevice, SubPage, Protected, Bit63]);
-        assert_eq!(d.ranges, vec![(0, IovaRange::new(0, 0x3000)), (6, IovaRange::new(0xd000, 0x1000))]);
+        assert_eq!(
+            reasons,
+            vec![Misaligned, Io, Readonly, Romd, RamDevice, SubPage, Protected, Bit63]
+        );
+        assert_eq!(
+            d.ranges,
+            vec![
+                (0, IovaRange::new(0, 0x3000)),
+                (6, IovaRange::new(0xd000, 0x1000))
+            ]
+        );
         assert_eq!(d.bytes, 0x4000);
         let q = dma_able(&l, &FilterOptions::qemu(4096));
         assert!(q.ranges.iter().any(|r| r.0 == 5));
@@ -174,12 +193,23 @@ mod tests {
     #[test]
     fn top_of_space() {
         // Everything with bit 63 set is a BAR-sizing artefact to QEMU, the top page included.
-        let l = Layout::new("memory", vec![sec(u64::MAX - 0x1fff, u64::MAX, SectionKind::Ram)]).unwrap();
+        let l = Layout::new(
+            "memory",
+            vec![sec(u64::MAX - 0x1fff, u64::MAX, SectionKind::Ram)],
+        )
+        .unwrap();
         let d = dma_able(&l, &FilterOptions::default());
         assert_eq!(d.skipped, vec![(0, SkipReason::Bit63)]);
         // Just below bit 63, an unaligned end is trimmed exactly.
-        let l = Layout::new("memory", vec![sec((1 << 63) - 0x2000, (1 << 63) - 2, SectionKind::Ram)]).unwrap();
+        let l = Layout::new(
+            "memory",
+            vec![sec((1 << 63) - 0x2000, (1 << 63) - 2, SectionKind::Ram)],
+        )
+        .unwrap();
         let d = dma_able(&l, &FilterOptions::default());
-        assert_eq!(d.ranges, vec![(0, IovaRange::new((1 << 63) - 0x2000, 0x1000))]);
+        assert_eq!(
+            d.ranges,
+            vec![(0, IovaRange::new((1 << 63) - 0x2000, 0x1000))]
+        );
     }
 }

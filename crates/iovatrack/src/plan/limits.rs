@@ -76,7 +76,10 @@ impl DeviceLimits {
             driver: DriverKind::Mlx5,
             core_max_ranges: kernel_max_ranges(4096),
             max_ranges: 4,
-            page_size: PageSizePolicy::FloorClamp { min_log2: 12, max_log2: 30 },
+            page_size: PageSizePolicy::FloorClamp {
+                min_log2: 12,
+                max_log2: 30,
+            },
             addr_space_log2: Some((12, 42)),
         }
     }
@@ -98,7 +101,11 @@ impl DeviceLimits {
         match self.page_size {
             PageSizePolicy::AsIs => requested,
             PageSizePolicy::FloorClamp { min_log2, max_log2 } => {
-                let log = if requested == 0 { 0 } else { 63 - requested.leading_zeros() as u8 };
+                let log = if requested == 0 {
+                    0
+                } else {
+                    63 - requested.leading_zeros() as u8
+                };
                 1u64 << log.clamp(min_log2, max_log2)
             }
         }
@@ -234,12 +241,19 @@ impl Accepted {
 ///
 /// This is the one rule engine: the planner predicts with it and the emulated device
 /// enforces it.
-pub fn check_start(limits: &DeviceLimits, page_size: u64, ranges: &[IovaRange]) -> Result<Accepted, StartRefusal> {
+pub fn check_start(
+    limits: &DeviceLimits,
+    page_size: u64,
+    ranges: &[IovaRange],
+) -> Result<Accepted, StartRefusal> {
     if ranges.is_empty() {
         return Err(StartRefusal::NoRanges);
     }
     if ranges.len() > limits.core_max_ranges as usize {
-        return Err(StartRefusal::TooManyRanges { count: ranges.len(), max: limits.core_max_ranges as usize });
+        return Err(StartRefusal::TooManyRanges {
+            count: ranges.len(),
+            max: limits.core_max_ranges as usize,
+        });
     }
     // IS_ALIGNED with a mask: a zero or non-power-of-two page size gives the kernel's odd results.
     let mask = page_size.wrapping_sub(1);
@@ -248,14 +262,22 @@ pub fn check_start(limits: &DeviceLimits, page_size: u64, ranges: &[IovaRange]) 
     for (index, r) in ranges.iter().enumerate() {
         let range = *r;
         if r.iova & mask != 0 || r.length & mask != 0 {
-            return Err(StartRefusal::Misaligned { index, range, page_size });
+            return Err(StartRefusal::Misaligned {
+                index,
+                range,
+                page_size,
+            });
         }
         if !r.fits_u64() {
             return Err(StartRefusal::Overflow { index, range });
         }
         let (start, last) = (r.iova, r.iova.wrapping_add(r.length).wrapping_sub(1));
         if let Some(other) = nodes.iter().position(|&(s, l)| s <= last && start <= l) {
-            return Err(StartRefusal::Overlap { index, range, other });
+            return Err(StartRefusal::Overlap {
+                index,
+                range,
+                other,
+            });
         }
         nodes.push((start, last));
     }
@@ -263,15 +285,28 @@ pub fn check_start(limits: &DeviceLimits, page_size: u64, ranges: &[IovaRange]) 
     let mut sorted: Vec<IovaRange> = ranges.to_vec();
     sorted.sort_unstable();
     let merged = sorted.len() > limits.max_ranges as usize && limits.driver != DriverKind::Generic;
-    let tracked = if merged { combine(&sorted, limits.max_ranges as usize) } else { sorted };
+    let tracked = if merged {
+        combine(&sorted, limits.max_ranges as usize)
+    } else {
+        sorted
+    };
     if let Some((min, max)) = limits.addr_space_log2 {
         let total: u128 = tracked.iter().map(|r| r.length as u128).sum();
         let log2 = total.next_power_of_two().trailing_zeros();
         if log2 < min as u32 || log2 > max as u32 {
-            return Err(StartRefusal::AddressSpace { total, log2, min, max });
+            return Err(StartRefusal::AddressSpace {
+                total,
+                log2,
+                min,
+                max,
+            });
         }
     }
-    Ok(Accepted { page_size: chosen, ranges: tracked, merged })
+    Ok(Accepted {
+        page_size: chosen,
+        ranges: tracked,
+        merged,
+    })
 }
 
 #[cfg(test)]
@@ -303,9 +338,19 @@ mod tests {
         assert_eq!(e(4096, &[r(u64::MAX - 4095, 4096)]), "EOVERFLOW");
         assert_eq!(e(4096, &[r(0, 8192), r(4096, 4096)]), "EINVAL");
         // first offending range decides: misaligned #0 before overflow #1
-        assert!(matches!(check_start(&g, 4096, &[r(1, 4096), r(u64::MAX - 4095, 4096)]), Err(StartRefusal::Misaligned { index: 0, .. })));
+        assert!(matches!(
+            check_start(&g, 4096, &[r(1, 4096), r(u64::MAX - 4095, 4096)]),
+            Err(StartRefusal::Misaligned { index: 0, .. })
+        ));
         // zero length at iova 0 wraps to the whole space and overlaps anything after it
-        assert!(matches!(check_start(&g, 4096, &[r(0, 0), r(1 << 20, 4096)]), Err(StartRefusal::Overlap { index: 1, other: 0, .. })));
+        assert!(matches!(
+            check_start(&g, 4096, &[r(0, 0), r(1 << 20, 4096)]),
+            Err(StartRefusal::Overlap {
+                index: 1,
+                other: 0,
+                ..
+            })
+        ));
         // zero page size: mask of all ones
         assert_eq!(e(0, &[r(4096, 4096)]), "EINVAL");
         // adjacent ranges are accepted as two
@@ -323,11 +368,24 @@ mod tests {
         assert!(ok.merged);
         let big = [r(0, 1 << 42), r(1 << 43, 4096)];
         let err = check_start(&m, 4096, &big).unwrap_err();
-        assert!(matches!(err, StartRefusal::AddressSpace { log2: 43, .. }), "{err}");
+        assert!(
+            matches!(err, StartRefusal::AddressSpace { log2: 43, .. }),
+            "{err}"
+        );
         assert_eq!(err.errno_name(), "EOPNOTSUPP");
         assert!(err.to_string().contains("over by 0x1000"), "{err}");
-        assert_eq!(check_start(&m, 12288, &[r(0, 12288 * 4)]).unwrap().page_size, 8192);
-        let p = check_start(&DeviceLimits::pds(), 4096, &(0..10).map(|i| r(i << 20, 4096)).collect::<Vec<_>>()).unwrap();
+        assert_eq!(
+            check_start(&m, 12288, &[r(0, 12288 * 4)])
+                .unwrap()
+                .page_size,
+            8192
+        );
+        let p = check_start(
+            &DeviceLimits::pds(),
+            4096,
+            &(0..10).map(|i| r(i << 20, 4096)).collect::<Vec<_>>(),
+        )
+        .unwrap();
         assert_eq!(p.ranges.len(), 8);
     }
 }

@@ -44,7 +44,12 @@ pub enum Strategy {
 
 impl Strategy {
     /// Every strategy, in display order.
-    pub const ALL: [Strategy; 4] = [Strategy::Optimal, Strategy::Qemu, Strategy::PerSection, Strategy::Single];
+    pub const ALL: [Strategy; 4] = [
+        Strategy::Optimal,
+        Strategy::Qemu,
+        Strategy::PerSection,
+        Strategy::Single,
+    ];
 
     /// The CLI name.
     pub fn as_str(self) -> &'static str {
@@ -149,7 +154,10 @@ impl DeviceView {
     /// Run the kernel's START rules for `limits` on `plan`'s ranges.
     pub fn new(limits: DeviceLimits, page_size: u64, ranges: &[IovaRange]) -> Self {
         let outcome = match limits::check_start(&limits, page_size, ranges) {
-            Ok(accepted) => DeviceOutcome::Accepted { tracked_bytes: accepted.tracked_bytes(), accepted },
+            Ok(accepted) => DeviceOutcome::Accepted {
+                tracked_bytes: accepted.tracked_bytes(),
+                accepted,
+            },
             Err(refusal) => DeviceOutcome::Refused {
                 errno: refusal.errno_name(),
                 message: refusal.to_string(),
@@ -221,7 +229,11 @@ pub fn uncovered(need: &[IovaRange], have: &[IovaRange]) -> u128 {
             if reach > at {
                 at = reach.min(end);
             } else {
-                let next = if j < cov.len() { cov[j].0.min(end) } else { end };
+                let next = if j < cov.len() {
+                    cov[j].0.min(end)
+                } else {
+                    end
+                };
                 missing += next - at;
                 at = next;
             }
@@ -311,7 +323,10 @@ impl Planner {
 
     /// The filter options in force.
     pub fn filter(&self) -> FilterOptions {
-        FilterOptions { include_iommu: self.allow_viommu, ..self.filter }
+        FilterOptions {
+            include_iommu: self.allow_viommu,
+            ..self.filter
+        }
     }
 
     /// The effective range cap of `optimal`.
@@ -346,10 +361,20 @@ impl Planner {
         // QEMU's buckets use QEMU's own filter and the host page, whatever our flags say.
         let (ranges, page_size, basis) = match self.strategy {
             Strategy::Qemu => {
-                let q = filter::dma_able(layout, &FilterOptions { include_iommu: self.allow_viommu, ..FilterOptions::qemu(host) });
+                let q = filter::dma_able(
+                    layout,
+                    &FilterOptions {
+                        include_iommu: self.allow_viommu,
+                        ..FilterOptions::qemu(host)
+                    },
+                );
                 (strategy::qemu(layout, &q), host, q)
             }
-            Strategy::Optimal => (strategy::optimal(&set, page, self.effective_max_ranges() as usize)?, page, set),
+            Strategy::Optimal => (
+                strategy::optimal(&set, page, self.effective_max_ranges() as usize)?,
+                page,
+                set,
+            ),
             Strategy::PerSection => (strategy::per_section(&set, page)?, page, set),
             Strategy::Single => (strategy::optimal(&set, page, 1)?, page, set),
         };
@@ -367,7 +392,11 @@ impl Planner {
             page_size,
             strategy: self.strategy,
             tracked_bytes: ranges.iter().map(|r| r.length as u128).sum(),
-            ranges: if self.strategy == Strategy::Qemu { ranges } else { sorted },
+            ranges: if self.strategy == Strategy::Qemu {
+                ranges
+            } else {
+                sorted
+            },
             dma_bytes: basis.bytes,
             sections: SectionCounts {
                 total: layout.sections().len(),
@@ -383,7 +412,10 @@ impl Planner {
 }
 
 fn has_overlap(ranges: &[IovaRange]) -> bool {
-    ranges.iter().enumerate().any(|(i, a)| ranges[i + 1..].iter().any(|b| a.overlaps(b)))
+    ranges
+        .iter()
+        .enumerate()
+        .any(|(i, a)| ranges[i + 1..].iter().any(|b| a.overlaps(b)))
 }
 
 fn skipped_list(layout: &Layout, set: &DmaSet) -> Vec<Skipped> {
@@ -391,7 +423,13 @@ fn skipped_list(layout: &Layout, set: &DmaSet) -> Vec<Skipped> {
         .iter()
         .map(|&(index, reason)| {
             let s = &layout.sections()[index];
-            Skipped { index, name: s.name.clone(), start: s.start, last: s.last, reason }
+            Skipped {
+                index,
+                name: s.name.clone(),
+                start: s.start,
+                last: s.last,
+                reason,
+            }
         })
         .collect()
 }

@@ -15,7 +15,10 @@ fn to_range(first: u128, end: u128) -> Result<IovaRange, PlanError> {
 }
 
 /// Align each range outward to `page` and merge those that touch or overlap.
-pub(super) fn merge_touching(ranges: impl Iterator<Item = IovaRange>, page: u64) -> Result<Vec<IovaRange>, PlanError> {
+pub(super) fn merge_touching(
+    ranges: impl Iterator<Item = IovaRange>,
+    page: u64,
+) -> Result<Vec<IovaRange>, PlanError> {
     let mut out: Vec<(u128, u128)> = Vec::new();
     for r in ranges {
         let (s, e) = (align_down(r.iova as u128, page), align_up(r.end(), page));

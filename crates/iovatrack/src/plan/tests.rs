@@ -1,15 +1,18 @@
+use super::Strategy;
 use super::*;
 use crate::layout::{mtree, presets, Section, SectionKind};
-use proptest::prelude::*;
-use super::Strategy;
 use filter::SkipReason;
+use proptest::prelude::*;
 use std::collections::BTreeSet;
 
 /// Every invariant a sound plan keeps; `Err` names the first one broken.
 pub(crate) fn check_sound(plan: &Plan, cap: usize) -> Result<(), String> {
     let p = plan.page_size;
     if plan.uncovered_bytes() != 0 {
-        return Err(format!("{} DMA-able bytes uncovered", plan.uncovered_bytes()));
+        return Err(format!(
+            "{} DMA-able bytes uncovered",
+            plan.uncovered_bytes()
+        ));
     }
     if plan.ranges.len() > cap {
         return Err(format!("{} ranges > cap {cap}", plan.ranges.len()));
@@ -19,7 +22,10 @@ pub(crate) fn check_sound(plan: &Plan, cap: usize) -> Result<(), String> {
             return Err(format!("range {i} {r} empty or misaligned"));
         }
         if i > 0 && plan.ranges[i - 1].end() >= r.iova as u128 {
-            return Err(format!("ranges {} and {i} not sorted and disjoint with a gap", i - 1));
+            return Err(format!(
+                "ranges {} and {i} not sorted and disjoint with a gap",
+                i - 1
+            ));
         }
     }
     Ok(())
@@ -36,7 +42,10 @@ fn brute_min(merged: &[(u128, u128)], cap: usize) -> u128 {
         if n - closed > cap {
             continue;
         }
-        let extra: u128 = (0..gaps.len()).filter(|g| mask & (1 << g) != 0).map(|g| gaps[g]).sum();
+        let extra: u128 = (0..gaps.len())
+            .filter(|g| mask & (1 << g) != 0)
+            .map(|g| gaps[g])
+            .sum();
         best = best.min(base + extra);
     }
     best
@@ -82,7 +91,11 @@ fn oracle_runs(layout: &Layout, host: u64, page: u64) -> Vec<(u128, u128)> {
     let (h, p) = (host as u128, page as u128);
     let mut out: Vec<(u128, u128)> = Vec::new();
     for s in layout.sections() {
-        let keep = s.kind == SectionKind::Ram && !s.readonly && !s.protected && s.start >> 63 == 0 && s.start % host == s.offset_in_region % host;
+        let keep = s.kind == SectionKind::Ram
+            && !s.readonly
+            && !s.protected
+            && s.start >> 63 == 0
+            && s.start % host == s.offset_in_region % host;
         let (a, b) = ((s.start as u128).div_ceil(h) * h, s.end() / h * h);
         if !keep || a >= b {
             continue;
@@ -97,7 +110,10 @@ fn oracle_runs(layout: &Layout, host: u64, page: u64) -> Vec<(u128, u128)> {
 }
 
 fn all_layouts() -> Vec<(&'static str, Layout)> {
-    presets::names().into_iter().map(|n| (n, presets::get(n).unwrap())).collect()
+    presets::names()
+        .into_iter()
+        .map(|n| (n, presets::get(n).unwrap()))
+        .collect()
 }
 
 #[test]
@@ -106,9 +122,18 @@ fn optimal_is_sound_and_minimal_on_real_layouts() {
         for page in [4096u64, 2 << 20] {
             let truth = oracle_runs(&layout, 4096, page);
             for cap in 1..=8u32 {
-                let plan = Planner::new().max_ranges(cap).page_size(page).plan(&layout).unwrap();
-                check_sound(&plan, cap as usize).unwrap_or_else(|e| panic!("{name} cap {cap}: {e}"));
-                assert_eq!(plan.tracked_bytes, brute_min(&truth, cap as usize), "{name} cap {cap} page {page}");
+                let plan = Planner::new()
+                    .max_ranges(cap)
+                    .page_size(page)
+                    .plan(&layout)
+                    .unwrap();
+                check_sound(&plan, cap as usize)
+                    .unwrap_or_else(|e| panic!("{name} cap {cap}: {e}"));
+                assert_eq!(
+                    plan.tracked_bytes,
+                    brute_min(&truth, cap as usize),
+                    "{name} cap {cap} page {page}"
+                );
             }
         }
     }
@@ -123,7 +148,9 @@ fn coverage_check_fails_on_a_plan_missing_one_page() {
     plan.ranges[last].length -= 4096;
     plan.tracked_bytes -= 4096;
     assert_eq!(plan.uncovered_bytes(), 4096);
-    assert!(check_sound(&plan, 4).unwrap_err().contains("4096 DMA-able bytes uncovered"));
+    assert!(check_sound(&plan, 4)
+        .unwrap_err()
+        .contains("4096 DMA-able bytes uncovered"));
     // and the minimality oracle rejects a plan that tracks one page too many
     let truth = oracle_runs(&layout, 4096, 4096);
     assert_ne!(plan.tracked_bytes + 8192, brute_min(&truth, 4));
@@ -132,23 +159,50 @@ fn coverage_check_fails_on_a_plan_missing_one_page() {
 fn qemu_ranges(name: &str) -> Vec<(u64, u64)> {
     let l = presets::get(name).unwrap();
     let p = Planner::new().strategy(Strategy::Qemu).plan(&l).unwrap();
-    p.ranges.iter().map(|r| (r.iova, r.last().unwrap())).collect()
+    p.ranges
+        .iter()
+        .map(|r| (r.iova, r.last().unwrap()))
+        .collect()
 }
 
 /// QEMU master's buckets, worked out by hand from each layout's AS "memory" view.
 #[test]
 fn qemu_buckets_on_real_layouts() {
     // pc.ram below 2 GiB and vga.vram at 0xfd000000 fill the 32-bit bucket; ROMs are skipped.
-    assert_eq!(qemu_ranges("q35-16g"), vec![(0, 0xfdff_ffff), (0x1_0000_0000, 0x4_7fff_ffff)]);
-    assert_eq!(qemu_ranges("q35-16g-kvm"), vec![(0, 0xfdff_ffff), (0x1_0000_0000, 0x4_7fff_ffff)]);
-    assert_eq!(qemu_ranges("q35-2g"), vec![(0, 0xfdff_ffff), (0x1_0000_0000, 0x1_3fff_ffff)]);
-    assert_eq!(qemu_ranges("q35-dimms"), vec![(0, 0xfdff_ffff), (0x1_0000_0000, 0x2_5fff_ffff)]);
-    assert_eq!(qemu_ranges("q35-virtio-mem"), vec![(0, 0xfdff_ffff), (0x1_0000_0000, 0x41_7fff_ffff)]);
+    assert_eq!(
+        qemu_ranges("q35-16g"),
+        vec![(0, 0xfdff_ffff), (0x1_0000_0000, 0x4_7fff_ffff)]
+    );
+    assert_eq!(
+        qemu_ranges("q35-16g-kvm"),
+        vec![(0, 0xfdff_ffff), (0x1_0000_0000, 0x4_7fff_ffff)]
+    );
+    assert_eq!(
+        qemu_ranges("q35-2g"),
+        vec![(0, 0xfdff_ffff), (0x1_0000_0000, 0x1_3fff_ffff)]
+    );
+    assert_eq!(
+        qemu_ranges("q35-dimms"),
+        vec![(0, 0xfdff_ffff), (0x1_0000_0000, 0x2_5fff_ffff)]
+    );
+    assert_eq!(
+        qemu_ranges("q35-virtio-mem"),
+        vec![(0, 0xfdff_ffff), (0x1_0000_0000, 0x41_7fff_ffff)]
+    );
     for name in ["pc-4g", "amd-1t"] {
         let l = presets::get(name).unwrap();
         let set = filter::dma_able(&l, &FilterOptions::qemu(4096));
-        let lo = set.ranges.iter().filter(|r| r.1.end() <= 1 << 32).map(|r| r.1);
-        let hi: Vec<_> = set.ranges.iter().filter(|r| r.1.end() > 1 << 32).map(|r| r.1).collect();
+        let lo = set
+            .ranges
+            .iter()
+            .filter(|r| r.1.end() <= 1 << 32)
+            .map(|r| r.1);
+        let hi: Vec<_> = set
+            .ranges
+            .iter()
+            .filter(|r| r.1.end() > 1 << 32)
+            .map(|r| r.1)
+            .collect();
         let mut want = vec![];
         let lo: Vec<_> = lo.collect();
         if !lo.is_empty() {
@@ -159,7 +213,11 @@ fn qemu_buckets_on_real_layouts() {
         }
         assert_eq!(qemu_ranges(name), want, "{name}");
     }
-    assert_eq!(qemu_ranges("amd-1t")[1].0, 0x100_0000_0000, "AMD 1 TiB relocation");
+    assert_eq!(
+        qemu_ranges("amd-1t")[1].0,
+        0x100_0000_0000,
+        "AMD 1 TiB relocation"
+    );
 }
 
 /// qemu-upstream.md §2.6: the q35 + OVMF guest with a passed-through GPU.
@@ -191,12 +249,29 @@ fn qemu_worked_example_with_gpu_bars() {
   00000070f0000000-00000070f3ffffff (prio 1, ram): looking-glass KVM\n";
     let l = mtree::parse(text, "memory").unwrap();
     let p = Planner::new().strategy(Strategy::Qemu).plan(&l).unwrap();
-    let got: Vec<_> = p.ranges.iter().map(|r| (r.iova, r.last().unwrap())).collect();
-    assert_eq!(got, vec![(0, 0x8400_3fff), (0x1_0000_0000, 0x70_f3ff_ffff), (0x70_3000_0000, 0x70_41ff_ffff)]);
+    let got: Vec<_> = p
+        .ranges
+        .iter()
+        .map(|r| (r.iova, r.last().unwrap()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (0, 0x8400_3fff),
+            (0x1_0000_0000, 0x70_f3ff_ffff),
+            (0x70_3000_0000, 0x70_41ff_ffff)
+        ]
+    );
     assert!(p.overlapping, "the 64-bit bucket contains the pci64 one");
     // the kernel refuses QEMU's overlapping buckets
     let v = DeviceView::new(DeviceLimits::generic(), 4096, &p.ranges);
-    assert!(matches!(v.outcome, DeviceOutcome::Refused { errno: "EINVAL", .. }));
+    assert!(matches!(
+        v.outcome,
+        DeviceOutcome::Refused {
+            errno: "EINVAL",
+            ..
+        }
+    ));
     // optimal (default rules: no ram_device) tracks far less with 3 ranges
     let o = Planner::new().max_ranges(3).plan(&l).unwrap();
     assert!(o.tracked_bytes < p.tracked_bytes / 10);
@@ -206,7 +281,10 @@ fn qemu_worked_example_with_gpu_bars() {
 #[test]
 fn per_section_and_single() {
     let l = presets::get("q35-16g").unwrap();
-    let per = Planner::new().strategy(Strategy::PerSection).plan(&l).unwrap();
+    let per = Planner::new()
+        .strategy(Strategy::PerSection)
+        .plan(&l)
+        .unwrap();
     assert_eq!(per.ranges.len(), per.sections.tracked);
     assert_eq!(per.tracked_bytes, per.dma_bytes);
     check_sound(&per, usize::MAX).unwrap();
@@ -217,13 +295,20 @@ fn per_section_and_single() {
 #[test]
 fn device_views() {
     let l = presets::get("q35-virtio-mem").unwrap();
-    let p = Planner::new().device(DeviceLimits::mlx5()).plan(&l).unwrap();
+    let p = Planner::new()
+        .device(DeviceLimits::mlx5())
+        .plan(&l)
+        .unwrap();
     assert!(p.ranges.len() <= 4);
     assert!(p.device.as_ref().unwrap().accepted());
     // per-section on pds with 1 region: the driver merges everything into one span
     let mut pds1 = DeviceLimits::pds();
     pds1.max_ranges = 1;
-    let p = Planner::new().strategy(Strategy::PerSection).device(pds1).plan(&l).unwrap();
+    let p = Planner::new()
+        .strategy(Strategy::PerSection)
+        .device(pds1)
+        .plan(&l)
+        .unwrap();
     match &p.device.as_ref().unwrap().outcome {
         DeviceOutcome::Accepted { accepted, .. } => {
             assert!(accepted.merged);
@@ -232,29 +317,68 @@ fn device_views() {
         o => panic!("{o:?}"),
     }
     // a 4 TiB+ guest does not fit mlx5's 2^42 total
-    let big = Layout::new("memory", vec![Section::new(0, (5u64 << 40) - 1, SectionKind::Ram, "ram")]).unwrap();
-    let p = Planner::new().device(DeviceLimits::mlx5()).plan(&big).unwrap();
-    assert!(matches!(&p.device.as_ref().unwrap().outcome, DeviceOutcome::Refused { errno: "EOPNOTSUPP", .. }));
+    let big = Layout::new(
+        "memory",
+        vec![Section::new(0, (5u64 << 40) - 1, SectionKind::Ram, "ram")],
+    )
+    .unwrap();
+    let p = Planner::new()
+        .device(DeviceLimits::mlx5())
+        .plan(&big)
+        .unwrap();
+    assert!(matches!(
+        &p.device.as_ref().unwrap().outcome,
+        DeviceOutcome::Refused {
+            errno: "EOPNOTSUPP",
+            ..
+        }
+    ));
 }
 
 #[test]
 fn errors() {
     let l = presets::get("q35-16g").unwrap();
-    assert_eq!(Planner::new().max_ranges(0).plan(&l), Err(PlanError::ZeroRanges));
-    assert_eq!(Planner::new().page_size(12288).plan(&l), Err(PlanError::PageSize(12288)));
-    assert_eq!(Planner::new().host_page_size(65536).page_size(4096).plan(&l), Err(PlanError::PageBelowHost { page: 4096, host: 65536 }));
+    assert_eq!(
+        Planner::new().max_ranges(0).plan(&l),
+        Err(PlanError::ZeroRanges)
+    );
+    assert_eq!(
+        Planner::new().page_size(12288).plan(&l),
+        Err(PlanError::PageSize(12288))
+    );
+    assert_eq!(
+        Planner::new()
+            .host_page_size(65536)
+            .page_size(4096)
+            .plan(&l),
+        Err(PlanError::PageBelowHost {
+            page: 4096,
+            host: 65536
+        })
+    );
     let io = Layout::new("memory", vec![Section::new(0, 0xfff, SectionKind::Io, "x")]).unwrap();
     assert_eq!(Planner::new().plan(&io), Err(PlanError::NothingToTrack(1)));
-    let v = Layout::new("memory", vec![Section::new(0, u64::MAX, SectionKind::Iommu, "dmar")]).unwrap();
+    let v = Layout::new(
+        "memory",
+        vec![Section::new(0, u64::MAX, SectionKind::Iommu, "dmar")],
+    )
+    .unwrap();
     assert!(matches!(Planner::new().plan(&v), Err(PlanError::Viommu(_))));
-    assert_eq!(Planner::new().allow_viommu(true).plan(&v), Err(PlanError::WholeSpace));
+    assert_eq!(
+        Planner::new().allow_viommu(true).plan(&v),
+        Err(PlanError::WholeSpace)
+    );
 }
 
 #[test]
 fn top_of_address_space() {
     // A section ending at 2^64 - 1 has bit 63 set: dropped (QEMU's rule), never an overflow.
     let top = Section::new(u64::MAX - 0x3fff, u64::MAX, SectionKind::Ram, "top");
-    let l = Layout::new("memory", vec![Section::new(0, 0xfff, SectionKind::Ram, "low"), top]).unwrap();
+    let l = Layout::new(
+        "memory",
+        vec![Section::new(0, 0xfff, SectionKind::Ram, "low"), top],
+    )
+    .unwrap();
     for cap in 1..=2 {
         let p = Planner::new().max_ranges(cap).plan(&l).unwrap();
         check_sound(&p, cap as usize).unwrap();
@@ -262,16 +386,44 @@ fn top_of_address_space() {
         assert_eq!(p.skipped[0].reason, SkipReason::Bit63);
     }
     // A whole-space IOMMU region, once allowed, is refused as inexpressible, not wrapped.
-    let v = Layout::new("memory", vec![Section::new(0, u64::MAX, SectionKind::Iommu, "dmar")]).unwrap();
-    assert_eq!(Planner::new().allow_viommu(true).plan(&v), Err(PlanError::WholeSpace));
+    let v = Layout::new(
+        "memory",
+        vec![Section::new(0, u64::MAX, SectionKind::Iommu, "dmar")],
+    )
+    .unwrap();
+    assert_eq!(
+        Planner::new().allow_viommu(true).plan(&v),
+        Err(PlanError::WholeSpace)
+    );
     // Just below bit 63 with a 1 GiB tracking page: the outward alignment stays exact.
-    let hi = Section::new((1 << 63) - 0x5000, (1 << 63) - 0x1001, SectionKind::Ram, "hi");
+    let hi = Section::new(
+        (1 << 63) - 0x5000,
+        (1 << 63) - 0x1001,
+        SectionKind::Ram,
+        "hi",
+    );
     let l = Layout::new("memory", vec![with_off(hi)]).unwrap();
     let p = Planner::new().page_size(1 << 30).plan(&l).unwrap();
-    assert_eq!(p.ranges, vec![IovaRange::new((1 << 63) - (1 << 30), 1 << 30)]);
+    assert_eq!(
+        p.ranges,
+        vec![IovaRange::new((1 << 63) - (1 << 30), 1 << 30)]
+    );
     // and a range that does reach 2^64 is refused by the kernel rules with EOVERFLOW
-    let v = DeviceView::new(DeviceLimits::generic(), 4096, &[IovaRange::new(u64::MAX - 0xfff, 0x1000)]);
-    assert!(matches!(v.outcome, DeviceOutcome::Refused { errno: "EOVERFLOW", .. }), "{v:?}");
+    let v = DeviceView::new(
+        DeviceLimits::generic(),
+        4096,
+        &[IovaRange::new(u64::MAX - 0xfff, 0x1000)],
+    );
+    assert!(
+        matches!(
+            v.outcome,
+            DeviceOutcome::Refused {
+                errno: "EOVERFLOW",
+                ..
+            }
+        ),
+        "{v:?}"
+    );
 }
 
 fn with_off(mut s: Section) -> Section {
@@ -279,13 +431,21 @@ fn with_off(mut s: Section) -> Section {
     s
 }
 
-
 fn build(base: u64, raw: &[(u64, u64, u8, u64)], mis: &[bool]) -> Option<Layout> {
     let mut secs = Vec::new();
     for (i, &(start, len, kind, sub)) in raw.iter().enumerate() {
         let s = base + start * 0x1000 + sub;
         let last = s.checked_add(len * 0x1000 - 1 - sub)?;
-        let k = [SectionKind::Ram, SectionKind::Ram, SectionKind::Ram, SectionKind::Rom, SectionKind::Io, SectionKind::RamDevice, SectionKind::Romd, SectionKind::Ram][kind as usize];
+        let k = [
+            SectionKind::Ram,
+            SectionKind::Ram,
+            SectionKind::Ram,
+            SectionKind::Rom,
+            SectionKind::Io,
+            SectionKind::RamDevice,
+            SectionKind::Romd,
+            SectionKind::Ram,
+        ][kind as usize];
         let mut sec = Section::new(s, last, k, format!("s{i}"));
         if mis.get(i).copied().unwrap_or(false) {
             sec.offset_in_region = 0x800;
