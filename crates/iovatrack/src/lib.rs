@@ -37,3 +37,17 @@ pub mod migrate;
 pub mod plan;
 pub mod range;
 pub mod track;
+
+/// Say loudly that a test could not use a real part (no `/dev/kvm`, no VFIO device, ...):
+/// print it, and append it to the file named by `IOVATRACK_SKIP_LOG` so `scripts/test` can
+/// list every skip at the end of a CI run.
+#[doc(hidden)]
+pub fn report_skip(what: &str) {
+    eprintln!("SKIPPED: {what}");
+    if let Some(path) = std::env::var_os("IOVATRACK_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new().append(true).create(true).open(path) {
+            let _ = writeln!(f, "SKIPPED: {what}");
+        }
+    }
+}

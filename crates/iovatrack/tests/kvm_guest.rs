@@ -21,7 +21,7 @@ fn kvm_or_skip() -> bool {
     if kvm_available() {
         return true;
     }
-    eprintln!("SKIPPED: /dev/kvm not available");
+    iovatrack::report_skip("KVM guest tests: /dev/kvm not available");
     if std::env::var("IOVATRACK_REQUIRE_KVM").as_deref() == Ok("1") {
         panic!("IOVATRACK_REQUIRE_KVM=1 but /dev/kvm is not available");
     }

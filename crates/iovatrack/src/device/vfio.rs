@@ -343,7 +343,7 @@ mod tests {
             .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
             .unwrap_or_default();
         if cdevs.is_empty() {
-            eprintln!("SKIPPED: no VFIO device on this machine (no /dev/vfio/devices/vfio*)");
+            crate::report_skip("real VFIO DMA logging: no VFIO device on this machine (no /dev/vfio/devices/vfio*)");
             return;
         }
         for path in cdevs {
