@@ -184,7 +184,8 @@ pub enum Frame<'a> {
     Verify {
         /// Digest of the whole guest memory.
         digest: u64,
-        /// One hash per region, in [`Frame::Hello`] order.
+        /// One hash per region in [`Frame::Hello`] order, or one per page (regions in
+        /// order, pages ascending) for page-level verification.
         region_hashes: Cow<'a, [u64]>,
     },
     /// The destination's verdict on a [`Frame::Verify`].
@@ -193,7 +194,7 @@ pub enum Frame<'a> {
         ok: bool,
         /// The destination's whole-memory digest.
         digest: u64,
-        /// Indices of regions whose hash differed.
+        /// Indices (regions, or pages for page-level verification) whose hash differed.
         mismatched_regions: Cow<'a, [u32]>,
     },
     /// The sender gives up; the migration is cancelled.
@@ -1552,7 +1553,9 @@ impl Validator {
                 self.state = Completed;
             }
             (Completed, Frame::Verify { region_hashes, .. }) => {
-                if region_hashes.len() != self.layout.regions.len() {
+                // One hash per region, or (page-level verification) one per page.
+                let n = region_hashes.len();
+                if n != self.layout.regions.len() && n as u64 != self.layout.total_pages() {
                     return Err(WireError::LayoutMismatch(LayoutDiff::RegionCount {
                         ours: self.layout.regions.len(),
                         theirs: region_hashes.len(),
