@@ -371,10 +371,16 @@ mod tests {
         let m = EmulatedIommu::new(&[r(0, 16 * K4)]).unwrap();
         assert_eq!(m.map(r(K4, K4)), Err(IommuMapError::Overlap(r(K4, K4))));
         assert_eq!(m.map(r(1, K4)), Err(IommuMapError::Misaligned(r(1, K4))));
-        assert_eq!(m.map(r(0x10_0000, 0)), Err(IommuMapError::Misaligned(r(0x10_0000, 0))));
+        assert_eq!(
+            m.map(r(0x10_0000, 0)),
+            Err(IommuMapError::Misaligned(r(0x10_0000, 0)))
+        );
         m.map(r(32 * K4, K4)).unwrap();
         assert_eq!(m.mapped(), [r(0, 16 * K4), r(32 * K4, K4)]);
-        assert!(matches!(m.unmap(r(0, K4)), Err(IommuMapError::PartialArea { .. })));
+        assert!(matches!(
+            m.unmap(r(0, K4)),
+            Err(IommuMapError::PartialArea { .. })
+        ));
         assert_eq!(m.unmap(r(0, 16 * K4)), Ok(16 * K4));
         assert_eq!(m.mapped(), [r(32 * K4, K4)]);
     }
@@ -407,13 +413,21 @@ mod tests {
     fn read_errors() {
         let m = EmulatedIommu::new(&[r(0, 64 * K4)]).unwrap();
         let mut bm = [0u64; 4];
-        let errno = |range, ps, bm: &mut [u64]| m.read_dirty(range, ps, bm, true).unwrap_err().errno;
-        assert_eq!(errno(r(u64::MAX - K4 + 1, 2 * K4), K4, &mut bm), Errno::EOVERFLOW);
+        let errno =
+            |range, ps, bm: &mut [u64]| m.read_dirty(range, ps, bm, true).unwrap_err().errno;
+        assert_eq!(
+            errno(r(u64::MAX - K4 + 1, 2 * K4), K4, &mut bm),
+            Errno::EOVERFLOW
+        );
         assert_eq!(errno(r(512, K4), K4, &mut bm), Errno::EINVAL);
         assert_eq!(errno(r(0, K4), 0, &mut bm), Errno::EINVAL);
         assert_eq!(errno(r(K4, 2 * K4), 2 * K4, &mut bm), Errno::EINVAL);
         assert_eq!(errno(r(0, 0), K4, &mut bm), Errno::EINVAL);
-        assert_eq!(errno(r(0, 64 * 64 * K4 + K4), K4, &mut bm), Errno::EINVAL, "bitmap too small");
+        assert_eq!(
+            errno(r(0, 64 * 64 * K4 + K4), K4, &mut bm),
+            Errno::EINVAL,
+            "bitmap too small"
+        );
         // The last page of the space is addressable (last == u64::MAX).
         let top = r(u64::MAX - K4 + 1, K4);
         m.map(top).unwrap();

@@ -25,6 +25,32 @@
 //! Note: STOP discards a device's uncollected log, and nothing logs between a STOP and the
 //! next START. Call [`Tracker::collect`] (or use [`Tracker::finish`]) before stopping, and
 //! treat DMA-able memory as dirty across a [`Tracker::restart`] of a running guest.
+//!
+//! ```
+//! use iovatrack::device::{DmaLogger, EmulatedDevice};
+//! use iovatrack::layout::{Layout, Section, SectionKind};
+//! use iovatrack::plan::{limits::DeviceLimits, Planner};
+//! use iovatrack::range::IovaRange;
+//! use iovatrack::track::{Container, DirtLedger, Tracker, TrackingMode};
+//! use std::sync::Arc;
+//!
+//! let ram = [IovaRange::new(0, 1 << 30), IovaRange::new(1 << 32, 1 << 30)];
+//! let layout = Layout::new("memory", vec![
+//!     Section::new(0, (1 << 30) - 1, SectionKind::Ram, "low"),
+//!     Section::new(1 << 32, (1 << 32) + (1 << 30) - 1, SectionKind::Ram, "high"),
+//! ])?;
+//! let nic = Arc::new(EmulatedDevice::new(DeviceLimits::generic()));
+//! let mut tracker = Tracker::new(Container::new("c0").device(nic.clone()), Planner::new());
+//! assert!(matches!(tracker.start(&layout)?, TrackingMode::Device { .. }));
+//!
+//! let mut ledger = DirtLedger::new(&ram, 4096)?;
+//! nic.dma_write(1 << 32, 10);
+//! tracker.collect(&mut ledger)?;
+//! assert_eq!(ledger.begin_pass()?, 1); // send ledger.inflight(1).runs() ...
+//! ledger.ack(); // ... and the destination confirmed
+//! tracker.stop();
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 mod ledger;
 #[cfg(test)]
@@ -559,7 +585,11 @@ impl Tracker {
                         "container {}: {device} refused START with {} range(s): {error}{}",
                         self.container.name,
                         plan.ranges.len(),
-                        if retry { "; re-planning with fewer" } else { "" }
+                        if retry {
+                            "; re-planning with fewer"
+                        } else {
+                            ""
+                        }
                     );
                     if !retry {
                         return Ok(Err(FallbackReason::StartRefused {

@@ -17,7 +17,14 @@ fn layout(regions: &[IovaRange]) -> Layout {
     let secs = regions
         .iter()
         .enumerate()
-        .map(|(i, r)| Section::new(r.iova, r.last().unwrap(), SectionKind::Ram, format!("ram{i}")))
+        .map(|(i, r)| {
+            Section::new(
+                r.iova,
+                r.last().unwrap(),
+                SectionKind::Ram,
+                format!("ram{i}"),
+            )
+        })
         .collect();
     Layout::new("memory", secs).unwrap()
 }
@@ -64,14 +71,28 @@ fn inflight_set(l: &DirtLedger) -> BTreeSet<u64> {
 #[test]
 fn ledger_rejects_bad_regions() {
     let bad = |regions: &[IovaRange], page| DirtLedger::new(regions, page).unwrap_err();
-    assert!(matches!(bad(&[r(0, 0)], K4), TrackError::Region { problem: RegionProblem::Empty, .. }));
+    assert!(matches!(
+        bad(&[r(0, 0)], K4),
+        TrackError::Region {
+            problem: RegionProblem::Empty,
+            ..
+        }
+    ));
     assert!(matches!(
         bad(&[r(0, K4), r(K4 + 512, K4)], K4),
-        TrackError::Region { index: 1, problem: RegionProblem::Misaligned, .. }
+        TrackError::Region {
+            index: 1,
+            problem: RegionProblem::Misaligned,
+            ..
+        }
     ));
     assert!(matches!(
         bad(&[r(K4, K4), r(0, 2 * K4)], K4),
-        TrackError::Region { index: 1, problem: RegionProblem::Overlap, .. }
+        TrackError::Region {
+            index: 1,
+            problem: RegionProblem::Overlap,
+            ..
+        }
     ));
     assert!(matches!(bad(&[r(0, K4)], 3000), TrackError::Bitmap(_)));
     // The last page of the space is fine.
@@ -97,8 +118,17 @@ fn ledger_marks_and_counts_new_pages() {
     let mut l = DirtLedger::new(&[r(0, 128 * K4)], K4).unwrap();
     assert_eq!(l.or_region_words(0, &[0b101, 1 << 63]).unwrap(), 3);
     assert_eq!(l.or_region_words(0, &[0b111, 0]).unwrap(), 1);
-    assert!(matches!(l.or_region_words(0, &[0]), Err(TrackError::Bitmap(_))));
-    assert!(matches!(l.or_region_words(1, &[0, 0]), Err(TrackError::NoSuchRegion { region: 1, regions: 1 })));
+    assert!(matches!(
+        l.or_region_words(0, &[0]),
+        Err(TrackError::Bitmap(_))
+    ));
+    assert!(matches!(
+        l.or_region_words(1, &[0, 0]),
+        Err(TrackError::NoSuchRegion {
+            region: 1,
+            regions: 1
+        })
+    ));
     l.mark_all();
     assert_eq!(l.pending_pages(), 128);
 }
@@ -129,16 +159,31 @@ fn all_capable_devices_log() {
     let regions = five();
     let mut t = Tracker::new(container("c0", &[&a, &b]), Planner::new());
     let mode = t.start(&layout(&regions)).unwrap().clone();
-    let TrackingMode::Device { ranges, device_page_sizes, replans, page_size } = &mode else {
+    let TrackingMode::Device {
+        ranges,
+        device_page_sizes,
+        replans,
+        page_size,
+    } = &mode
+    else {
         panic!("{mode}")
     };
     assert_eq!(ranges, &regions);
-    assert_eq!((device_page_sizes.as_slice(), *replans, *page_size), (&[K4, K4][..], 0, K4));
+    assert_eq!(
+        (device_page_sizes.as_slice(), *replans, *page_size),
+        (&[K4, K4][..], 0, K4)
+    );
     assert_eq!(a.tracked_ranges().as_deref(), Some(&regions[..]));
     assert_eq!(b.tracked_ranges().as_deref(), Some(&regions[..]));
-    assert_eq!(mode.to_string(), "device DMA logging: 2 device(s), 5 range(s) (5 MiB) at 4 KiB");
+    assert_eq!(
+        mode.to_string(),
+        "device DMA logging: 2 device(s), 5 range(s) (5 MiB) at 4 KiB"
+    );
     assert_eq!(t.plan().unwrap().ranges, regions);
-    assert!(matches!(t.start(&layout(&regions)), Err(TrackError::AlreadyStarted)));
+    assert!(matches!(
+        t.start(&layout(&regions)),
+        Err(TrackError::AlreadyStarted)
+    ));
     t.stop();
     t.stop();
     assert!(a.tracked_ranges().is_none() && b.tracked_ranges().is_none());
@@ -149,7 +194,11 @@ fn all_capable_devices_log() {
 fn device_without_logging_uses_iommu() {
     let regions = five();
     let a = dev("a");
-    let b = Arc::new(EmulatedDevice::new(DeviceLimits::generic()).without_logging().named("b"));
+    let b = Arc::new(
+        EmulatedDevice::new(DeviceLimits::generic())
+            .without_logging()
+            .named("b"),
+    );
     let iommu = Arc::new(EmulatedIommu::new(&regions).unwrap());
     let c = container("c0", &[&a, &b]).iommu(iommu.clone());
     let mut t = Tracker::new(c, Planner::new());
@@ -165,7 +214,10 @@ fn device_without_logging_uses_iommu() {
     let mut l = DirtLedger::new(&regions, K4).unwrap();
     iommu.dma_write(2 * M2 + 5 * K4, 2 * K4);
     let s = t.collect(&mut l).unwrap();
-    assert_eq!(pending_set(&l), BTreeSet::from([(2 * M2) / K4 + 5, (2 * M2) / K4 + 6]));
+    assert_eq!(
+        pending_set(&l),
+        BTreeSet::from([(2 * M2) / K4 + 5, (2 * M2) / K4 + 6])
+    );
     assert_eq!((s.reports, s.newly_pending, s.device_bits), (5, 2, 2));
     t.stop();
     assert!(!iommu.is_tracking());
@@ -174,12 +226,24 @@ fn device_without_logging_uses_iommu() {
 #[test]
 fn no_iommu_means_all_dirty() {
     let regions = five();
-    let b = Arc::new(EmulatedDevice::new(DeviceLimits::generic()).without_logging().named("b"));
+    let b = Arc::new(
+        EmulatedDevice::new(DeviceLimits::generic())
+            .without_logging()
+            .named("b"),
+    );
     let mut t = Tracker::new(container("c0", &[&b]), Planner::new());
     let mode = t.start(&layout(&regions)).unwrap().clone();
     assert_eq!(mode.name(), "all-dirty");
-    assert!(mode.to_string().ends_with("and the container has no IOMMU dirty tracking"), "{mode}");
-    assert!(mode.to_string().contains("because device b has no DMA logging"), "{mode}");
+    assert!(
+        mode.to_string()
+            .ends_with("and the container has no IOMMU dirty tracking"),
+        "{mode}"
+    );
+    assert!(
+        mode.to_string()
+            .contains("because device b has no DMA logging"),
+        "{mode}"
+    );
     let mut l = DirtLedger::new(&regions, K4).unwrap();
     let s = t.collect(&mut l).unwrap();
     assert_eq!(s.newly_pending, l.total_pages());
@@ -194,20 +258,33 @@ fn no_iommu_means_all_dirty() {
 #[test]
 fn iommu_enable_failure_falls_to_all_dirty() {
     let regions = five();
-    let b = Arc::new(EmulatedDevice::new(DeviceLimits::generic()).without_logging().named("b"));
+    let b = Arc::new(
+        EmulatedDevice::new(DeviceLimits::generic())
+            .without_logging()
+            .named("b"),
+    );
     let iommu = Arc::new(EmulatedIommu::new(&regions).unwrap());
     iommu.fail_set_tracking(Some(Errno::EOPNOTSUPP));
     let mut t = Tracker::new(container("c0", &[&b]).iommu(iommu), Planner::new());
     let mode = t.start(&layout(&regions)).unwrap();
-    assert!(matches!(mode, TrackingMode::AllDirty { iommu_error: Some(e), .. } if e.errno == Errno::EOPNOTSUPP));
-    assert!(mode.to_string().contains("IOMMU dirty tracking failed (set dirty tracking: EOPNOTSUPP"), "{mode}");
+    assert!(
+        matches!(mode, TrackingMode::AllDirty { iommu_error: Some(e), .. } if e.errno == Errno::EOPNOTSUPP)
+    );
+    assert!(
+        mode.to_string()
+            .contains("IOMMU dirty tracking failed (set dirty tracking: EOPNOTSUPP"),
+        "{mode}"
+    );
 }
 
 #[test]
 fn no_devices_nothing_to_track() {
     let mut t = Tracker::new(Container::new("empty"), Planner::new());
     let mode = t.start(&layout(&five())).unwrap();
-    assert_eq!(mode.to_string(), "device DMA logging: no devices, nothing to track");
+    assert_eq!(
+        mode.to_string(),
+        "device DMA logging: no devices, nothing to track"
+    );
     let mut l = DirtLedger::new(&five(), K4).unwrap();
     assert_eq!(t.collect(&mut l).unwrap(), CollectStats::default());
     assert_eq!(l.pending_pages(), 0);
@@ -230,7 +307,12 @@ fn e2big_replans_down_to_what_the_device_takes() {
     b.refuse_start(Errno::E2BIG, Some(2));
     let mut t = Tracker::new(container("c0", &[&a, &b]), Planner::new());
     let mode = t.start(&layout(&regions)).unwrap().clone();
-    let TrackingMode::Device { ranges, replans, .. } = &mode else { panic!("{mode}") };
+    let TrackingMode::Device {
+        ranges, replans, ..
+    } = &mode
+    else {
+        panic!("{mode}")
+    };
     assert!(ranges.len() <= 2 && *replans > 0, "{mode}");
     assert_eq!(*replans, 1, "5 -> 2 ranges is one halving");
     assert!(mode.to_string().ends_with(", after 1 re-plan(s)"), "{mode}");
@@ -252,10 +334,19 @@ fn refusing_everything_falls_back_and_stops_the_others() {
     b.refuse_start(Errno::EOPNOTSUPP, None);
     let mut t = Tracker::new(container("c0", &[&a, &b, &c]), Planner::new());
     let mode = t.start(&layout(&regions)).unwrap().clone();
-    let Some(FallbackReason::StartRefused { device, error, ranges, replans }) = mode.reason() else {
+    let Some(FallbackReason::StartRefused {
+        device,
+        error,
+        ranges,
+        replans,
+    }) = mode.reason()
+    else {
         panic!("{mode}")
     };
-    assert_eq!((device.as_str(), error.errno, *ranges), ("b", Errno::EOPNOTSUPP, 1));
+    assert_eq!(
+        (device.as_str(), error.errno, *ranges),
+        ("b", Errno::EOPNOTSUPP, 1)
+    );
     assert_eq!(*replans, 2, "5 -> 2 -> 1, then one range refused");
     assert_eq!(mode.name(), "all-dirty");
     // a was started each attempt and stopped again; c never started.
@@ -271,11 +362,25 @@ fn other_errno_falls_back_without_replanning() {
     let iommu = Arc::new(EmulatedIommu::new(&regions).unwrap());
     let mut t = Tracker::new(container("c0", &[&a, &b]).iommu(iommu), Planner::new());
     let mode = t.start(&layout(&regions)).unwrap();
-    assert!(matches!(
-        mode,
-        TrackingMode::Iommu { reason: FallbackReason::StartRefused { replans: 0, ranges: 5, .. }, .. }
-    ), "{mode}");
-    assert!(mode.to_string().contains("device b refused DMA logging of 5 range(s) after 0 re-plan(s)"), "{mode}");
+    assert!(
+        matches!(
+            mode,
+            TrackingMode::Iommu {
+                reason: FallbackReason::StartRefused {
+                    replans: 0,
+                    ranges: 5,
+                    ..
+                },
+                ..
+            }
+        ),
+        "{mode}"
+    );
+    assert!(
+        mode.to_string()
+            .contains("device b refused DMA logging of 5 range(s) after 0 re-plan(s)"),
+        "{mode}"
+    );
     assert!(a.tracked_ranges().is_none());
 }
 
@@ -295,7 +400,11 @@ fn report_failure_marks_whole_range() {
     a.fail_report(1, Errno::EIO);
     let s = t.collect(&mut l).unwrap();
     assert_eq!(s.report_errors, 1);
-    assert_eq!(l.pending_pages(), l.total_pages(), "every page of the planned range");
+    assert_eq!(
+        l.pending_pages(),
+        l.total_pages(),
+        "every page of the planned range"
+    );
     // Nothing lost and next pass the device reports normally again.
     l.begin_pass().unwrap();
     l.ack();
@@ -344,14 +453,19 @@ fn chunked_reports_reuse_scratch_and_lose_nothing() {
 fn coarse_device_pages_mark_every_small_page() {
     let regions = [r(0, 8 * M2)];
     let limits = DeviceLimits {
-        page_size: PageSizePolicy::FloorClamp { min_log2: 21, max_log2: 30 },
+        page_size: PageSizePolicy::FloorClamp {
+            min_log2: 21,
+            max_log2: 30,
+        },
         ..DeviceLimits::mlx5()
     };
     let d = Arc::new(EmulatedDevice::new(limits).named("mlx5"));
     let c = Container::new("c").device(d.clone());
     let mut t = Tracker::new(c, Planner::new());
     let mode = t.start(&layout(&regions)).unwrap();
-    assert!(matches!(mode, TrackingMode::Device { device_page_sizes, .. } if device_page_sizes == &[M2]));
+    assert!(
+        matches!(mode, TrackingMode::Device { device_page_sizes, .. } if device_page_sizes == &[M2])
+    );
     assert!(mode.to_string().contains("device pages 2 MiB"), "{mode}");
     let mut l = DirtLedger::new(&regions, K4).unwrap();
     d.dma_write(3 * M2 + 5, 1);
@@ -376,7 +490,10 @@ fn unmap_queries_first_device_mode() {
     assert_eq!(pending_set(&l), BTreeSet::from([(2 * M2) / K4 + 3]));
     // The caller unmaps now; the dirt stays pending and the rest is collected later.
     t.collect(&mut l).unwrap();
-    assert_eq!(pending_set(&l), BTreeSet::from([(2 * M2) / K4 + 3, (4 * M2) / K4]));
+    assert_eq!(
+        pending_set(&l),
+        BTreeSet::from([(2 * M2) / K4 + 3, (4 * M2) / K4])
+    );
 }
 
 #[test]
@@ -397,7 +514,11 @@ fn unmap_queries_first_iommu_mode() {
     assert_eq!(control.dirty_pages(), 0);
 
     let s = t.unmap(gone, &mut l).unwrap();
-    assert_eq!((s.reports, s.newly_pending), (2, 1), "NO_CLEAR read, then clearing read");
+    assert_eq!(
+        (s.reports, s.newly_pending),
+        (2, 1),
+        "NO_CLEAR read, then clearing read"
+    );
     iommu.unmap(gone).unwrap();
     t.collect(&mut l).unwrap();
     assert_eq!(pending_set(&l), BTreeSet::from([(gone.iova + 9 * K4) / K4]));
@@ -443,7 +564,10 @@ fn viommu_blocks_device_logging_without_iommu() {
     let e = t.start(&l).unwrap_err();
     assert!(matches!(&e, TrackError::Viommu { container, .. } if container == "vm0"));
     let msg = e.to_string();
-    assert!(msg.starts_with("migration blocker: container \"vm0\" is behind a vIOMMU"), "{msg}");
+    assert!(
+        msg.starts_with("migration blocker: container \"vm0\" is behind a vIOMMU"),
+        "{msg}"
+    );
     assert!(a.tracked_ranges().is_none());
     assert!(t.mode().is_none());
 }
@@ -456,7 +580,16 @@ fn viommu_uses_iommu_tracking() {
     let l = layout(&regions).with_viommu(true);
     let mut t = Tracker::new(container("vm0", &[&a]).iommu(iommu.clone()), Planner::new());
     let mode = t.start(&l).unwrap();
-    assert!(matches!(mode, TrackingMode::Iommu { reason: FallbackReason::Viommu { .. }, .. }), "{mode}");
+    assert!(
+        matches!(
+            mode,
+            TrackingMode::Iommu {
+                reason: FallbackReason::Viommu { .. },
+                ..
+            }
+        ),
+        "{mode}"
+    );
     assert!(mode.to_string().contains("behind a vIOMMU"), "{mode}");
     assert!(a.tracked_ranges().is_none());
     // Not a blocker when device logging would not be used anyway.
