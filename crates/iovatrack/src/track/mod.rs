@@ -62,7 +62,7 @@ use crate::bitmap::{BitmapError, Geometry};
 use crate::device::{DeviceError, DmaLogger, Errno, IommuDirtyTracker};
 use crate::layout::Layout;
 use crate::plan::{Plan, PlanError, Planner, Strategy};
-use crate::range::{align_down, align_up, human_bytes, IovaRange};
+use crate::range::{align_down, align_up, human_bytes, is_pow2, IovaRange};
 use std::fmt;
 use std::sync::Arc;
 
@@ -380,7 +380,20 @@ pub enum TrackError {
 struct Active {
     mode: TrackingMode,
     plan: Option<Plan>,
+    /// Device mode: the REPORT page size per device (its own page size when the REPORT
+    /// accepts it, else the requested one: the bitmap granularity is the caller's choice).
+    report_pages: Vec<u64>,
     scratch: Vec<u64>,
+}
+
+/// A REPORT needs a power of two of at least 4 KiB; a device that claims another page
+/// size is reported at the requested one.
+fn report_page(device: u64, requested: u64) -> u64 {
+    if is_pow2(device) && device >= 4096 {
+        device
+    } else {
+        requested
+    }
 }
 
 /// Dirty tracking of one container. See the module documentation.
@@ -526,6 +539,7 @@ impl Tracker {
                     replans: 0,
                 },
                 plan: None,
+                report_pages: Vec::new(),
                 scratch: Vec::new(),
             });
         }
@@ -566,7 +580,11 @@ impl Tracker {
         loop {
             match self.start_all(&plan) {
                 Ok(device_page_sizes) => {
-                    let scratch = self.scratch_for(&plan.ranges, &device_page_sizes);
+                    let report_pages: Vec<u64> = device_page_sizes
+                        .iter()
+                        .map(|&p| report_page(p, plan.page_size))
+                        .collect();
+                    let scratch = self.scratch_for(&plan.ranges, &report_pages);
                     return Ok(Ok(Active {
                         mode: TrackingMode::Device {
                             page_size: plan.page_size,
@@ -575,6 +593,7 @@ impl Tracker {
                             replans,
                         },
                         plan: Some(plan),
+                        report_pages,
                         scratch,
                     }));
                 }
@@ -659,6 +678,7 @@ impl Tracker {
                             reason,
                         },
                         plan: None,
+                        report_pages: Vec::new(),
                         scratch,
                     });
                 }
@@ -672,6 +692,7 @@ impl Tracker {
                 iommu_error,
             },
             plan: None,
+            report_pages: Vec::new(),
             scratch: Vec::new(),
         })
     }
@@ -730,12 +751,8 @@ impl Tracker {
             Some(_) => None,
         };
         match &a.mode {
-            TrackingMode::Device {
-                ranges,
-                device_page_sizes,
-                ..
-            } => {
-                for (d, &page) in self.container.devices.iter().zip(device_page_sizes) {
+            TrackingMode::Device { ranges, .. } => {
+                for (d, &page) in self.container.devices.iter().zip(&a.report_pages) {
                     for &r in ranges {
                         let Some(p) = part(r, page) else { continue };
                         let src = Source::Device(d.as_ref());

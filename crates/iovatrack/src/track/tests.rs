@@ -745,3 +745,39 @@ proptest! {
         prop_assert_eq!(a.untracked_writes() + b.untracked_writes() + iommu.faults(), 0);
     }
 }
+
+/// A device that claims a page size no REPORT accepts.
+struct OddPage(EmulatedDevice);
+
+impl DmaLogger for OddPage {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+    fn probe(&self) -> Result<(), DeviceError> {
+        self.0.probe()
+    }
+    fn start(&self, page_size: u64, ranges: &[IovaRange]) -> Result<u64, DeviceError> {
+        self.0.start(page_size, ranges).map(|_| 0)
+    }
+    fn report(&self, range: IovaRange, page_size: u64, bm: &mut [u64]) -> Result<(), DeviceError> {
+        self.0.report(range, page_size, bm)
+    }
+    fn stop(&self) -> Result<(), DeviceError> {
+        self.0.stop()
+    }
+}
+
+#[test]
+fn unusable_device_page_size_reports_at_requested() {
+    let regions = five();
+    let d = Arc::new(OddPage(EmulatedDevice::new(DeviceLimits::generic())));
+    let mut t = Tracker::new(Container::new("c").device(d.clone()), Planner::new());
+    let mode = t.start(&layout(&regions)).unwrap();
+    assert!(
+        matches!(mode, TrackingMode::Device { device_page_sizes, .. } if device_page_sizes == &[0])
+    );
+    let mut l = DirtLedger::new(&regions, K4).unwrap();
+    d.0.dma_write(3 * K4, 1);
+    let s = t.collect(&mut l).unwrap();
+    assert_eq!((s.report_errors, s.newly_pending), (0, 1));
+}
