@@ -19,12 +19,14 @@ use crate::range::IovaRange;
 use std::fmt;
 
 pub mod emulated;
+pub mod emulated_iommu;
 pub mod iommufd;
 pub mod migration;
 pub mod type1;
 pub mod vfio;
 
 pub use emulated::EmulatedDevice;
+pub use emulated_iommu::EmulatedIommu;
 pub use iommufd::IommufdHwpt;
 pub use migration::{MigFlags, MigState};
 pub use type1::Type1Container;
