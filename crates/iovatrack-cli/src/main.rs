@@ -3,6 +3,7 @@
 //!
 //! Arguments in, rendering out: every decision is the library's.
 
+mod migrate_cmd;
 mod plan_cmd;
 mod svg;
 
@@ -24,6 +25,9 @@ struct Cli {
 enum Command {
     /// Show the IOVA ranges a device must log for a VM memory map.
     Plan(plan_cmd::PlanArgs),
+    /// Live-migrate a KVM guest with an emulated DMA device writing all the while, and
+    /// prove the destination's memory equals the source's.
+    Migrate(migrate_cmd::MigrateArgs),
 }
 
 fn main() -> ExitCode {
@@ -31,6 +35,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.command {
         Command::Plan(a) => plan_cmd::run(a),
+        Command::Migrate(a) => migrate_cmd::run(a),
     };
     match res {
         Ok(code) => code,

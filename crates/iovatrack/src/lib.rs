@@ -46,7 +46,11 @@ pub fn report_skip(what: &str) {
     eprintln!("SKIPPED: {what}");
     if let Some(path) = std::env::var_os("IOVATRACK_SKIP_LOG") {
         use std::io::Write;
-        if let Ok(mut f) = std::fs::OpenOptions::new().append(true).create(true).open(path) {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)
+        {
             let _ = writeln!(f, "SKIPPED: {what}");
         }
     }

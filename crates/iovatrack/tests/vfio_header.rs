@@ -310,7 +310,9 @@ fn bindings_match_system_header() {
     let text = match c_side() {
         Ok(t) => t,
         Err(why) => {
-            iovatrack::report_skip(&format!("VFIO header layout check: linux/vfio.h not available ({why})"));
+            iovatrack::report_skip(&format!(
+                "VFIO header layout check: linux/vfio.h not available ({why})"
+            ));
             assert!(
                 std::env::var_os("CI").is_none(),
                 "CI must have gcc and linux-libc-dev"

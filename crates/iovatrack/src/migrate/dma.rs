@@ -56,7 +56,14 @@ pub struct DmaConfig {
 
 impl Default for DmaConfig {
     fn default() -> Self {
-        DmaConfig { threads: 2, rate: 20_000, write_len: 512, pattern: DmaPattern::Ring, ring_pages: 512, seed: 1 }
+        DmaConfig {
+            threads: 2,
+            rate: 20_000,
+            write_len: 512,
+            pattern: DmaPattern::Ring,
+            ring_pages: 512,
+            seed: 1,
+        }
     }
 }
 
@@ -111,7 +118,12 @@ impl Shared {
 impl DmaWorkload {
     /// Start writing pages of `targets` (sorted, disjoint, page-aligned ranges inside
     /// `memory`), logging every write to each of `sinks`.
-    pub fn start(memory: Arc<GuestMemory>, sinks: Vec<Arc<dyn DmaSink>>, targets: Vec<IovaRange>, cfg: DmaConfig) -> Self {
+    pub fn start(
+        memory: Arc<GuestMemory>,
+        sinks: Vec<Arc<dyn DmaSink>>,
+        targets: Vec<IovaRange>,
+        cfg: DmaConfig,
+    ) -> Self {
         let mut cumulative = Vec::with_capacity(targets.len());
         let mut total = 0;
         for t in &targets {
@@ -198,7 +210,9 @@ impl Drop for DmaWorkload {
 }
 
 fn writer(sh: Arc<Shared>, cfg: DmaConfig, id: u64, n: u64) {
-    let mut rng = Rng(cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (id + 1).wrapping_mul(0xD1B5_4A32_D192_ED03) | 1);
+    let mut rng = Rng(cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (id + 1).wrapping_mul(0xD1B5_4A32_D192_ED03)
+        | 1);
     let total = sh.total_pages();
     // At most a page minus the guest's word at offset 0.
     let len = (cfg.write_len.clamp(8, 4088) / 8) * 8;
@@ -206,7 +220,11 @@ fn writer(sh: Arc<Shared>, cfg: DmaConfig, id: u64, n: u64) {
     let ring_base = rng.below(total);
     let hot_pages = (total / 100).max(1);
     let hot_base = rng.below(total);
-    let per_thread_rate = if cfg.rate == 0 { 0 } else { (cfg.rate / n).max(1) };
+    let per_thread_rate = if cfg.rate == 0 {
+        0
+    } else {
+        (cfg.rate / n).max(1)
+    };
     let started = Instant::now();
     let mut done = 0u64;
     let mut seq = 0u64;
@@ -271,10 +289,18 @@ mod tests {
     #[test]
     fn writes_land_inside_targets_and_pause_quiesces() {
         let mem = Arc::new(GuestMemory::new(&[(0, 16 << 20), (1 << 32, 16 << 20)]).unwrap());
-        let targets = vec![IovaRange::new(1 << 20, 4 << 20), IovaRange::new(1 << 32, 8 << 20)];
+        let targets = vec![
+            IovaRange::new(1 << 20, 4 << 20),
+            IovaRange::new(1 << 32, 8 << 20),
+        ];
         for pattern in [DmaPattern::Ring, DmaPattern::Random, DmaPattern::Hot] {
             let log = Arc::new(Log::default());
-            let cfg = DmaConfig { threads: 3, rate: 0, pattern, ..DmaConfig::default() };
+            let cfg = DmaConfig {
+                threads: 3,
+                rate: 0,
+                pattern,
+                ..DmaConfig::default()
+            };
             let w = DmaWorkload::start(mem.clone(), vec![log.clone()], targets.clone(), cfg);
             while w.writes() < 2000 {
                 std::thread::yield_now();
@@ -286,9 +312,18 @@ mod tests {
             w.resume();
             w.stop();
             for &(iova, len) in log.0.lock().unwrap().iter() {
-                assert!(targets.iter().any(|t| t.contains(iova) && t.contains(iova + len - 1)), "{iova:#x}");
+                assert!(
+                    targets
+                        .iter()
+                        .any(|t| t.contains(iova) && t.contains(iova + len - 1)),
+                    "{iova:#x}"
+                );
                 assert_ne!(iova % 4096, 0, "offset 0 is the guest's");
-                assert_eq!(iova / 4096, (iova + len - 1) / 4096, "a write crosses a page");
+                assert_eq!(
+                    iova / 4096,
+                    (iova + len - 1) / 4096,
+                    "a write crosses a page"
+                );
             }
         }
     }

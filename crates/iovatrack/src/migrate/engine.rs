@@ -15,8 +15,8 @@
 
 use super::dma::{DmaConfig, DmaSink, DmaWorkload};
 use super::guest::{self, GuestConfig, GuestCpu, GuestError, GuestMemory};
-use super::wire::{Frame, FrameReader, FrameWriter, Limits, MemoryLayout, Validator, WireError};
 use super::guest_regions;
+use super::wire::{Frame, FrameReader, FrameWriter, Limits, MemoryLayout, Validator, WireError};
 use crate::bitmap::DirtyBitmap;
 use crate::device::{DmaLogger, EmulatedDevice, Errno, MigState};
 use crate::layout::Layout;
@@ -64,13 +64,18 @@ pub enum Fault {
 impl std::str::FromStr for Fault {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let at = |p: &str| p.parse::<u32>().map_err(|_| format!("{s:?}: pass must be a number"));
+        let at = |p: &str| {
+            p.parse::<u32>()
+                .map_err(|_| format!("{s:?}: pass must be a number"))
+        };
         match s.split_once('@') {
             Some(("report-fail", p)) => Ok(Fault::ReportFail(at(p)?)),
             Some(("drop", p)) => Ok(Fault::DropAt(at(p)?)),
             Some(("cancel", p)) => Ok(Fault::CancelAt(at(p)?)),
             None if s == "start-e2big" => Ok(Fault::StartE2big),
-            _ => Err(format!("unknown fault {s:?} (report-fail@N, start-e2big, drop@N, cancel@N)")),
+            _ => Err(format!(
+                "unknown fault {s:?} (report-fail@N, start-e2big, drop@N, cancel@N)"
+            )),
         }
     }
 }
@@ -393,20 +398,38 @@ impl<'a> Source<'a> {
             return Err(MigrateError::Layout("the guest needs RAM at address 0 larger than 1 MiB (its page tables and code live there)".into()));
         }
         let memory = Arc::new(GuestMemory::new(&regions)?);
-        let gcfg = GuestConfig { rate_pages_per_sec: cfg.cpu_rate, ..GuestConfig::default() };
+        let gcfg = GuestConfig {
+            rate_pages_per_sec: cfg.cpu_rate,
+            ..GuestConfig::default()
+        };
         let guest = guest::start_guest(memory.clone(), &gcfg, cfg.use_kvm)?;
         let device = Arc::new(EmulatedDevice::new(cfg.device).named("dma0"));
         if cfg.faults.contains(&Fault::StartE2big) {
             device.refuse_start(Errno::E2BIG, Some(1));
         }
         let planner = Planner::new().max_ranges(cfg.max_ranges).device(cfg.device);
-        let tracker = Tracker::new(Container::new("container0").device(device.clone() as Arc<dyn DmaLogger>), planner);
+        let tracker = Tracker::new(
+            Container::new("container0").device(device.clone() as Arc<dyn DmaLogger>),
+            planner,
+        );
         let targets = dma_targets(&cfg.layout, memory.regions());
-        let dma = DmaWorkload::start(memory.clone(), vec![device.clone() as Arc<dyn DmaSink>], targets, cfg.dma);
-        dma.set_logged(false);
+        // Writes before migration starts are covered by pass 0; only the negative control
+        // counts writes as unlogged (from when tracking would have started).
+        let dma = DmaWorkload::start(
+            memory.clone(),
+            vec![device.clone() as Arc<dyn DmaSink>],
+            targets,
+            cfg.dma,
+        );
         let ledger = DirtLedger::new(memory.regions(), PAGE)?;
-        let kvm_log = (0..memory.regions().len()).map(|i| vec![0u64; memory.bitmap_words(i).unwrap_or(0)]).collect();
-        let sent = memory.regions().iter().map(|r| DirtyBitmap::new(r.length / PAGE)).collect();
+        let kvm_log = (0..memory.regions().len())
+            .map(|i| vec![0u64; memory.bitmap_words(i).unwrap_or(0)])
+            .collect();
+        let sent = memory
+            .regions()
+            .iter()
+            .map(|r| DirtyBitmap::new(r.length / PAGE))
+            .collect();
         let summary = Summary {
             guest: guest.kind().to_string(),
             faults: cfg.faults.iter().map(|f| f.to_string()).collect(),
@@ -430,13 +453,40 @@ impl<'a> Source<'a> {
     }
 
     /// (Re)start dirty tracking with ranges planned from the layout as it is now.
-    fn start_tracking(&mut self, first: bool, events: &mut dyn FnMut(Event)) -> Result<(), MigrateError> {
+    fn start_tracking(
+        &mut self,
+        first: bool,
+        events: &mut dyn FnMut(Event),
+    ) -> Result<(), MigrateError> {
         if !self.cfg.device_tracking {
             self.summary.mode = "none".into();
             self.dma.set_logged(false);
             return Ok(());
         }
-        let mode = if first { self.tracker.start(&self.cfg.layout)? } else { self.tracker.restart(&self.cfg.layout)? };
+        let mode = if first {
+            self.tracker.start(&self.cfg.layout)?
+        } else {
+            // A retry plans again from the layout as it is now. Same ranges: logging simply
+            // goes on. Different ranges: collect what is logged, restart, and count every
+            // DMA-able page dirty, since writes between STOP and START are logged nowhere.
+            let planner = Planner::new()
+                .max_ranges(self.cfg.max_ranges)
+                .device(self.cfg.device);
+            let fresh = planner.plan(&self.cfg.layout).map_err(TrackError::from)?;
+            let same = self
+                .tracker
+                .mode()
+                .is_some_and(|m| m.ranges() == fresh.ranges.as_slice());
+            if same {
+                self.tracker.mode().expect("checked above")
+            } else {
+                self.tracker.finish(&mut self.ledger)?;
+                for r in &fresh.dma {
+                    self.ledger.mark_range(*r);
+                }
+                self.tracker.start(&self.cfg.layout)?
+            }
+        };
         self.summary.mode = mode.name().to_string();
         self.summary.ranges = mode.ranges().to_vec();
         events(Event::Tracking {
@@ -512,7 +562,12 @@ impl<'a> Source<'a> {
                 }
             }
         }
-        events(Event::PassStart { attempt, pass, pages: total, final_pass });
+        events(Event::PassStart {
+            attempt,
+            pass,
+            pages: total,
+            final_pass,
+        });
         w.write_frame(&Frame::PassBegin { pass, pages: total })?;
         for s in &mut self.sent {
             s.clear();
@@ -531,25 +586,37 @@ impl<'a> Source<'a> {
                     let _ = self.sent[region].set(bit);
                     let off = (i * PAGE) as usize;
                     self.memory
-                        .read_page(base + bit * PAGE, &mut self.page_buf[off..off + PAGE as usize])
+                        .read_page(
+                            base + bit * PAGE,
+                            &mut self.page_buf[off..off + PAGE as usize],
+                        )
                         .map_err(|e| AttemptEnd::Abort(format!("reading guest memory: {e}")))?;
                 }
-                w.write_pages(base + at * PAGE, n as u32, &self.page_buf[..(n * PAGE) as usize])?;
+                w.write_pages(
+                    base + at * PAGE,
+                    n as u32,
+                    &self.page_buf[..(n * PAGE) as usize],
+                )?;
                 sent += n;
                 at += n;
-                if sent.is_multiple_of(8192) || at == first + len {
+                if sent % 8192 == 0 || at == first + len {
                     events(Event::PassProgress { sent });
                 }
                 if let Some(s) = drop_midway {
                     if sent * 2 >= total {
                         // The injected fault: the link goes down half-way through the pass.
                         let _ = s.shutdown(Shutdown::Both);
-                        return Err(AttemptEnd::Retry(format!("connection dropped during pass {pass} (injected)")));
+                        return Err(AttemptEnd::Retry(format!(
+                            "connection dropped during pass {pass} (injected)"
+                        )));
                     }
                 }
             }
         }
-        w.write_frame(&Frame::PassEnd { pass, pages_sent: sent })?;
+        w.write_frame(&Frame::PassEnd {
+            pass,
+            pages_sent: sent,
+        })?;
         let secs = started.elapsed().as_secs_f64();
         let bytes = w.get_ref().bytes - bytes0;
         if bytes > 1 << 20 && secs > 0.0 {
@@ -573,15 +640,27 @@ impl<'a> Source<'a> {
     }
 
     /// One attempt over one connection. `first` marks everything dirty for pass 0.
-    fn attempt(&mut self, stream: TcpStream, attempt: u32, started: Instant, events: &mut dyn FnMut(Event)) -> Result<Verdict, AttemptEnd> {
+    fn attempt(
+        &mut self,
+        stream: TcpStream,
+        attempt: u32,
+        started: Instant,
+        events: &mut dyn FnMut(Event),
+    ) -> Result<Verdict, AttemptEnd> {
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(Duration::from_secs(60)))?;
         let mut r = FrameReader::new(stream.try_clone()?);
-        let link = Link { inner: io::BufWriter::with_capacity(1 << 20, stream.try_clone()?), bytes: 0, cap: self.cfg.bandwidth, started: Instant::now() };
+        let link = Link {
+            inner: io::BufWriter::with_capacity(1 << 20, stream.try_clone()?),
+            bytes: 0,
+            cap: self.cfg.bandwidth,
+            started: Instant::now(),
+        };
         let mut w = FrameWriter::new(link);
         self.conn_pages = 0;
         let regions = self.memory.regions().to_vec();
-        let layout = MemoryLayout::new(PAGE, self.guest.kind(), regions).map_err(|e| AttemptEnd::Abort(e.to_string()))?;
+        let layout = MemoryLayout::new(PAGE, self.guest.kind(), regions)
+            .map_err(|e| AttemptEnd::Abort(e.to_string()))?;
         w.write_frame(&layout.hello())?;
         w.flush()?;
         expect(&mut r, "HelloAck", |f| matches!(f, Frame::HelloAck))?;
@@ -607,32 +686,76 @@ impl<'a> Source<'a> {
                 if attempt == 0 && self.cfg.faults.contains(&Fault::ReportFail(pass)) {
                     self.device.fail_report(1, Errno::EIO);
                 }
-                self.collect().map_err(|e| AttemptEnd::Abort(e.to_string()))?
+                self.collect()
+                    .map_err(|e| AttemptEnd::Abort(e.to_string()))?
             };
             if pass > 0 {
                 let est = self.est_downtime_ms();
                 let timed_out = started.elapsed() >= self.cfg.timeout;
                 if timed_out && self.cfg.timeout_action == TimeoutAction::Cancel {
-                    let _ = w.write_frame(&Frame::Abort { reason: Cow::Borrowed("timeout") });
+                    let _ = w.write_frame(&Frame::Abort {
+                        reason: Cow::Borrowed("timeout"),
+                    });
                     let _ = w.flush();
-                    return Err(AttemptEnd::Abort(format!("pre-copy did not converge within {:?} (timeout action: cancel)", self.cfg.timeout)));
+                    return Err(AttemptEnd::Abort(format!(
+                        "pre-copy did not converge within {:?} (timeout action: cancel)",
+                        self.cfg.timeout
+                    )));
                 }
-                if est <= self.cfg.downtime_ms as f64 || pass >= self.cfg.max_iterations || timed_out {
-                    return self.stop_and_copy(w, r, attempt, pass, events);
+                if est <= self.cfg.downtime_ms as f64
+                    || pass >= self.cfg.max_iterations
+                    || timed_out
+                {
+                    return self.stop_and_copy(w, r, attempt, pass, (cpu, dev), events);
                 }
             }
             if attempt == 0 && self.cfg.faults.contains(&Fault::CancelAt(pass)) {
-                let _ = w.write_frame(&Frame::Abort { reason: Cow::Borrowed("cancelled") });
+                let _ = w.write_frame(&Frame::Abort {
+                    reason: Cow::Borrowed("cancelled"),
+                });
                 let _ = w.flush();
-                return Err(AttemptEnd::Retry(format!("cancelled at pass {pass} (injected)")));
+                return Err(AttemptEnd::Retry(format!(
+                    "cancelled at pass {pass} (injected)"
+                )));
             }
-            self.ledger.begin_pass().map_err(|e| AttemptEnd::Abort(e.to_string()))?;
-            let drop = (attempt == 0 && self.cfg.faults.contains(&Fault::DropAt(pass))).then_some(stream);
-            let (pages, bytes, secs) = self.send_pass(w, attempt, pass, pass == 0 && attempt == 0, drop, false, events)?;
+            self.ledger
+                .begin_pass()
+                .map_err(|e| AttemptEnd::Abort(e.to_string()))?;
+            let drop =
+                (attempt == 0 && self.cfg.faults.contains(&Fault::DropAt(pass))).then_some(stream);
+            let (pages, bytes, secs) = self.send_pass(
+                w,
+                attempt,
+                pass,
+                pass == 0 && attempt == 0,
+                drop,
+                false,
+                events,
+            )?;
             w.flush()?;
-            expect(r, "Ack", |f| matches!(f, Frame::Ack { pass: p } if *p == pass))?;
+            expect(
+                r,
+                "Ack",
+                |f| matches!(f, Frame::Ack { pass: p } if *p == pass),
+            )?;
             self.ledger.ack();
-            events(Event::Pass(PassStats { attempt, pass, pages, bytes, secs, cpu_dirty: cpu, device_dirty: dev, est_downtime_ms: self.est_downtime_ms(), final_pass: false }));
+            // What this pass would have cost as the stop-and-copy pass.
+            let est = if self.bandwidth > 0.0 {
+                bytes as f64 / self.bandwidth * 1000.0
+            } else {
+                0.0
+            };
+            events(Event::Pass(PassStats {
+                attempt,
+                pass,
+                pages,
+                bytes,
+                secs,
+                cpu_dirty: cpu,
+                device_dirty: dev,
+                est_downtime_ms: est,
+                final_pass: false,
+            }));
             pass += 1;
         }
     }
@@ -643,14 +766,20 @@ impl<'a> Source<'a> {
         r: &mut FrameReader<TcpStream>,
         attempt: u32,
         pass: u32,
+        collected: (u64, u64),
         events: &mut dyn FnMut(Event),
     ) -> Result<Verdict, AttemptEnd> {
         let abort = |e: &dyn std::fmt::Display| AttemptEnd::Abort(e.to_string());
         let paused_at = Instant::now();
         self.guest.pause().map_err(|e| abort(&e))?;
         self.dma.pause();
-        self.device.migration().set_data(format!("dma0 writes={} ", self.dma.writes()).into_bytes());
-        self.device.migration().set_state(MigState::StopCopy).map_err(|e| abort(&e))?;
+        self.device
+            .migration()
+            .set_data(format!("dma0 writes={} ", self.dma.writes()).into_bytes());
+        self.device
+            .migration()
+            .set_state(MigState::StopCopy)
+            .map_err(|e| abort(&e))?;
         let (cpu, dev) = self.collect().map_err(|e| abort(&e))?;
         self.ledger.begin_pass().map_err(|e| abort(&e))?;
         let (pages, bytes, secs) = self.send_pass(w, attempt, pass, false, None, true, events)?;
@@ -658,32 +787,77 @@ impl<'a> Source<'a> {
         let mut state = Vec::new();
         let mut buf = [0u8; 4096];
         loop {
-            let n = self.device.migration().read(&mut buf).map_err(|e| abort(&e))?;
+            let n = self
+                .device
+                .migration()
+                .read(&mut buf)
+                .map_err(|e| abort(&e))?;
             if n == 0 {
                 break;
             }
             state.extend_from_slice(&buf[..n]);
         }
-        w.write_frame(&Frame::DeviceState { name: Cow::Borrowed("dma0"), bytes: Cow::Owned(state) })?;
+        w.write_frame(&Frame::DeviceState {
+            name: Cow::Borrowed("dma0"),
+            bytes: Cow::Owned(state),
+        })?;
         let vcpu = self.guest.state_bytes().map_err(|e| abort(&e))?;
-        w.write_frame(&Frame::VcpuState { index: 0, bytes: Cow::Owned(vcpu) })?;
+        w.write_frame(&Frame::VcpuState {
+            index: 0,
+            bytes: Cow::Owned(vcpu),
+        })?;
         w.flush()?;
-        expect(r, "Ack", |f| matches!(f, Frame::Ack { pass: p } if *p == pass))?;
+        expect(
+            r,
+            "Ack",
+            |f| matches!(f, Frame::Ack { pass: p } if *p == pass),
+        )?;
         self.ledger.ack();
         let downtime_ms = paused_at.elapsed().as_secs_f64() * 1000.0;
-        events(Event::Pass(PassStats { attempt, pass, pages, bytes, secs, cpu_dirty: cpu, device_dirty: dev, est_downtime_ms: downtime_ms, final_pass: true }));
+        events(Event::Pass(PassStats {
+            attempt,
+            pass,
+            pages,
+            bytes,
+            secs,
+            cpu_dirty: cpu + collected.0,
+            device_dirty: dev + collected.1,
+            est_downtime_ms: downtime_ms,
+            final_pass: true,
+        }));
         // Verification: one hash per page where it fits a frame, else one per region.
         let page_hashes = self.page_hashes().map_err(|e| abort(&e))?;
         let digest = guest::hash_words(page_hashes.iter().copied());
-        w.write_frame(&Frame::Complete { total_pages: self.conn_pages, digest })?;
+        w.write_frame(&Frame::Complete {
+            total_pages: self.conn_pages,
+            digest,
+        })?;
         let max_hashes = (Limits::default().max_payload as usize - 64) / 8;
-        let hashes = if page_hashes.len() <= max_hashes { page_hashes } else { self.region_hashes().map_err(|e| abort(&e))? };
-        w.write_frame(&Frame::Verify { digest, region_hashes: Cow::Owned(hashes) })?;
+        let hashes = if page_hashes.len() <= max_hashes {
+            page_hashes
+        } else {
+            self.region_hashes().map_err(|e| abort(&e))?
+        };
+        w.write_frame(&Frame::Verify {
+            digest,
+            region_hashes: Cow::Owned(hashes),
+        })?;
         w.flush()?;
         let f = r.read_frame()?;
         match f {
-            Frame::VerifyResult { ok, mismatched_regions, .. } => Ok(Verdict { ok, mismatched: mismatched_regions.len() as u64, downtime_ms }),
-            other => Err(AttemptEnd::Abort(format!("expected VerifyResult, got {:?}", other.kind()))),
+            Frame::VerifyResult {
+                ok,
+                mismatched_regions,
+                ..
+            } => Ok(Verdict {
+                ok,
+                mismatched: mismatched_regions.len() as u64,
+                downtime_ms,
+            }),
+            other => Err(AttemptEnd::Abort(format!(
+                "expected VerifyResult, got {:?}",
+                other.kind()
+            ))),
         }
     }
 
@@ -696,19 +870,30 @@ impl<'a> Source<'a> {
     }
 
     fn region_hashes(&self) -> Result<Vec<u64>, GuestError> {
-        (0..self.memory.regions().len()).map(|i| Ok(guest::hash_words(self.memory.page_hashes(i)?))).collect()
+        (0..self.memory.regions().len())
+            .map(|i| Ok(guest::hash_words(self.memory.page_hashes(i)?)))
+            .collect()
     }
 }
 
 /// Read one frame and check it is the one expected.
-fn expect<R: Read>(r: &mut FrameReader<R>, what: &str, ok: impl Fn(&Frame<'_>) -> bool) -> Result<(), AttemptEnd> {
+fn expect<R: Read>(
+    r: &mut FrameReader<R>,
+    what: &str,
+    ok: impl Fn(&Frame<'_>) -> bool,
+) -> Result<(), AttemptEnd> {
     let f = r.read_frame()?;
     if ok(&f) {
         return Ok(());
     }
     match f {
-        Frame::Abort { reason } => Err(AttemptEnd::Abort(format!("the destination aborted: {reason}"))),
-        other => Err(AttemptEnd::Abort(format!("expected {what} from the destination, got {:?}", other.kind()))),
+        Frame::Abort { reason } => Err(AttemptEnd::Abort(format!(
+            "the destination aborted: {reason}"
+        ))),
+        other => Err(AttemptEnd::Abort(format!(
+            "expected {what} from the destination, got {:?}",
+            other.kind()
+        ))),
     }
 }
 
@@ -747,7 +932,10 @@ pub fn run_source(
                 let reason = match end {
                     AttemptEnd::Retry(r) if attempt < cfg.retries => {
                         attempt += 1;
-                        events(Event::Retry { attempt, reason: r.clone() });
+                        events(Event::Retry {
+                            attempt,
+                            reason: r.clone(),
+                        });
                         // The layout may have changed meanwhile: plan again.
                         src.start_tracking(false, events)?;
                         continue;
@@ -771,7 +959,8 @@ pub fn run_source(
         Err(reason) => {
             let before = src.guest.progress().pages_written;
             std::thread::sleep(Duration::from_millis(200));
-            src.summary.source_running_after_abort = Some(src.guest.progress().pages_written > before);
+            src.summary.source_running_after_abort =
+                Some(src.guest.progress().pages_written > before);
             src.summary.aborted = Some(reason);
         }
     }
@@ -819,7 +1008,6 @@ enum SessionEnd {
 pub struct Destination {
     memory: Arc<GuestMemory>,
     device: EmulatedDevice,
-    use_kvm: bool,
     vcpu: Option<Vec<u8>>,
     report: DestReport,
     seen: Vec<DirtyBitmap>,
@@ -828,11 +1016,22 @@ pub struct Destination {
 
 impl Destination {
     /// Guest memory laid out from `layout`, and an emulated device with `device` limits.
-    pub fn new(layout: &Layout, device: DeviceLimits, use_kvm: bool) -> Result<Self, MigrateError> {
+    pub fn new(layout: &Layout, device: DeviceLimits) -> Result<Self, MigrateError> {
         let regions = guest_regions(layout);
         let memory = Arc::new(GuestMemory::new(&regions)?);
-        let seen = memory.regions().iter().map(|r| DirtyBitmap::new(r.length / PAGE)).collect();
-        Ok(Destination { memory, device: EmulatedDevice::new(device).named("dma0"), use_kvm, vcpu: None, report: DestReport::default(), seen, verify_result: None })
+        let seen = memory
+            .regions()
+            .iter()
+            .map(|r| DirtyBitmap::new(r.length / PAGE))
+            .collect();
+        Ok(Destination {
+            memory,
+            device: EmulatedDevice::new(device).named("dma0"),
+            vcpu: None,
+            report: DestReport::default(),
+            seen,
+            verify_result: None,
+        })
     }
 
     /// The received memory.
@@ -842,16 +1041,28 @@ impl Destination {
 
     /// Serve sessions until one completes, `max_sessions` were tried, or no source
     /// connects within `accept_timeout`.
-    pub fn run(mut self, listener: &TcpListener, max_sessions: u32, accept_timeout: Duration) -> Result<DestReport, MigrateError> {
+    pub fn run(
+        mut self,
+        listener: &TcpListener,
+        max_sessions: u32,
+        accept_timeout: Duration,
+    ) -> Result<DestReport, MigrateError> {
         listener.set_nonblocking(true)?;
         while self.report.sessions < max_sessions {
             let deadline = Instant::now() + accept_timeout;
             let stream = loop {
                 match listener.accept() {
                     Ok((s, _)) => break s,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                    Err(e)
+                        if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(Duration::from_millis(5))
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        return Err(MigrateError::Destination(format!("no source connected within {accept_timeout:?} ({} session(s) before)", self.report.sessions)))
+                        return Err(MigrateError::Destination(format!(
+                            "no source connected within {accept_timeout:?} ({} session(s) before)",
+                            self.report.sessions
+                        )))
                     }
                     Err(e) => return Err(e.into()),
                 }
@@ -861,12 +1072,18 @@ impl Destination {
             match self.session(stream)? {
                 SessionEnd::Complete => return self.finish(),
                 SessionEnd::Interrupted(why) => {
-                    log::info!("destination: session {} interrupted: {why}; keeping memory for a retry", self.report.sessions);
+                    log::info!(
+                        "destination: session {} interrupted: {why}; keeping memory for a retry",
+                        self.report.sessions
+                    );
                     self.report.interrupted.push(why);
                 }
             }
         }
-        Err(MigrateError::Destination(format!("no session completed in {max_sessions} tries: {}", self.report.interrupted.join("; "))))
+        Err(MigrateError::Destination(format!(
+            "no session completed in {max_sessions} tries: {}",
+            self.report.interrupted.join("; ")
+        )))
     }
 
     /// One connection. Hostile or corrupt input is an error (the stream is refused and
@@ -879,16 +1096,24 @@ impl Destination {
         let regions = self.memory.regions().to_vec();
         let hello = match r.read_frame() {
             Ok(f) => f.into_owned(),
-            Err(e) if is_disconnect(&e) => return Ok(SessionEnd::Interrupted(format!("before Hello: {e}"))),
+            Err(e) if is_disconnect(&e) => {
+                return Ok(SessionEnd::Interrupted(format!("before Hello: {e}")))
+            }
             Err(e) => return Err(e.into()),
         };
         let Frame::Hello { guest_kind, .. } = &hello else {
-            return Err(WireError::UnexpectedFrame { frame: hello.kind(), state: super::wire::StreamState::AwaitHello }.into());
+            return Err(WireError::UnexpectedFrame {
+                frame: hello.kind(),
+                state: super::wire::StreamState::AwaitHello,
+            }
+            .into());
         };
         let kind = guest_kind.to_string();
         let mut v = Validator::new(MemoryLayout::new(PAGE, kind, regions)?);
         if let Err(e) = v.validate(&hello) {
-            let _ = w.write_frame(&Frame::Abort { reason: Cow::Owned(e.to_string()) });
+            let _ = w.write_frame(&Frame::Abort {
+                reason: Cow::Owned(e.to_string()),
+            });
             return Err(e.into());
         }
         w.write_frame(&Frame::HelloAck)?;
@@ -902,7 +1127,9 @@ impl Destination {
             let target = match v.validate(&f) {
                 Ok(t) => t,
                 Err(e) => {
-                    let _ = w.write_frame(&Frame::Abort { reason: Cow::Owned(e.to_string()) });
+                    let _ = w.write_frame(&Frame::Abort {
+                        reason: Cow::Owned(e.to_string()),
+                    });
                     return Err(e.into());
                 }
             };
@@ -918,7 +1145,8 @@ impl Destination {
                         }
                         let _ = self.seen[t.region].set(bit);
                         let off = (i * PAGE) as usize;
-                        self.memory.write_page(page, &data[off..off + PAGE as usize])?;
+                        self.memory
+                            .write_page(page, &data[off..off + PAGE as usize])?;
                     }
                     self.report.pages_received += count as u64;
                 }
@@ -933,7 +1161,10 @@ impl Destination {
                 Frame::DeviceState { bytes, .. } => {
                     let mut m = self.device.migration();
                     m.reset();
-                    let restored = m.set_state(MigState::Resuming).and_then(|_| m.write(&bytes)).and_then(|_| m.set_state(MigState::Running));
+                    let restored = m
+                        .set_state(MigState::Resuming)
+                        .and_then(|_| m.write(&bytes))
+                        .and_then(|_| m.set_state(MigState::Running));
                     self.report.device_state_restored = restored.is_ok() && !bytes.is_empty();
                 }
                 Frame::VcpuState { bytes, .. } => self.vcpu = Some(bytes.into_owned()),
@@ -943,18 +1174,37 @@ impl Destination {
                 Frame::Verify { region_hashes, .. } => {
                     let ours = page_hashes.take().unwrap_or(self.page_hashes()?);
                     let mismatched: Vec<u32> = if region_hashes.len() == ours.len() {
-                        ours.iter().zip(region_hashes.iter()).enumerate().filter(|(_, (a, b))| a != b).map(|(i, _)| i as u32).collect()
+                        ours.iter()
+                            .zip(region_hashes.iter())
+                            .enumerate()
+                            .filter(|(_, (a, b))| a != b)
+                            .map(|(i, _)| i as u32)
+                            .collect()
                     } else {
                         let per_region = self.region_hashes()?;
-                        per_region.iter().zip(region_hashes.iter()).enumerate().filter(|(_, (a, b))| a != b).map(|(i, _)| i as u32).collect()
+                        per_region
+                            .iter()
+                            .zip(region_hashes.iter())
+                            .enumerate()
+                            .filter(|(_, (a, b))| a != b)
+                            .map(|(i, _)| i as u32)
+                            .collect()
                     };
                     let ok = mismatched.is_empty();
                     self.report.mismatched_pages = mismatched.len() as u64;
                     self.verify_result = Some(ok);
-                    w.write_frame(&Frame::VerifyResult { ok, digest: guest::hash_words(ours.iter().copied()), mismatched_regions: Cow::Owned(mismatched) })?;
+                    w.write_frame(&Frame::VerifyResult {
+                        ok,
+                        digest: guest::hash_words(ours.iter().copied()),
+                        mismatched_regions: Cow::Owned(mismatched),
+                    })?;
                     return Ok(SessionEnd::Complete);
                 }
-                Frame::Abort { reason } => return Ok(SessionEnd::Interrupted(format!("the source aborted: {reason}"))),
+                Frame::Abort { reason } => {
+                    return Ok(SessionEnd::Interrupted(format!(
+                        "the source aborted: {reason}"
+                    )))
+                }
                 _ => {}
             }
         }
@@ -969,7 +1219,9 @@ impl Destination {
     }
 
     fn region_hashes(&self) -> Result<Vec<u64>, GuestError> {
-        (0..self.memory.regions().len()).map(|i| Ok(guest::hash_words(self.memory.page_hashes(i)?))).collect()
+        (0..self.memory.regions().len())
+            .map(|i| Ok(guest::hash_words(self.memory.page_hashes(i)?)))
+            .collect()
     }
 
     /// After a verified session: resume the guest here and see it make progress.
@@ -979,11 +1231,10 @@ impl Destination {
             return Ok(self.report);
         }
         let Some(state) = self.vcpu.take() else {
-            return Err(MigrateError::Destination("the source sent no vCPU state".into()));
+            return Err(MigrateError::Destination(
+                "the source sent no vCPU state".into(),
+            ));
         };
-        if !self.use_kvm && guest::resume_guest_kind_is_kvm(&state) {
-            return Err(MigrateError::Destination("the guest is a KVM guest and this destination has no KVM".into()));
-        }
         let g = guest::resume_guest(self.memory.clone(), &state, &GuestConfig::default())?;
         let c0 = g.progress().counter;
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -999,20 +1250,32 @@ impl Destination {
 }
 
 fn is_disconnect(e: &WireError) -> bool {
-    matches!(e, WireError::Closed | WireError::Truncated | WireError::Io(_))
+    matches!(
+        e,
+        WireError::Closed | WireError::Truncated | WireError::Io(_)
+    )
 }
 
 /// Source and destination in one process over loopback TCP.
-pub fn run_local(cfg: &MigrateConfig, events: &mut dyn FnMut(Event)) -> Result<Summary, MigrateError> {
+pub fn run_local(
+    cfg: &MigrateConfig,
+    events: &mut dyn FnMut(Event),
+) -> Result<Summary, MigrateError> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
-    let dest = Destination::new(&cfg.layout, cfg.device, cfg.use_kvm)?;
+    let dest = Destination::new(&cfg.layout, cfg.device)?;
     let sessions = cfg.retries + 1;
     let handle = std::thread::Builder::new()
         .name("destination".into())
         .spawn(move || dest.run(&listener, sessions, Duration::from_secs(120)))?;
-    let summary = run_source(cfg, || TcpStream::connect_timeout(&addr, Duration::from_secs(5)), events);
-    let dest = handle.join().map_err(|_| MigrateError::Destination("the destination thread panicked".into()))?;
+    let summary = run_source(
+        cfg,
+        || TcpStream::connect_timeout(&addr, Duration::from_secs(5)),
+        events,
+    );
+    let dest = handle
+        .join()
+        .map_err(|_| MigrateError::Destination("the destination thread panicked".into()))?;
     let mut summary = summary?;
     merge_destination(&mut summary, dest);
     Ok(summary)
@@ -1024,10 +1287,15 @@ pub fn merge_destination(summary: &mut Summary, dest: Result<DestReport, Migrate
     match dest {
         Ok(d) => {
             summary.mismatched_pages = summary.mismatched_pages.max(d.mismatched_pages);
-            summary.duplicate_pages_sent = summary.duplicate_pages_sent.max(d.duplicate_pages_received);
+            summary.duplicate_pages_sent =
+                summary.duplicate_pages_sent.max(d.duplicate_pages_received);
             summary.resumed_on_destination = d.resumed;
             summary.device_state_restored = d.device_state_restored;
-            summary.verified = summary.verified && d.verified && d.resumed && d.device_state_restored && summary.aborted.is_none();
+            summary.verified = summary.verified
+                && d.verified
+                && d.resumed
+                && d.device_state_restored
+                && summary.aborted.is_none();
         }
         Err(e) => {
             summary.verified = false;

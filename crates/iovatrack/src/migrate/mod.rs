@@ -29,7 +29,10 @@ pub fn guest_regions(layout: &Layout) -> Vec<(u64, u64)> {
             _ => out.push((a, z)),
         }
     }
-    out.into_iter().filter(|(a, z)| z > a && *z <= u64::MAX as u128).map(|(a, z)| (a as u64, (z - a) as u64)).collect()
+    out.into_iter()
+        .filter(|(a, z)| z > a && *z <= u64::MAX as u128)
+        .map(|(a, z)| (a as u64, (z - a) as u64))
+        .collect()
 }
 
 /// A copy of `layout` with every `ram` section shrunk by `factor` (keeping its start, at
@@ -51,7 +54,9 @@ pub fn scale_ram(layout: &Layout, factor: u64) -> Layout {
             s
         })
         .collect();
-    Layout::new(layout.address_space(), secs).expect("shrinking sections in place keeps them disjoint").with_viommu(layout.viommu())
+    Layout::new(layout.address_space(), secs)
+        .expect("shrinking sections in place keeps them disjoint")
+        .with_viommu(layout.viommu())
 }
 
 #[cfg(test)]
@@ -63,10 +68,20 @@ mod tests {
     fn q35_regions() {
         let l = presets::get("q35-2g").unwrap();
         let r = guest_regions(&l);
-        assert_eq!(r[0], (0, 1 << 30), "pc.ram below 4 GiB is one block despite the VGA window");
-        assert!(r.iter().any(|&(a, n)| a <= 1 << 32 && a + n == 5 << 30), "{r:x?}");
+        assert_eq!(
+            r[0],
+            (0, 1 << 30),
+            "pc.ram below 4 GiB is one block despite the VGA window"
+        );
+        assert!(
+            r.iter().any(|&(a, n)| a <= 1 << 32 && a + n == 5 << 30),
+            "{r:x?}"
+        );
         let s = scale_ram(&presets::get("amd-1t").unwrap(), 1024);
         assert!(guest_regions(&s).iter().all(|r| r.1 <= 1 << 30));
-        assert_eq!(s.sections().len(), presets::get("amd-1t").unwrap().sections().len());
+        assert_eq!(
+            s.sections().len(),
+            presets::get("amd-1t").unwrap().sections().len()
+        );
     }
 }

@@ -1,0 +1,399 @@
+//! `iovatrack migrate`: one process over loopback, or `send` / `receive` as two.
+
+use clap::{Args, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use iovatrack::layout::{self, presets, Layout};
+use iovatrack::migrate::dma::{DmaConfig, DmaPattern};
+use iovatrack::migrate::engine::{self, Event, Fault, MigrateConfig, Summary, TimeoutAction};
+use iovatrack::migrate::scale_ram;
+use iovatrack::plan::limits::DeviceProfile;
+use iovatrack::range::human_bytes;
+use std::io::IsTerminal;
+use std::net::TcpListener;
+use std::process::ExitCode;
+use std::time::Duration;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Arguments of `iovatrack migrate`.
+#[derive(Args)]
+pub struct MigrateArgs {
+    #[command(subcommand)]
+    mode: Option<Mode>,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// Run the source: migrate the guest to a receiver.
+    Send {
+        /// The receiver's address, e.g. 10.0.0.2:7000.
+        #[arg(long, value_name = "ADDR")]
+        to: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Run the destination: receive, verify and resume a guest.
+    Receive {
+        /// Address to listen on, e.g. 0.0.0.0:7000.
+        #[arg(long, value_name = "ADDR")]
+        listen: String,
+        /// Seconds to wait for a source to connect.
+        #[arg(long, default_value_t = 120)]
+        accept_timeout: u64,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PatternArg {
+    Ring,
+    Random,
+    Hot,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DeviceArg {
+    Generic,
+    Mlx5,
+    Pds,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TimeoutArg {
+    Cancel,
+    Force,
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// Guest memory map: `info mtree -f` text or JSON. Default: the q35-2g preset.
+    #[arg(long, value_name = "FILE")]
+    layout: Option<String>,
+    /// Use an embedded layout instead.
+    #[arg(long, conflicts_with = "layout")]
+    preset: Option<String>,
+    /// Shrink every RAM section by this factor (keeps the layout's shape).
+    #[arg(long, default_value_t = 1)]
+    scale: u64,
+    /// Use the software vCPU even where /dev/kvm exists.
+    #[arg(long)]
+    no_kvm: bool,
+    /// Pages per second the guest dirties (0 = unlimited).
+    #[arg(long, default_value_t = 20_000)]
+    cpu_rate: u64,
+    /// DMA writes per second (0 = unlimited).
+    #[arg(long, default_value_t = 20_000)]
+    dma_rate: u64,
+    /// DMA writer threads.
+    #[arg(long, default_value_t = 2)]
+    dma_threads: usize,
+    /// Bytes per DMA write.
+    #[arg(long, default_value_t = 512)]
+    dma_len: u64,
+    /// Which pages the device writes.
+    #[arg(long, value_enum, default_value = "ring")]
+    pattern: PatternArg,
+    /// The emulated device's driver profile.
+    #[arg(long, value_enum, default_value = "mlx5")]
+    device: DeviceArg,
+    /// Most ranges the planner may give the device.
+    #[arg(long, default_value_t = 256)]
+    max_ranges: u32,
+    /// Downtime budget in milliseconds.
+    #[arg(long, default_value_t = 300)]
+    downtime_ms: u64,
+    /// Most pre-copy passes before stop-and-copy is forced.
+    #[arg(long, default_value_t = 30)]
+    max_iterations: u32,
+    /// Pre-copy time limit in seconds.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+    /// At the timeout: cancel (source keeps running) or force stop-and-copy.
+    #[arg(long, value_enum, default_value = "force")]
+    timeout_action: TimeoutArg,
+    /// Cap the link, bytes per second (K/M/G suffixes; 0 = none).
+    #[arg(long, default_value = "0", value_parser = parse_rate)]
+    bandwidth: u64,
+    /// Inject a fault: report-fail@N, start-e2big, drop@N, cancel@N (repeatable).
+    #[arg(long = "inject", value_name = "FAULT")]
+    inject: Vec<Fault>,
+    /// Attempts after a dropped or cancelled one.
+    #[arg(long, default_value_t = 2)]
+    retries: u32,
+    /// Negative control: do not track device DMA (the destination must end up wrong).
+    #[arg(long)]
+    no_device_tracking: bool,
+    /// Random seed of the DMA pattern.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_rate(s: &str) -> Result<u64, String> {
+    let t = s.trim().trim_end_matches("/s").trim_end_matches(['B', 'b']);
+    let (num, mul) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M') => (&t[..t.len() - 1], 1 << 20),
+        Some('G') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|v| v.checked_mul(mul))
+        .ok_or_else(|| format!("{s:?} is not a rate (bytes/s, K/M/G)"))
+}
+
+fn layout_of(c: &Common) -> Result<Layout, BoxError> {
+    let l = match (&c.layout, &c.preset) {
+        (Some(f), _) => layout::load_file(f, None)?,
+        (None, Some(p)) => presets::get(p)?,
+        (None, None) => presets::get("q35-2g")?,
+    };
+    Ok(scale_ram(&l, c.scale))
+}
+
+fn config(c: &Common) -> Result<MigrateConfig, BoxError> {
+    let mut cfg = MigrateConfig::new(layout_of(c)?);
+    cfg.use_kvm = !c.no_kvm;
+    cfg.cpu_rate = c.cpu_rate;
+    cfg.dma = DmaConfig {
+        threads: c.dma_threads,
+        rate: c.dma_rate,
+        write_len: c.dma_len,
+        pattern: match c.pattern {
+            PatternArg::Ring => DmaPattern::Ring,
+            PatternArg::Random => DmaPattern::Random,
+            PatternArg::Hot => DmaPattern::Hot,
+        },
+        seed: c.seed,
+        ..DmaConfig::default()
+    };
+    cfg.device = match c.device {
+        DeviceArg::Generic => DeviceProfile::Generic,
+        DeviceArg::Mlx5 => DeviceProfile::Mlx5,
+        DeviceArg::Pds => DeviceProfile::Pds,
+    }
+    .limits();
+    cfg.device_tracking = !c.no_device_tracking;
+    cfg.max_ranges = c.max_ranges;
+    cfg.downtime_ms = c.downtime_ms;
+    cfg.max_iterations = c.max_iterations;
+    cfg.timeout = Duration::from_secs(c.timeout);
+    cfg.timeout_action = match c.timeout_action {
+        TimeoutArg::Cancel => TimeoutAction::Cancel,
+        TimeoutArg::Force => TimeoutAction::Force,
+    };
+    cfg.bandwidth = c.bandwidth;
+    cfg.faults = c.inject.clone();
+    cfg.retries = c.retries;
+    Ok(cfg)
+}
+
+/// Progress output: bars on a terminal, one line per pass otherwise (stderr either way).
+struct Progress {
+    bar: Option<ProgressBar>,
+    tty: bool,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Progress {
+            bar: None,
+            tty: std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn on(&mut self, e: Event) {
+        match e {
+            Event::Tracking {
+                mode,
+                ranges,
+                reason,
+            } => {
+                let total: u128 = ranges.iter().map(|r| r.length as u128).sum();
+                eprintln!(
+                    "tracking: {mode} mode, {} range(s), {}{}",
+                    ranges.len(),
+                    human_bytes(total),
+                    reason.map(|r| format!(" ({r})")).unwrap_or_default()
+                );
+            }
+            Event::PassStart {
+                attempt,
+                pass,
+                pages,
+                final_pass,
+            } if self.tty => {
+                let bar = ProgressBar::new(pages.max(1));
+                bar.set_style(
+                    ProgressStyle::with_template("{prefix:>14} [{bar:32}] {pos}/{len} pages {msg}")
+                        .expect("a valid template")
+                        .progress_chars("=> "),
+                );
+                let label = if final_pass {
+                    "stop-and-copy".to_string()
+                } else {
+                    format!("pass {pass}")
+                };
+                bar.set_prefix(if attempt > 0 {
+                    format!("#{attempt} {label}")
+                } else {
+                    label
+                });
+                self.bar = Some(bar);
+            }
+            Event::PassProgress { sent } => {
+                if let Some(b) = &self.bar {
+                    b.set_position(sent);
+                }
+            }
+            Event::Pass(p) => {
+                let mib_s = if p.secs > 0.0 {
+                    p.bytes as f64 / p.secs / (1 << 20) as f64
+                } else {
+                    0.0
+                };
+                let line = format!(
+                    "{}pass {:>2}: sent {:>7} pages ({}), {:>8.1} MiB/s, cpu dirty {:>6}, device dirty {:>6}, {} {:.1} ms",
+                    if p.attempt > 0 { format!("#{} ", p.attempt) } else { String::new() },
+                    p.pass,
+                    p.pages,
+                    human_bytes(p.bytes as u128),
+                    mib_s,
+                    p.cpu_dirty,
+                    p.device_dirty,
+                    if p.final_pass { "downtime" } else { "est. downtime" },
+                    p.est_downtime_ms
+                );
+                match self.bar.take() {
+                    Some(b) => b.finish_with_message(format!(
+                        "{mib_s:.1} MiB/s, est. downtime {:.1} ms",
+                        p.est_downtime_ms
+                    )),
+                    None => eprintln!("{line}"),
+                }
+            }
+            Event::Retry { attempt, reason } => {
+                if let Some(b) = self.bar.take() {
+                    b.abandon_with_message("interrupted");
+                }
+                eprintln!("attempt {attempt}: retrying after: {reason}");
+            }
+            Event::PassStart { .. } => {}
+        }
+    }
+}
+
+fn print_summary(s: &Summary, json: bool) -> Result<(), BoxError> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(s)?);
+        return Ok(());
+    }
+    println!();
+    println!(
+        "{}: {} guest, {} tracking, {} pass(es), {} attempt(s)",
+        if s.verified {
+            "VERIFIED"
+        } else {
+            "NOT VERIFIED"
+        },
+        s.guest,
+        s.mode,
+        s.passes,
+        s.attempts
+    );
+    println!(
+        "  sent            {} pages, {}",
+        s.pages_sent,
+        human_bytes(s.bytes_sent as u128)
+    );
+    println!("  downtime        {:.1} ms", s.downtime_ms);
+    println!("  mismatched      {} page(s)", s.mismatched_pages);
+    println!(
+        "  duplicates      {} page(s) sent twice in a pass",
+        s.duplicate_pages_sent
+    );
+    println!(
+        "  dirt            cpu {} pages, device {} pages; DMA writes {} ({} untracked)",
+        s.cpu_dirty_pages, s.device_dirty_pages, s.dma_writes, s.untracked_dma_writes
+    );
+    println!(
+        "  destination     resumed: {}, device state restored: {}",
+        s.resumed_on_destination, s.device_state_restored
+    );
+    if let Some(a) = &s.aborted {
+        println!(
+            "  aborted         {a} (source still running: {})",
+            s.source_running_after_abort.unwrap_or(false)
+        );
+    }
+    Ok(())
+}
+
+/// Run `iovatrack migrate`.
+pub fn run(a: MigrateArgs) -> Result<ExitCode, BoxError> {
+    let mut progress = Progress::new();
+    let (summary, json) = match a.mode {
+        None => {
+            let cfg = config(&a.common)?;
+            (
+                engine::run_local(&cfg, &mut |e| progress.on(e))?,
+                a.common.json,
+            )
+        }
+        Some(Mode::Send { to, common }) => {
+            let cfg = config(&common)?;
+            let connect = engine::connector(to.as_str())?;
+            (
+                engine::run_source(&cfg, connect, &mut |e| progress.on(e))?,
+                common.json,
+            )
+        }
+        Some(Mode::Receive {
+            listen,
+            accept_timeout,
+            common,
+        }) => {
+            let cfg = config(&common)?;
+            let listener = TcpListener::bind(&listen)
+                .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+            eprintln!("receiving on {}", listener.local_addr()?);
+            let dest = engine::Destination::new(&cfg.layout, cfg.device)?;
+            let report = dest.run(
+                &listener,
+                cfg.retries + 1,
+                Duration::from_secs(accept_timeout),
+            )?;
+            if common.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "{}: {} session(s), {} pages received, {} mismatched, {} duplicate(s), resumed: {}, device state restored: {}",
+                    if report.verified && report.resumed { "VERIFIED" } else { "NOT VERIFIED" },
+                    report.sessions,
+                    report.pages_received,
+                    report.mismatched_pages,
+                    report.duplicate_pages_received,
+                    report.resumed,
+                    report.device_state_restored
+                );
+            }
+            return Ok(if report.verified && report.resumed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            });
+        }
+    };
+    print_summary(&summary, json)?;
+    Ok(if summary.verified {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
