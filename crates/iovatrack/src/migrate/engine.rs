@@ -648,7 +648,10 @@ impl<'a> Source<'a> {
         events: &mut dyn FnMut(Event),
     ) -> Result<Verdict, AttemptEnd> {
         stream.set_nodelay(true)?;
+        detect_dead_link(&stream)?;
         stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+        // A backstop: a dead link fails the write via TCP_USER_TIMEOUT first.
+        stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
         let mut r = FrameReader::new(stream.try_clone()?);
         let link = Link {
             inner: io::BufWriter::with_capacity(1 << 20, stream.try_clone()?),
@@ -666,6 +669,11 @@ impl<'a> Source<'a> {
         expect(&mut r, "HelloAck", |f| matches!(f, Frame::HelloAck))?;
         let result = self.precopy(&mut w, &mut r, &stream, attempt, started, events);
         self.summary.bytes_sent += w.get_ref().bytes;
+        if result.is_err() {
+            // Dropping the BufWriter flushes it: on a dead link that would block for another
+            // write timeout before the retry could start.
+            let _ = stream.shutdown(Shutdown::Both);
+        }
         result
     }
 
@@ -1091,6 +1099,10 @@ impl Destination {
     fn session(&mut self, stream: TcpStream) -> Result<SessionEnd, MigrateError> {
         stream.set_read_timeout(Some(Duration::from_secs(60)))?;
         stream.set_nodelay(true)?;
+        // A source behind a dead link ends the session within DEAD_LINK, so the retry's
+        // connection (waiting in the listen backlog) is served; a source that is merely busy
+        // (hashing memory before Complete) still answers keepalives.
+        detect_dead_link(&stream)?;
         let mut r = FrameReader::new(io::BufReader::with_capacity(1 << 20, stream.try_clone()?));
         let mut w = FrameWriter::new(stream);
         let regions = self.memory.regions().to_vec();
@@ -1306,17 +1318,77 @@ pub fn merge_destination(summary: &mut Summary, dest: Result<DestReport, Migrate
     }
 }
 
-/// Connect to `addr`, for [`run_source`].
+/// How long a connection may go without the peer acknowledging anything before it is
+/// declared dead (TCP_USER_TIMEOUT, and keepalive probes for an idle reader).
+const DEAD_LINK: Duration = Duration::from_secs(10);
+/// Source socket write timeout: a backstop behind [`DEAD_LINK`].
+const WRITE_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long [`connector`] keeps trying (a link that is briefly down, a receiver not yet
+/// listening).
+const CONNECT_WINDOW: Duration = Duration::from_secs(15);
+
+/// Make a dead link fail the connection within [`DEAD_LINK`] on either side, without
+/// read timeouts that would also fire on a peer that is alive but busy: unacknowledged
+/// data times out (TCP_USER_TIMEOUT), and an idle reader probes its peer (keepalive every
+/// second after 2 s idle, 8 probes).
+fn detect_dead_link(stream: &TcpStream) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = stream.as_raw_fd();
+    let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| {
+        // SAFETY: `fd` is a live socket owned by `stream` for this call; the option value
+        // is a c_int on the stack whose size is passed with it.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    };
+    let idle = 2;
+    let count = 8;
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, idle)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, count)?;
+    set(
+        libc::IPPROTO_TCP,
+        libc::TCP_USER_TIMEOUT,
+        DEAD_LINK.as_millis() as libc::c_int,
+    )
+}
+
+/// Connect to `addr`, for [`run_source`]: each call keeps trying, with backoff, for up to
+/// 15 s, so a retry after a dropped link reconnects once the link is back.
 pub fn connector(addr: impl ToSocketAddrs) -> io::Result<impl FnMut() -> io::Result<TcpStream>> {
     let addrs: Vec<_> = addr.to_socket_addrs()?.collect();
     Ok(move || {
-        let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
-        for a in &addrs {
-            match TcpStream::connect_timeout(a, Duration::from_secs(5)) {
-                Ok(s) => return Ok(s),
-                Err(e) => last = e,
+        let deadline = Instant::now() + CONNECT_WINDOW;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+            for a in &addrs {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let wait = left.clamp(Duration::from_millis(100), Duration::from_secs(5));
+                match TcpStream::connect_timeout(a, wait) {
+                    Ok(s) => return Ok(s),
+                    Err(e) => last = e,
+                }
             }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(last);
+            }
+            log::info!("connect: {last}; trying again in {backoff:?}");
+            std::thread::sleep(backoff.min(left));
+            backoff = (backoff * 2).min(Duration::from_secs(2));
         }
-        Err(last)
     })
 }
