@@ -248,6 +248,9 @@ pub struct Summary {
     pub pages_sent: u64,
     /// Bytes on the wire over all attempts.
     pub bytes_sent: u64,
+    /// Distinct pages sent: each had to travel at least once (non-zero at the start, or
+    /// dirtied since), so `pages_sent / distinct_pages_sent` is the resend overhead.
+    pub distinct_pages_sent: u64,
     /// Pages sent twice within one pass (must be 0).
     pub duplicate_pages_sent: u64,
     /// Guest pause to the destination holding everything, ms.
@@ -361,6 +364,8 @@ struct Source<'a> {
     ledger: DirtLedger,
     kvm_log: Vec<Vec<u64>>,
     sent: Vec<DirtyBitmap>,
+    /// Every page sent at least once: the lower bound on pages any migration must send.
+    touched: Vec<DirtyBitmap>,
     page_buf: Vec<u8>,
     summary: Summary,
     bandwidth: f64,
@@ -425,11 +430,12 @@ impl<'a> Source<'a> {
         let kvm_log = (0..memory.regions().len())
             .map(|i| vec![0u64; memory.bitmap_words(i).unwrap_or(0)])
             .collect();
-        let sent = memory
+        let sent: Vec<DirtyBitmap> = memory
             .regions()
             .iter()
             .map(|r| DirtyBitmap::new(r.length / PAGE))
             .collect();
+        let touched = sent.clone();
         let summary = Summary {
             guest: guest.kind().to_string(),
             faults: cfg.faults.iter().map(|f| f.to_string()).collect(),
@@ -445,6 +451,7 @@ impl<'a> Source<'a> {
             ledger,
             kvm_log,
             sent,
+            touched,
             page_buf: vec![0; FRAME_PAGES * PAGE as usize],
             summary,
             bandwidth: 0.0,
@@ -584,6 +591,7 @@ impl<'a> Source<'a> {
                         self.summary.duplicate_pages_sent += 1;
                     }
                     let _ = self.sent[region].set(bit);
+                    let _ = self.touched[region].set(bit);
                     let off = (i * PAGE) as usize;
                     self.memory
                         .read_page(
@@ -947,6 +955,7 @@ pub fn run_source(
         }
     };
     src.summary.attempts = attempt + 1;
+    src.summary.distinct_pages_sent = src.touched.iter().map(DirtyBitmap::count_ones).sum();
     src.summary.dma_writes = src.dma.writes();
     src.summary.guest_pages_written = src.guest.progress().pages_written;
     src.summary.untracked_dma_writes = src.device.untracked_writes() + src.dma.unlogged_writes();
