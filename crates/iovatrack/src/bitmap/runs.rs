@@ -94,12 +94,14 @@ impl Iterator for Runs<'_> {
                 return None;
             }
         }
-        let tz = self.cur.trailing_zeros();
+        let cur = self.cur;
+        let tz = cur.trailing_zeros();
         let start = self.idx as u64 * 64 + tz as u64;
-        let ones = (self.cur >> tz).trailing_ones();
+        let ones = (cur >> tz).trailing_ones();
         if tz + ones < 64 {
-            // The run ends inside this word.
-            self.cur &= !mask(0, tz + ones);
+            // The run ends inside this word. Clear it without branches: adding its lowest
+            // bit carries through the run, and the AND drops the carry-out bit.
+            self.cur = cur & cur.wrapping_add(cur & cur.wrapping_neg());
             return Some((start, ones as u64));
         }
         // The run reaches the word's top bit: swallow all-ones words, then finish in the
@@ -116,7 +118,7 @@ impl Iterator for Runs<'_> {
         let w = self.load(j);
         let t = w.trailing_ones(); // < 64 since w != MAX
         self.idx = j;
-        self.cur = w & !mask(0, t);
+        self.cur = w & w.wrapping_add(1); // clear the run at bit 0
         Some((start, j as u64 * 64 + t as u64 - start))
     }
 }
