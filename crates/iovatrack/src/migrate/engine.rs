@@ -371,6 +371,8 @@ struct Source<'a> {
     bandwidth: f64,
     /// Pages sent on the current connection (its Complete frame reports them).
     conn_pages: u64,
+    /// The injected REPORT failure has happened.
+    report_fault_fired: bool,
 }
 
 /// The device's DMA-able memory: the planner's filter over the layout, minus the guest's
@@ -456,6 +458,7 @@ impl<'a> Source<'a> {
             summary,
             bandwidth: 0.0,
             conn_pages: 0,
+            report_fault_fired: false,
         })
     }
 
@@ -621,6 +624,13 @@ impl<'a> Source<'a> {
                 }
             }
         }
+        if let Some(s) = drop_midway {
+            // A pass too small to drop half-way through drops before its end.
+            let _ = s.shutdown(Shutdown::Both);
+            return Err(AttemptEnd::Retry(format!(
+                "connection dropped during pass {pass} (injected)"
+            )));
+        }
         w.write_frame(&Frame::PassEnd {
             pass,
             pages_sent: sent,
@@ -634,6 +644,19 @@ impl<'a> Source<'a> {
         self.summary.passes += 1;
         self.conn_pages += sent;
         Ok((sent, bytes, secs))
+    }
+
+    /// Arm the injected REPORT failure (EIO on the next REPORT) once, on the first attempt.
+    fn inject_report_fault(&mut self, attempt: u32, when: impl Fn(u32) -> bool) {
+        let due = self
+            .cfg
+            .faults
+            .iter()
+            .any(|f| matches!(f, Fault::ReportFail(n) if when(*n)));
+        if attempt == 0 && due && !self.report_fault_fired {
+            self.device.fail_report(1, Errno::EIO);
+            self.report_fault_fired = true;
+        }
     }
 
     fn est_downtime_ms(&self) -> f64 {
@@ -691,12 +714,19 @@ impl<'a> Source<'a> {
             let (cpu, dev) = if pass == 0 && attempt == 0 {
                 (0, 0)
             } else {
-                if attempt == 0 && self.cfg.faults.contains(&Fault::ReportFail(pass)) {
-                    self.device.fail_report(1, Errno::EIO);
-                }
+                self.inject_report_fault(attempt, |n| n == pass);
                 self.collect()
                     .map_err(|e| AttemptEnd::Abort(e.to_string()))?
             };
+            if attempt == 0 && self.cfg.faults.contains(&Fault::CancelAt(pass)) {
+                let _ = w.write_frame(&Frame::Abort {
+                    reason: Cow::Borrowed("cancelled"),
+                });
+                let _ = w.flush();
+                return Err(AttemptEnd::Retry(format!(
+                    "cancelled at pass {pass} (injected)"
+                )));
+            }
             if pass > 0 {
                 let est = self.est_downtime_ms();
                 let timed_out = started.elapsed() >= self.cfg.timeout;
@@ -714,17 +744,10 @@ impl<'a> Source<'a> {
                     || pass >= self.cfg.max_iterations
                     || timed_out
                 {
-                    return self.stop_and_copy(w, r, attempt, pass, (cpu, dev), events);
+                    let drop = (attempt == 0 && self.cfg.faults.contains(&Fault::DropAt(pass)))
+                        .then_some(stream);
+                    return self.stop_and_copy(w, r, attempt, pass, (cpu, dev), drop, events);
                 }
-            }
-            if attempt == 0 && self.cfg.faults.contains(&Fault::CancelAt(pass)) {
-                let _ = w.write_frame(&Frame::Abort {
-                    reason: Cow::Borrowed("cancelled"),
-                });
-                let _ = w.flush();
-                return Err(AttemptEnd::Retry(format!(
-                    "cancelled at pass {pass} (injected)"
-                )));
             }
             self.ledger
                 .begin_pass()
@@ -775,6 +798,7 @@ impl<'a> Source<'a> {
         attempt: u32,
         pass: u32,
         collected: (u64, u64),
+        drop: Option<&TcpStream>,
         events: &mut dyn FnMut(Event),
     ) -> Result<Verdict, AttemptEnd> {
         let abort = |e: &dyn std::fmt::Display| AttemptEnd::Abort(e.to_string());
@@ -788,9 +812,11 @@ impl<'a> Source<'a> {
             .migration()
             .set_state(MigState::StopCopy)
             .map_err(|e| abort(&e))?;
+        // A REPORT fault planned for a pass the migration did not reach hits the final one.
+        self.inject_report_fault(attempt, |n| n >= pass);
         let (cpu, dev) = self.collect().map_err(|e| abort(&e))?;
         self.ledger.begin_pass().map_err(|e| abort(&e))?;
-        let (pages, bytes, secs) = self.send_pass(w, attempt, pass, false, None, true, events)?;
+        let (pages, bytes, secs) = self.send_pass(w, attempt, pass, false, drop, true, events)?;
         // Device state: everything the data fd yields in STOP_COPY.
         let mut state = Vec::new();
         let mut buf = [0u8; 4096];
