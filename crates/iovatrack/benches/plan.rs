@@ -10,7 +10,7 @@
 //!   smallest-gap loop) against `combine` on the same input, the layout's DMA-able set
 //!   after merging touching pieces, at 1k and 8k sections (the kernel loop gets slow beyond).
 //! * `plan/optimal-<cap>/<sections>`: the whole `Planner::plan` (filter, merge, optimal
-//!   strategy) at 1k, 32k and 131,072 sections, caps 256 and 8.
+//!   strategy) at 1k, 8k, 32k and 131,072 sections, caps 256 and 8.
 //!
 //! Run: `cargo bench -p iovatrack --bench plan`.
 
@@ -108,7 +108,7 @@ fn bench_combine(c: &mut Criterion) {
 
 fn bench_plan(c: &mut Criterion) {
     let mut g = c.benchmark_group("plan");
-    for sections in [1024usize, 32 * 1024, 131_072] {
+    for sections in [1024usize, 8192, 32 * 1024, 131_072] {
         let layout = virtio_mem_layout(sections, 0x5eed + sections as u64);
         for cap in [256u32, 8] {
             let planner = Planner::new().strategy(Strategy::Optimal).max_ranges(cap);
