@@ -563,3 +563,104 @@ impl DmaLogger for EmulatedDevice {
 
 #[cfg(test)]
 mod tests;
+
+/// The device's START against the rule engine it is built on: same verdict, errno and
+/// tracked ranges, with the device's own refusals in their documented places.
+#[cfg(test)]
+mod check_start_agreement {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn limits() -> impl Strategy<Value = DeviceLimits> {
+        let driver = prop_oneof![
+            Just(DeviceLimits::generic()),
+            Just(DeviceLimits::mlx5()),
+            Just(DeviceLimits::pds())
+        ];
+        (
+            driver,
+            1u32..6,
+            1u32..300,
+            prop::option::of((12u8..16, 14u8..20)),
+        )
+            .prop_map(|(base, max, core, addr)| DeviceLimits {
+                max_ranges: max,
+                core_max_ranges: core.min(256),
+                addr_space_log2: if base.driver == DriverKind::Mlx5 {
+                    addr
+                } else {
+                    None
+                },
+                ..base
+            })
+    }
+
+    fn ranges() -> impl Strategy<Value = Vec<IovaRange>> {
+        // Mostly page-aligned small ranges; sometimes misaligned, empty or near 2^64.
+        let one = prop_oneof![
+            8 => (0u64..64, 0u64..8).prop_map(|(p, n)| IovaRange::new(p * 4096, n * 4096)),
+            1 => (0u64..0x40000, 0u64..0x9000).prop_map(|(a, l)| IovaRange::new(a, l)),
+            1 => (1u64..4).prop_map(|p| IovaRange::new(u64::MAX - p * 4096 + 1, 4096)),
+        ];
+        // Disjoint aligned lists (zero lengths included) reach the driver's rules; random
+        // lists mostly exercise the core's.
+        let disjoint = prop::collection::vec((1u64..4, 0u64..4), 1..8).prop_map(|v| {
+            let mut at = 0;
+            v.into_iter()
+                .map(|(gap, len)| {
+                    at += gap * 4096;
+                    let r = IovaRange::new(at, len * 4096);
+                    at += len * 4096;
+                    r
+                })
+                .rev()
+                .collect()
+        });
+        prop_oneof![prop::collection::vec(one, 0..10), disjoint]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        #[test]
+        fn device_start_follows_check_start(
+            l in limits(),
+            ps in prop_oneof![Just(0u64), Just(4096), Just(8192), Just(12288)],
+            v in ranges(),
+        ) {
+            let d = EmulatedDevice::new(l);
+            let got = d.start(ps, &v);
+            let want = check_start(&l, ps, &v);
+            match (&want, &got) {
+                // Only mlx5's address-space check belongs to the driver.
+                (Err(r), Err(e)) if !matches!(r, StartRefusal::AddressSpace { .. }) => prop_assert_eq!(e, &start_error(r)),
+                (_, Err(e)) if v.iter().any(|r| r.length == 0) => {
+                    prop_assert!(matches!(e.rule, Rule::ZeroLength { .. }), "{e}")
+                }
+                (_, Err(e)) if !is_pow2(l.negotiate_page_size(ps)) => {
+                    prop_assert!(matches!(e.rule, Rule::UnusablePageSize { .. }), "{e}")
+                }
+                (Err(r), Err(e)) => prop_assert_eq!(e, &start_error(r)),
+                (Ok(a), Ok(p)) => {
+                    prop_assert_eq!(*p, a.page_size);
+                    prop_assert_eq!(d.tracked_ranges().unwrap(), a.ranges.clone());
+                }
+                (Ok(_), Err(e)) => prop_assert_eq!(e.errno, Errno::ENOMEM, "{}", e),
+                (Err(r), Ok(_)) => prop_assert!(false, "device accepted what check_start refuses: {r}"),
+            }
+        }
+    }
+
+    /// mlx5 checks `log_active` before anything else in `log_start`: a second START is
+    /// EINVAL even with ranges its address-space check would refuse.
+    #[test]
+    fn double_start_before_driver_rules() {
+        let d = EmulatedDevice::new(DeviceLimits::mlx5());
+        d.start(4096, &[IovaRange::new(0, 4096)]).unwrap();
+        let too_big = [IovaRange::new(0, 1 << 42), IovaRange::new(1 << 43, 4096)];
+        let refusal = check_start(&DeviceLimits::mlx5(), 4096, &too_big).unwrap_err();
+        assert_eq!(refusal.errno(), libc::EOPNOTSUPP);
+        let e = d.start(4096, &too_big).unwrap_err();
+        assert_eq!((e.errno, e.rule), (Errno::EINVAL, Rule::AlreadyStarted));
+    }
+}
