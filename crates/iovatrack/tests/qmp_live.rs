@@ -120,7 +120,7 @@ fn qemu_or_skip() -> Option<PathBuf> {
             .find(|p| p.is_file())
     });
     if found.is_none() {
-        eprintln!("SKIPPED: {QEMU} not installed");
+        iovatrack::report_skip(&format!("live QMP test: {QEMU} not installed"));
         if std::env::var_os("CI").is_some() {
             panic!("CI is set but {QEMU} is not installed");
         }
