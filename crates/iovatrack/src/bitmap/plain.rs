@@ -39,7 +39,8 @@ pub struct DirtyBitmap {
 }
 
 impl DirtyBitmap {
-    /// An all-clear bitmap of `bits` bits (`ceil(bits / 64)` words).
+    /// An all-clear bitmap of `bits` bits (`ceil(bits / 64)` words, allocated once; like
+    /// any `Vec`, a size the allocator cannot satisfy aborts).
     pub fn new(bits: u64) -> Self {
         Self {
             words: vec![0; words_for(bits)],

@@ -188,9 +188,8 @@ fn fold_words(
         let acc = chunk.iter().fold(0, |a, &w| a | w);
         // The final word belongs to this group if the group is cut short by it.
         let acc = if chunk.len() < group { acc | last } else { acc };
-        if acc != 0 {
-            dst[(j / 64) as usize] |= 1 << (j % 64);
-        }
+        // Branch-free: at low density a group is dirty about half the time.
+        dst[(j / 64) as usize] |= u64::from(acc != 0) << (j % 64);
         j += 1;
     }
     // A group made of the last word alone (body ended exactly on a group boundary).

@@ -1,6 +1,6 @@
 //! Unit tests and property tests against brute-force oracles.
 
-use super::words::{mask, next_nonzero, tail_mask};
+use super::words::{mask, tail_mask};
 use super::*;
 use proptest::prelude::*;
 use std::collections::BTreeSet;
@@ -117,19 +117,6 @@ fn masks() {
 }
 
 #[test]
-fn next_nonzero_scans() {
-    let mut w = vec![0u64; 100];
-    assert_eq!(next_nonzero(&w, 0), 100);
-    w[37] = 4;
-    assert_eq!(next_nonzero(&w, 0), 37);
-    assert_eq!(next_nonzero(&w, 37), 37);
-    assert_eq!(next_nonzero(&w, 38), 100);
-    w[99] = 1;
-    assert_eq!(next_nonzero(&w, 38), 99);
-    assert_eq!(next_nonzero(&w, 200), 100);
-}
-
-#[test]
 fn errors_not_panics() {
     let mut b = DirtyBitmap::new(100);
     assert_eq!(
@@ -194,6 +181,34 @@ fn runs_edges() {
     let full = DirtyBitmap::from_words(vec![u64::MAX; 3], 130).unwrap();
     assert_eq!(full.runs().collect::<Vec<_>>(), [(0, 130)]);
     assert_eq!(full.count_ones(), 130);
+}
+
+#[test]
+fn runs_chunk_scan_edges() {
+    // Dirty words at chunk edges, a crossing run that ends inside a scanned chunk, a clean
+    // remainder shorter than a chunk, and garbage past the length in the last word.
+    let mut w = vec![0u64; 27];
+    w[0] = 1;
+    w[7] = 1 << 63;
+    w[8] = 0b111;
+    w[9] = 1 << 5;
+    w[15] = u64::MAX;
+    w[16] = u64::MAX;
+    w[17] = 0b1 | 1 << 9;
+    w[26] = u64::MAX << 3; // only bits 3.. of the last word; length ends at bit 26*64+5
+    let runs: Vec<_> = Runs::new(&w, 26 * 64 + 5).collect();
+    assert_eq!(
+        runs,
+        [
+            (0, 1),
+            (7 * 64 + 63, 4),
+            (9 * 64 + 5, 1),
+            (15 * 64, 129),
+            (17 * 64 + 9, 1),
+            (26 * 64 + 3, 2),
+        ]
+    );
+    assert!(check_runs(&w, 26 * 64 + 5).is_ok());
 }
 
 #[test]

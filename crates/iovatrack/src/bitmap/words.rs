@@ -85,33 +85,6 @@ pub(crate) fn take_slices(dst: &mut [u64], src: &mut [u64]) {
     }
 }
 
-/// Index of the first non-zero word in `words[from..]`, or `words.len()`. Scans 8-word
-/// chunks (one cache line): an OR reduction (vector ORs) rejects a clean chunk with one
-/// branch; in a dirty chunk the eight `!= 0` tests become a bit mask and `trailing_zeros`
-/// picks the word, with no branch per word to mispredict.
-#[inline]
-pub(crate) fn next_nonzero(words: &[u64], from: usize) -> usize {
-    let n = words.len();
-    let mut i = from;
-    while let Some(c) = words.get(i..).and_then(|s| s.first_chunk::<8>()) {
-        if c.iter().fold(0, |a, &w| a | w) != 0 {
-            let m = c
-                .iter()
-                .enumerate()
-                .fold(0u32, |m, (k, &w)| m | (u32::from(w != 0) << k));
-            return i + m.trailing_zeros() as usize;
-        }
-        i += 8;
-    }
-    while i < n {
-        if words[i] != 0 {
-            return i;
-        }
-        i += 1;
-    }
-    n
-}
-
 /// Read 64 bits of `src` starting at (possibly negative) bit `q`; bits outside `src` are 0.
 #[inline]
 fn window(src: &[u64], q: i128) -> u64 {

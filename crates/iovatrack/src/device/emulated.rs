@@ -1,10 +1,13 @@
 //! A software device that logs its DMA writes the way a VFIO driver does.
 //!
-//! It enforces the vfio core's START/REPORT/STOP checks (drivers/vfio/vfio_main.c) in the
-//! kernel's order, so the first offending range decides the errno, then the driver rules of
-//! its [`DeviceLimits`]: mlx5 (page size floored and clamped, smallest-gap merge to the
-//! device's range count, EOPNOTSUPP on the total size) or pds (merge to its regions, a
-//! REPORT must stay inside one region).
+//! START is judged by [`check_start`], the same rule engine the planner predicts with: the
+//! vfio core's checks (drivers/vfio/vfio_main.c) in the kernel's order, so the first
+//! offending range decides the errno, then the driver rules of its [`DeviceLimits`]: mlx5
+//! (page size floored and clamped, smallest-gap merge to the device's range count,
+//! EOPNOTSUPP on the total size) or pds (merge to its regions). The device adds only what
+//! a driver holds: its state (double START), its own refusals (zero length, unusable page
+//! size, log memory) and fault injection. REPORT/STOP follow the core and the drivers too
+//! (pds: a REPORT must stay inside one region).
 //!
 //! DMA writes arrive through [`EmulatedDevice::dma_write`] from any number of threads. The
 //! tracked set is fixed at START, so the hot path takes only a shared read lock (no writer
@@ -14,8 +17,12 @@
 
 use super::migration::{MigFlags, MigrationDevice};
 use super::{DeviceError, DeviceOp, DmaLogger, Errno, Rule};
+// The tests compare tracked ranges with the planner's merge.
+#[cfg(test)]
 use crate::plan::combine::combine;
-use crate::plan::limits::{DeviceLimits, DeviceProfile, DriverKind};
+use crate::plan::limits::{
+    check_start, Accepted, DeviceLimits, DeviceProfile, DriverKind, StartRefusal,
+};
 use crate::range::{is_pow2, IovaRange};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
@@ -227,59 +234,16 @@ impl EmulatedDevice {
         }
     }
 
-    /// `vfio_ioctl_device_feature_logging_start`'s checks, in order.
-    fn core_start_checks(&self, page_size: u64, ranges: &[IovaRange]) -> Result<(), DeviceError> {
-        let e = |errno, rule| Self::err(DeviceOp::Start, errno, rule);
-        let n = ranges.len();
-        if n == 0 {
-            return Err(e(Errno::EINVAL, Rule::NoRanges));
-        }
-        if n > self.limits.core_max_ranges as usize {
-            return Err(e(
-                Errno::E2BIG,
-                Rule::TooManyRanges {
-                    count: n,
-                    max: self.limits.core_max_ranges,
-                },
-            ));
-        }
-        // IS_ALIGNED with a mask: page size 0 makes the mask all ones.
-        let mask = page_size.wrapping_sub(1);
-        // Inclusive [start, last] as the interval tree holds them; a zero length wraps.
-        let mut nodes: Vec<(u64, u64)> = Vec::with_capacity(n);
-        for (index, &range) in ranges.iter().enumerate() {
-            if range.iova & mask != 0 || range.length & mask != 0 {
-                return Err(e(
-                    Errno::EINVAL,
-                    Rule::Misaligned {
-                        index,
-                        range,
-                        page_size,
-                    },
-                ));
-            }
-            if !range.fits_u64() {
-                return Err(e(Errno::EOVERFLOW, Rule::RangeOverflow { index, range }));
-            }
-            let start = range.iova;
-            let last = start.wrapping_add(range.length).wrapping_sub(1);
-            if let Some(other) = nodes.iter().position(|&(s, l)| s <= last && start <= l) {
-                return Err(e(
-                    Errno::EINVAL,
-                    Rule::Overlap {
-                        index,
-                        range,
-                        other,
-                    },
-                ));
-            }
-            nodes.push((start, last));
-        }
-        Ok(())
-    }
-
-    /// The driver's `log_start`: state, page size, merge, limits, allocation.
-    fn driver_start(&self, page_size: u64, ranges: &[IovaRange]) -> Result<Session, DeviceError> {
+    /// The driver's `log_start` after the core's checks and the state check, in the
+    /// kernel drivers' order: injected refusal, this device's own refusals (zero length,
+    /// unusable page size), then `verdict`'s driver rules (merge, mlx5 address space), then
+    /// the log allocation.
+    fn driver_start(
+        &self,
+        page_size: u64,
+        ranges: &[IovaRange],
+        verdict: Result<Accepted, StartRefusal>,
+    ) -> Result<Session, DeviceError> {
         let e = |errno, rule| Self::err(DeviceOp::Start, errno, rule);
         if let Some((errno, above)) = self
             .faults
@@ -291,6 +255,7 @@ impl EmulatedDevice {
                 return Err(e(errno, Rule::Injected));
             }
         }
+        // Beyond the kernel: a zero length wraps in the core and no tracker can size it.
         if let Some(index) = ranges.iter().position(|r| r.length == 0) {
             return Err(e(Errno::EINVAL, Rule::ZeroLength { index }));
         }
@@ -298,30 +263,9 @@ impl EmulatedDevice {
         if !is_pow2(ps) {
             return Err(e(Errno::EINVAL, Rule::UnusablePageSize { page_size: ps }));
         }
-        let mut sorted = ranges.to_vec();
-        sorted.sort_unstable();
-        let max = self.limits.max_ranges.max(1) as usize;
-        let merged = if sorted.len() > max {
-            combine(&sorted, max)
-        } else {
-            sorted
-        };
-        if let Some((min, max)) = self.limits.addr_space_log2 {
-            let total: u128 = merged.iter().map(|r| r.length as u128).sum();
-            // ilog2(roundup_pow_of_two(total)); total > 0 (no zero lengths).
-            let log2 = 128 - (total - 1).leading_zeros();
-            if log2 < min as u32 || log2 > max as u32 {
-                return Err(e(
-                    Errno::EOPNOTSUPP,
-                    Rule::AddressSpace {
-                        total,
-                        log2,
-                        min,
-                        max,
-                    },
-                ));
-            }
-        }
+        let accepted = verdict.map_err(|r| start_error(&r))?;
+        debug_assert_eq!(accepted.page_size, ps);
+        let merged = accepted.ranges;
         let shift = ps.trailing_zeros();
         let mut words_total: u128 = 0;
         let mut spans = Vec::with_capacity(merged.len());
@@ -380,6 +324,60 @@ impl EmulatedDevice {
             None => None,
         }
     }
+}
+
+/// Whether the vfio core (rather than the driver's `log_start`) makes this refusal.
+fn is_core_refusal(r: &StartRefusal) -> bool {
+    match r {
+        StartRefusal::NoRanges
+        | StartRefusal::TooManyRanges { .. }
+        | StartRefusal::Misaligned { .. }
+        | StartRefusal::Overflow { .. }
+        | StartRefusal::Overlap { .. } => true,
+        StartRefusal::AddressSpace { .. } => false,
+    }
+}
+
+/// A START refusal as the device error, with the same errno.
+fn start_error(r: &StartRefusal) -> DeviceError {
+    let rule = match *r {
+        StartRefusal::NoRanges => Rule::NoRanges,
+        StartRefusal::TooManyRanges { count, max } => Rule::TooManyRanges {
+            count,
+            max: u32::try_from(max).unwrap_or(u32::MAX),
+        },
+        StartRefusal::Misaligned {
+            index,
+            range,
+            page_size,
+        } => Rule::Misaligned {
+            index,
+            range,
+            page_size,
+        },
+        StartRefusal::Overflow { index, range } => Rule::RangeOverflow { index, range },
+        StartRefusal::Overlap {
+            index,
+            range,
+            other,
+        } => Rule::Overlap {
+            index,
+            range,
+            other,
+        },
+        StartRefusal::AddressSpace {
+            total,
+            log2,
+            min,
+            max,
+        } => Rule::AddressSpace {
+            total,
+            log2,
+            min,
+            max,
+        },
+    };
+    DeviceError::new(DeviceOp::Start, Errno(r.errno()), rule)
 }
 
 /// Counts device pages of untracked bytes, each page once per write.
@@ -442,7 +440,14 @@ impl DmaLogger for EmulatedDevice {
 
     fn start(&self, page_size: u64, ranges: &[IovaRange]) -> Result<u64, DeviceError> {
         self.check_supported(DeviceOp::Start)?;
-        self.core_start_checks(page_size, ranges)?;
+        // The one rule engine (the planner predicts with it). The core's refusals come
+        // before the driver sees the request; the driver's come after its state check.
+        let verdict = check_start(&self.limits, page_size, ranges);
+        if let Err(refusal) = &verdict {
+            if is_core_refusal(refusal) {
+                return Err(start_error(refusal));
+            }
+        }
         let mut session = self.session.write().unwrap_or_else(PoisonError::into_inner);
         if session.is_some() {
             return Err(Self::err(
@@ -451,7 +456,7 @@ impl DmaLogger for EmulatedDevice {
                 Rule::AlreadyStarted,
             ));
         }
-        let s = self.driver_start(page_size, ranges)?;
+        let s = self.driver_start(page_size, ranges, verdict)?;
         let ps = 1u64 << s.shift;
         *session = Some(s);
         Ok(ps)
@@ -558,3 +563,104 @@ impl DmaLogger for EmulatedDevice {
 
 #[cfg(test)]
 mod tests;
+
+/// The device's START against the rule engine it is built on: same verdict, errno and
+/// tracked ranges, with the device's own refusals in their documented places.
+#[cfg(test)]
+mod check_start_agreement {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn limits() -> impl Strategy<Value = DeviceLimits> {
+        let driver = prop_oneof![
+            Just(DeviceLimits::generic()),
+            Just(DeviceLimits::mlx5()),
+            Just(DeviceLimits::pds())
+        ];
+        (
+            driver,
+            1u32..6,
+            1u32..300,
+            prop::option::of((12u8..16, 14u8..20)),
+        )
+            .prop_map(|(base, max, core, addr)| DeviceLimits {
+                max_ranges: max,
+                core_max_ranges: core.min(256),
+                addr_space_log2: if base.driver == DriverKind::Mlx5 {
+                    addr
+                } else {
+                    None
+                },
+                ..base
+            })
+    }
+
+    fn ranges() -> impl Strategy<Value = Vec<IovaRange>> {
+        // Mostly page-aligned small ranges; sometimes misaligned, empty or near 2^64.
+        let one = prop_oneof![
+            8 => (0u64..64, 0u64..8).prop_map(|(p, n)| IovaRange::new(p * 4096, n * 4096)),
+            1 => (0u64..0x40000, 0u64..0x9000).prop_map(|(a, l)| IovaRange::new(a, l)),
+            1 => (1u64..4).prop_map(|p| IovaRange::new(u64::MAX - p * 4096 + 1, 4096)),
+        ];
+        // Disjoint aligned lists (zero lengths included) reach the driver's rules; random
+        // lists mostly exercise the core's.
+        let disjoint = prop::collection::vec((1u64..4, 0u64..4), 1..8).prop_map(|v| {
+            let mut at = 0;
+            v.into_iter()
+                .map(|(gap, len)| {
+                    at += gap * 4096;
+                    let r = IovaRange::new(at, len * 4096);
+                    at += len * 4096;
+                    r
+                })
+                .rev()
+                .collect()
+        });
+        prop_oneof![prop::collection::vec(one, 0..10), disjoint]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        #[test]
+        fn device_start_follows_check_start(
+            l in limits(),
+            ps in prop_oneof![Just(0u64), Just(4096), Just(8192), Just(12288)],
+            v in ranges(),
+        ) {
+            let d = EmulatedDevice::new(l);
+            let got = d.start(ps, &v);
+            let want = check_start(&l, ps, &v);
+            match (&want, &got) {
+                // Only mlx5's address-space check belongs to the driver.
+                (Err(r), Err(e)) if !matches!(r, StartRefusal::AddressSpace { .. }) => prop_assert_eq!(e, &start_error(r)),
+                (_, Err(e)) if v.iter().any(|r| r.length == 0) => {
+                    prop_assert!(matches!(e.rule, Rule::ZeroLength { .. }), "{e}")
+                }
+                (_, Err(e)) if !is_pow2(l.negotiate_page_size(ps)) => {
+                    prop_assert!(matches!(e.rule, Rule::UnusablePageSize { .. }), "{e}")
+                }
+                (Err(r), Err(e)) => prop_assert_eq!(e, &start_error(r)),
+                (Ok(a), Ok(p)) => {
+                    prop_assert_eq!(*p, a.page_size);
+                    prop_assert_eq!(d.tracked_ranges().unwrap(), a.ranges.clone());
+                }
+                (Ok(_), Err(e)) => prop_assert_eq!(e.errno, Errno::ENOMEM, "{}", e),
+                (Err(r), Ok(_)) => prop_assert!(false, "device accepted what check_start refuses: {r}"),
+            }
+        }
+    }
+
+    /// mlx5 checks `log_active` before anything else in `log_start`: a second START is
+    /// EINVAL even with ranges its address-space check would refuse.
+    #[test]
+    fn double_start_before_driver_rules() {
+        let d = EmulatedDevice::new(DeviceLimits::mlx5());
+        d.start(4096, &[IovaRange::new(0, 4096)]).unwrap();
+        let too_big = [IovaRange::new(0, 1 << 42), IovaRange::new(1 << 43, 4096)];
+        let refusal = check_start(&DeviceLimits::mlx5(), 4096, &too_big).unwrap_err();
+        assert_eq!(refusal.errno(), libc::EOPNOTSUPP);
+        let e = d.start(4096, &too_big).unwrap_err();
+        assert_eq!((e.errno, e.rule), (Errno::EINVAL, Rule::AlreadyStarted));
+    }
+}

@@ -248,6 +248,9 @@ pub struct Summary {
     pub pages_sent: u64,
     /// Bytes on the wire over all attempts.
     pub bytes_sent: u64,
+    /// Distinct pages sent: each had to travel at least once (non-zero at the start, or
+    /// dirtied since), so `pages_sent / distinct_pages_sent` is the resend overhead.
+    pub distinct_pages_sent: u64,
     /// Pages sent twice within one pass (must be 0).
     pub duplicate_pages_sent: u64,
     /// Guest pause to the destination holding everything, ms.
@@ -361,11 +364,15 @@ struct Source<'a> {
     ledger: DirtLedger,
     kvm_log: Vec<Vec<u64>>,
     sent: Vec<DirtyBitmap>,
+    /// Every page sent at least once: the lower bound on pages any migration must send.
+    touched: Vec<DirtyBitmap>,
     page_buf: Vec<u8>,
     summary: Summary,
     bandwidth: f64,
     /// Pages sent on the current connection (its Complete frame reports them).
     conn_pages: u64,
+    /// The injected REPORT failure has happened.
+    report_fault_fired: bool,
 }
 
 /// The device's DMA-able memory: the planner's filter over the layout, minus the guest's
@@ -425,11 +432,12 @@ impl<'a> Source<'a> {
         let kvm_log = (0..memory.regions().len())
             .map(|i| vec![0u64; memory.bitmap_words(i).unwrap_or(0)])
             .collect();
-        let sent = memory
+        let sent: Vec<DirtyBitmap> = memory
             .regions()
             .iter()
             .map(|r| DirtyBitmap::new(r.length / PAGE))
             .collect();
+        let touched = sent.clone();
         let summary = Summary {
             guest: guest.kind().to_string(),
             faults: cfg.faults.iter().map(|f| f.to_string()).collect(),
@@ -445,10 +453,12 @@ impl<'a> Source<'a> {
             ledger,
             kvm_log,
             sent,
+            touched,
             page_buf: vec![0; FRAME_PAGES * PAGE as usize],
             summary,
             bandwidth: 0.0,
             conn_pages: 0,
+            report_fault_fired: false,
         })
     }
 
@@ -584,6 +594,7 @@ impl<'a> Source<'a> {
                         self.summary.duplicate_pages_sent += 1;
                     }
                     let _ = self.sent[region].set(bit);
+                    let _ = self.touched[region].set(bit);
                     let off = (i * PAGE) as usize;
                     self.memory
                         .read_page(
@@ -613,6 +624,13 @@ impl<'a> Source<'a> {
                 }
             }
         }
+        if let Some(s) = drop_midway {
+            // A pass too small to drop half-way through drops before its end.
+            let _ = s.shutdown(Shutdown::Both);
+            return Err(AttemptEnd::Retry(format!(
+                "connection dropped during pass {pass} (injected)"
+            )));
+        }
         w.write_frame(&Frame::PassEnd {
             pass,
             pages_sent: sent,
@@ -626,6 +644,19 @@ impl<'a> Source<'a> {
         self.summary.passes += 1;
         self.conn_pages += sent;
         Ok((sent, bytes, secs))
+    }
+
+    /// Arm the injected REPORT failure (EIO on the next REPORT) once, on the first attempt.
+    fn inject_report_fault(&mut self, attempt: u32, when: impl Fn(u32) -> bool) {
+        let due = self
+            .cfg
+            .faults
+            .iter()
+            .any(|f| matches!(f, Fault::ReportFail(n) if when(*n)));
+        if attempt == 0 && due && !self.report_fault_fired {
+            self.device.fail_report(1, Errno::EIO);
+            self.report_fault_fired = true;
+        }
     }
 
     fn est_downtime_ms(&self) -> f64 {
@@ -691,12 +722,19 @@ impl<'a> Source<'a> {
             let (cpu, dev) = if pass == 0 && attempt == 0 {
                 (0, 0)
             } else {
-                if attempt == 0 && self.cfg.faults.contains(&Fault::ReportFail(pass)) {
-                    self.device.fail_report(1, Errno::EIO);
-                }
+                self.inject_report_fault(attempt, |n| n == pass);
                 self.collect()
                     .map_err(|e| AttemptEnd::Abort(e.to_string()))?
             };
+            if attempt == 0 && self.cfg.faults.contains(&Fault::CancelAt(pass)) {
+                let _ = w.write_frame(&Frame::Abort {
+                    reason: Cow::Borrowed("cancelled"),
+                });
+                let _ = w.flush();
+                return Err(AttemptEnd::Retry(format!(
+                    "cancelled at pass {pass} (injected)"
+                )));
+            }
             if pass > 0 {
                 let est = self.est_downtime_ms();
                 let timed_out = started.elapsed() >= self.cfg.timeout;
@@ -714,17 +752,10 @@ impl<'a> Source<'a> {
                     || pass >= self.cfg.max_iterations
                     || timed_out
                 {
-                    return self.stop_and_copy(w, r, attempt, pass, (cpu, dev), events);
+                    let drop = (attempt == 0 && self.cfg.faults.contains(&Fault::DropAt(pass)))
+                        .then_some(stream);
+                    return self.stop_and_copy(w, r, attempt, pass, (cpu, dev), drop, events);
                 }
-            }
-            if attempt == 0 && self.cfg.faults.contains(&Fault::CancelAt(pass)) {
-                let _ = w.write_frame(&Frame::Abort {
-                    reason: Cow::Borrowed("cancelled"),
-                });
-                let _ = w.flush();
-                return Err(AttemptEnd::Retry(format!(
-                    "cancelled at pass {pass} (injected)"
-                )));
             }
             self.ledger
                 .begin_pass()
@@ -775,6 +806,7 @@ impl<'a> Source<'a> {
         attempt: u32,
         pass: u32,
         collected: (u64, u64),
+        drop: Option<&TcpStream>,
         events: &mut dyn FnMut(Event),
     ) -> Result<Verdict, AttemptEnd> {
         let abort = |e: &dyn std::fmt::Display| AttemptEnd::Abort(e.to_string());
@@ -788,9 +820,11 @@ impl<'a> Source<'a> {
             .migration()
             .set_state(MigState::StopCopy)
             .map_err(|e| abort(&e))?;
+        // A REPORT fault planned for a pass the migration did not reach hits the final one.
+        self.inject_report_fault(attempt, |n| n >= pass);
         let (cpu, dev) = self.collect().map_err(|e| abort(&e))?;
         self.ledger.begin_pass().map_err(|e| abort(&e))?;
-        let (pages, bytes, secs) = self.send_pass(w, attempt, pass, false, None, true, events)?;
+        let (pages, bytes, secs) = self.send_pass(w, attempt, pass, false, drop, true, events)?;
         // Device state: everything the data fd yields in STOP_COPY.
         let mut state = Vec::new();
         let mut buf = [0u8; 4096];
@@ -955,6 +989,7 @@ pub fn run_source(
         }
     };
     src.summary.attempts = attempt + 1;
+    src.summary.distinct_pages_sent = src.touched.iter().map(DirtyBitmap::count_ones).sum();
     src.summary.dma_writes = src.dma.writes();
     src.summary.guest_pages_written = src.guest.progress().pages_written;
     src.summary.untracked_dma_writes = src.device.untracked_writes() + src.dma.unlogged_writes();
