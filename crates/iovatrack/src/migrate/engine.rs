@@ -631,7 +631,7 @@ impl<'a> Source<'a> {
                 )?;
                 sent += n;
                 at += n;
-                if sent % 8192 == 0 || at == first + len {
+                if sent.is_multiple_of(8192) || at == first + len {
                     events(Event::PassProgress { sent });
                 }
                 if drop_midway && sent * 2 >= total {
