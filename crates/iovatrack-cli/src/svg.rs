@@ -164,6 +164,27 @@ fn range_tip(r: &IovaRange) -> String {
     )
 }
 
+/// Sorted ranges as drawable spans: neighbours less than a pixel apart become one span
+/// (131,072 virtio-mem blocks would otherwise be 131,072 invisible rectangles).
+fn pixels(axis: &Axis, ranges: &[IovaRange], what: &str) -> Vec<((f64, f64), String)> {
+    let mut out: Vec<((f64, f64), String, usize)> = Vec::new();
+    for (i, r) in ranges.iter().enumerate() {
+        let (x0, x1) = (axis.x(r.iova as u128), axis.x(r.end()));
+        match out.last_mut() {
+            Some(l)
+                if x0 - l.0 .1 < 1.0 && (l.0 .1 - l.0 .0) < 1.0
+                    || x0 - l.0 .1 < 0.25 && l.2 > 1 =>
+            {
+                l.0 .1 = x1;
+                l.2 += 1;
+                l.1 = format!("{what}: ranges {}..={i} drawn as one", i + 1 - l.2);
+            }
+            _ => out.push(((x0, x1), format!("{what} range {i}: {}", range_tip(r)), 1)),
+        }
+    }
+    out.into_iter().map(|(x, t, _)| (x, t)).collect()
+}
+
 /// Render the layout, the DMA-able set and every strategy's ranges.
 pub fn render(layout: &Layout, plan: &Plan, compare: &[Plan], source: &str) -> String {
     let secs = runs(layout);
@@ -218,7 +239,7 @@ pub fn render(layout: &Layout, plan: &Plan, compare: &[Plan], source: &str) -> S
         );
     };
     let bottom = top + rows as f64 * (ROW_H + 12.0) - 12.0;
-    for (a, z, x0, x1) in &axis.holes {
+    for (a, z, x0, x1) in axis.holes.iter().filter(|h| h.3 - h.2 >= 1.0) {
         let _ = writeln!(
             s,
             r##"<rect x="{x0:.2}" y="{top:.1}" width="{:.2}" height="{:.1}" fill="url(#hole)" opacity="0.7"><title>hole {:#x} – {:#x} ({})</title></rect>"##,
@@ -239,45 +260,48 @@ pub fn render(layout: &Layout, plan: &Plan, compare: &[Plan], source: &str) -> S
         }
     }
     label(&mut s, y, "sections", true);
+    // Sub-pixel neighbours of one colour are drawn as one rectangle.
+    let mut pending: Option<((f64, f64), &'static str, String)> = None;
     for r in &secs {
+        let (x0, x1) = (axis.x(r.start), axis.x(r.end));
+        let fill = color(r.kind, r.readonly);
+        if let Some(p) = pending.as_mut() {
+            if p.1 == fill && x0 - p.0 .1 < 0.5 && (p.0 .1 - p.0 .0 < 1.0 || x1 - x0 < 1.0) {
+                p.0 .1 = x1;
+                p.2 = format!("{} sections of kind {} drawn as one", r.kind, r.kind);
+                continue;
+            }
+        }
+        if let Some((x, fill, tip)) = pending.take() {
+            rect(&mut s, x, y, ROW_H, (fill, "#ffffff"), &tip);
+        }
+        let more = if r.count > 1 {
+            format!(" (+{} more)", r.count - 1)
+        } else {
+            String::new()
+        };
+        let ro = if r.readonly && r.kind != SectionKind::Rom {
+            ", readonly"
+        } else {
+            ""
+        };
         let tip = format!(
-            "{}{} [{}{}] {:#x} – {:#x} ({})",
+            "{}{more} [{}{ro}] {:#x} – {:#x} ({})",
             r.label,
-            if r.count > 1 {
-                format!(" (+{} more)", r.count - 1)
-            } else {
-                String::new()
-            },
             r.kind,
-            if r.readonly && r.kind != SectionKind::Rom {
-                ", readonly"
-            } else {
-                ""
-            },
             r.start,
             r.end - 1,
             human_bytes(r.end - r.start)
         );
-        rect(
-            &mut s,
-            (axis.x(r.start), axis.x(r.end)),
-            y,
-            ROW_H,
-            (color(r.kind, r.readonly), "#ffffff"),
-            &tip,
-        );
+        pending = Some(((x0, x1), fill, tip));
+    }
+    if let Some((x, fill, tip)) = pending {
+        rect(&mut s, x, y, ROW_H, (fill, "#ffffff"), &tip);
     }
     y += ROW_H + 12.0;
     label(&mut s, y, "DMA-able", true);
-    for r in &plan.dma {
-        rect(
-            &mut s,
-            (axis.x(r.iova as u128), axis.x(r.end())),
-            y,
-            ROW_H,
-            ("#1f7a3d", "#ffffff"),
-            &format!("DMA-able {}", range_tip(r)),
-        );
+    for (x, tip) in pixels(&axis, &plan.dma, "DMA-able") {
+        rect(&mut s, x, y, ROW_H, ("#1f7a3d", "#ffffff"), &tip);
     }
     for p in compare {
         y += ROW_H + 12.0;
@@ -297,21 +321,24 @@ pub fn render(layout: &Layout, plan: &Plan, compare: &[Plan], source: &str) -> S
         );
         let fill = if sel { "#2b6cb0" } else { "#90b4de" };
         let n = p.ranges.len().max(1) as f64;
-        for (i, r) in p.ranges.iter().enumerate() {
-            // overlapping ranges (QEMU) are drawn thinner, stacked
-            let (yy, hh) = if p.overlapping {
-                (y + i as f64 * ROW_H / n, ROW_H / n)
-            } else {
-                (y, ROW_H)
-            };
-            rect(
-                &mut s,
-                (axis.x(r.iova as u128), axis.x(r.end())),
-                yy,
-                hh,
-                (fill, "#1a365d"),
-                &format!("{} range {i}: {}", p.strategy.as_str(), range_tip(r)),
-            );
+        if p.overlapping {
+            // Overlapping ranges (QEMU's buckets) are drawn thinner, stacked.
+            for (i, r) in p.ranges.iter().enumerate() {
+                let (yy, hh) = (y + i as f64 * ROW_H / n, ROW_H / n);
+                let tip = format!("{} range {i}: {}", p.strategy.as_str(), range_tip(r));
+                rect(
+                    &mut s,
+                    (axis.x(r.iova as u128), axis.x(r.end())),
+                    yy,
+                    hh,
+                    (fill, "#1a365d"),
+                    &tip,
+                );
+            }
+        } else {
+            for (x, tip) in pixels(&axis, &p.ranges, p.strategy.as_str()) {
+                rect(&mut s, x, y, ROW_H, (fill, "#1a365d"), &tip);
+            }
         }
     }
     // Address labels at notable boundaries: wide enough apart not to collide.

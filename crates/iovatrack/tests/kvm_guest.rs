@@ -55,7 +55,7 @@ fn read_logs(g: &dyn GuestCpu) -> Vec<Vec<u64>> {
                 "slot {slot} overrun"
             );
             let pages = mem.region_pages(slot).unwrap();
-            if pages % 64 != 0 {
+            if !pages.is_multiple_of(64) {
                 assert_eq!(buf[words - 1] >> (pages % 64), 0, "bits past slot {slot}");
             }
             assert!(g.dirty_log(slot, &mut buf[..words - 1]).is_err());

@@ -193,7 +193,7 @@ fn fold_words(
         j += 1;
     }
     // A group made of the last word alone (body ended exactly on a group boundary).
-    if j < j_hi && body.len() % group == 0 && last != 0 {
+    if j < j_hi && body.len().is_multiple_of(group) && last != 0 {
         dst[(j / 64) as usize] |= 1 << (j % 64);
     }
 }

@@ -263,7 +263,7 @@ fn writer(sh: Arc<Shared>, cfg: DmaConfig, id: u64, n: u64) {
         sh.active.fetch_sub(1, SeqCst);
         seq += 1;
         done += 1;
-        if per_thread_rate > 0 && done % 16 == 0 {
+        if per_thread_rate > 0 && done.is_multiple_of(16) {
             let due = Duration::from_secs_f64(done as f64 / per_thread_rate as f64);
             let el = started.elapsed();
             if due > el {

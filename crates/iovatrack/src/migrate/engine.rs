@@ -346,6 +346,24 @@ impl From<io::Error> for AttemptEnd {
     }
 }
 
+/// One connection to the destination.
+struct Conn {
+    w: FrameWriter<Link<io::BufWriter<TcpStream>>>,
+    r: FrameReader<TcpStream>,
+    stream: TcpStream,
+}
+
+/// What kind of pass to send.
+#[derive(Clone, Copy)]
+struct PassKind {
+    /// Leave zero pages out (pass 0: the destination starts zeroed).
+    skip_zero: bool,
+    /// Injected fault: drop the connection half-way through.
+    drop_midway: bool,
+    /// The stop-and-copy pass.
+    final_pass: bool,
+}
+
 /// The destination's verdict, as the source heard it.
 struct Verdict {
     ok: bool,
@@ -528,17 +546,20 @@ impl<'a> Source<'a> {
     }
 
     /// Send the in-flight pages of the ledger as pass `pass`.
-    #[allow(clippy::too_many_arguments)]
-    fn send_pass<W: Write>(
+    fn send_pass(
         &mut self,
-        w: &mut FrameWriter<Link<W>>,
+        c: &mut Conn,
         attempt: u32,
         pass: u32,
-        skip_zero: bool,
-        drop_midway: Option<&TcpStream>,
-        final_pass: bool,
+        how: PassKind,
         events: &mut dyn FnMut(Event),
     ) -> Result<(u64, u64, f64), AttemptEnd> {
+        let PassKind {
+            skip_zero,
+            drop_midway,
+            final_pass,
+        } = how;
+        let w = &mut c.w;
         let started = Instant::now();
         let bytes0 = w.get_ref().bytes;
         // Zero pages need not travel on pass 0: the destination's memory starts zeroed.
@@ -610,23 +631,21 @@ impl<'a> Source<'a> {
                 )?;
                 sent += n;
                 at += n;
-                if sent % 8192 == 0 || at == first + len {
+                if sent.is_multiple_of(8192) || at == first + len {
                     events(Event::PassProgress { sent });
                 }
-                if let Some(s) = drop_midway {
-                    if sent * 2 >= total {
-                        // The injected fault: the link goes down half-way through the pass.
-                        let _ = s.shutdown(Shutdown::Both);
-                        return Err(AttemptEnd::Retry(format!(
-                            "connection dropped during pass {pass} (injected)"
-                        )));
-                    }
+                if drop_midway && sent * 2 >= total {
+                    // The injected fault: the link goes down half-way through the pass.
+                    let _ = c.stream.shutdown(Shutdown::Both);
+                    return Err(AttemptEnd::Retry(format!(
+                        "connection dropped during pass {pass} (injected)"
+                    )));
                 }
             }
         }
-        if let Some(s) = drop_midway {
+        if drop_midway {
             // A pass too small to drop half-way through drops before its end.
-            let _ = s.shutdown(Shutdown::Both);
+            let _ = c.stream.shutdown(Shutdown::Both);
             return Err(AttemptEnd::Retry(format!(
                 "connection dropped during pass {pass} (injected)"
             )));
@@ -683,36 +702,37 @@ impl<'a> Source<'a> {
         stream.set_read_timeout(Some(Duration::from_secs(60)))?;
         // A backstop: a dead link fails the write via TCP_USER_TIMEOUT first.
         stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
-        let mut r = FrameReader::new(stream.try_clone()?);
         let link = Link {
             inner: io::BufWriter::with_capacity(1 << 20, stream.try_clone()?),
             bytes: 0,
             cap: self.cfg.bandwidth,
             started: Instant::now(),
         };
-        let mut w = FrameWriter::new(link);
+        let mut c = Conn {
+            w: FrameWriter::new(link),
+            r: FrameReader::new(stream.try_clone()?),
+            stream,
+        };
         self.conn_pages = 0;
         let regions = self.memory.regions().to_vec();
         let layout = MemoryLayout::new(PAGE, self.guest.kind(), regions)
             .map_err(|e| AttemptEnd::Abort(e.to_string()))?;
-        w.write_frame(&layout.hello())?;
-        w.flush()?;
-        expect(&mut r, "HelloAck", |f| matches!(f, Frame::HelloAck))?;
-        let result = self.precopy(&mut w, &mut r, &stream, attempt, started, events);
-        self.summary.bytes_sent += w.get_ref().bytes;
+        c.w.write_frame(&layout.hello())?;
+        c.w.flush()?;
+        expect(&mut c.r, "HelloAck", |f| matches!(f, Frame::HelloAck))?;
+        let result = self.precopy(&mut c, attempt, started, events);
+        self.summary.bytes_sent += c.w.get_ref().bytes;
         if result.is_err() {
             // Dropping the BufWriter flushes it: on a dead link that would block for another
             // write timeout before the retry could start.
-            let _ = stream.shutdown(Shutdown::Both);
+            let _ = c.stream.shutdown(Shutdown::Both);
         }
         result
     }
 
     fn precopy(
         &mut self,
-        w: &mut FrameWriter<Link<io::BufWriter<TcpStream>>>,
-        r: &mut FrameReader<TcpStream>,
-        stream: &TcpStream,
+        c: &mut Conn,
         attempt: u32,
         started: Instant,
         events: &mut dyn FnMut(Event),
@@ -727,10 +747,10 @@ impl<'a> Source<'a> {
                     .map_err(|e| AttemptEnd::Abort(e.to_string()))?
             };
             if attempt == 0 && self.cfg.faults.contains(&Fault::CancelAt(pass)) {
-                let _ = w.write_frame(&Frame::Abort {
+                let _ = c.w.write_frame(&Frame::Abort {
                     reason: Cow::Borrowed("cancelled"),
                 });
-                let _ = w.flush();
+                let _ = c.w.flush();
                 return Err(AttemptEnd::Retry(format!(
                     "cancelled at pass {pass} (injected)"
                 )));
@@ -739,10 +759,10 @@ impl<'a> Source<'a> {
                 let est = self.est_downtime_ms();
                 let timed_out = started.elapsed() >= self.cfg.timeout;
                 if timed_out && self.cfg.timeout_action == TimeoutAction::Cancel {
-                    let _ = w.write_frame(&Frame::Abort {
+                    let _ = c.w.write_frame(&Frame::Abort {
                         reason: Cow::Borrowed("timeout"),
                     });
-                    let _ = w.flush();
+                    let _ = c.w.flush();
                     return Err(AttemptEnd::Abort(format!(
                         "pre-copy did not converge within {:?} (timeout action: cancel)",
                         self.cfg.timeout
@@ -752,28 +772,22 @@ impl<'a> Source<'a> {
                     || pass >= self.cfg.max_iterations
                     || timed_out
                 {
-                    let drop = (attempt == 0 && self.cfg.faults.contains(&Fault::DropAt(pass)))
-                        .then_some(stream);
-                    return self.stop_and_copy(w, r, attempt, pass, (cpu, dev), drop, events);
+                    let drop = attempt == 0 && self.cfg.faults.contains(&Fault::DropAt(pass));
+                    return self.stop_and_copy(c, attempt, pass, (cpu, dev), drop, events);
                 }
             }
             self.ledger
                 .begin_pass()
                 .map_err(|e| AttemptEnd::Abort(e.to_string()))?;
-            let drop =
-                (attempt == 0 && self.cfg.faults.contains(&Fault::DropAt(pass))).then_some(stream);
-            let (pages, bytes, secs) = self.send_pass(
-                w,
-                attempt,
-                pass,
-                pass == 0 && attempt == 0,
-                drop,
-                false,
-                events,
-            )?;
-            w.flush()?;
+            let how = PassKind {
+                skip_zero: pass == 0 && attempt == 0,
+                drop_midway: attempt == 0 && self.cfg.faults.contains(&Fault::DropAt(pass)),
+                final_pass: false,
+            };
+            let (pages, bytes, secs) = self.send_pass(c, attempt, pass, how, events)?;
+            c.w.flush()?;
             expect(
-                r,
+                &mut c.r,
                 "Ack",
                 |f| matches!(f, Frame::Ack { pass: p } if *p == pass),
             )?;
@@ -801,12 +815,11 @@ impl<'a> Source<'a> {
 
     fn stop_and_copy(
         &mut self,
-        w: &mut FrameWriter<Link<io::BufWriter<TcpStream>>>,
-        r: &mut FrameReader<TcpStream>,
+        c: &mut Conn,
         attempt: u32,
         pass: u32,
         collected: (u64, u64),
-        drop: Option<&TcpStream>,
+        drop: bool,
         events: &mut dyn FnMut(Event),
     ) -> Result<Verdict, AttemptEnd> {
         let abort = |e: &dyn std::fmt::Display| AttemptEnd::Abort(e.to_string());
@@ -824,7 +837,12 @@ impl<'a> Source<'a> {
         self.inject_report_fault(attempt, |n| n >= pass);
         let (cpu, dev) = self.collect().map_err(|e| abort(&e))?;
         self.ledger.begin_pass().map_err(|e| abort(&e))?;
-        let (pages, bytes, secs) = self.send_pass(w, attempt, pass, false, drop, true, events)?;
+        let how = PassKind {
+            skip_zero: false,
+            drop_midway: drop,
+            final_pass: true,
+        };
+        let (pages, bytes, secs) = self.send_pass(c, attempt, pass, how, events)?;
         // Device state: everything the data fd yields in STOP_COPY.
         let mut state = Vec::new();
         let mut buf = [0u8; 4096];
@@ -839,18 +857,18 @@ impl<'a> Source<'a> {
             }
             state.extend_from_slice(&buf[..n]);
         }
-        w.write_frame(&Frame::DeviceState {
+        c.w.write_frame(&Frame::DeviceState {
             name: Cow::Borrowed("dma0"),
             bytes: Cow::Owned(state),
         })?;
         let vcpu = self.guest.state_bytes().map_err(|e| abort(&e))?;
-        w.write_frame(&Frame::VcpuState {
+        c.w.write_frame(&Frame::VcpuState {
             index: 0,
             bytes: Cow::Owned(vcpu),
         })?;
-        w.flush()?;
+        c.w.flush()?;
         expect(
-            r,
+            &mut c.r,
             "Ack",
             |f| matches!(f, Frame::Ack { pass: p } if *p == pass),
         )?;
@@ -868,9 +886,9 @@ impl<'a> Source<'a> {
             final_pass: true,
         }));
         // Verification: one hash per page where it fits a frame, else one per region.
-        let page_hashes = self.page_hashes().map_err(|e| abort(&e))?;
+        let page_hashes = page_hashes(&self.memory).map_err(|e| abort(&e))?;
         let digest = guest::hash_words(page_hashes.iter().copied());
-        w.write_frame(&Frame::Complete {
+        c.w.write_frame(&Frame::Complete {
             total_pages: self.conn_pages,
             digest,
         })?;
@@ -878,14 +896,14 @@ impl<'a> Source<'a> {
         let hashes = if page_hashes.len() <= max_hashes {
             page_hashes
         } else {
-            self.region_hashes().map_err(|e| abort(&e))?
+            region_hashes(&self.memory).map_err(|e| abort(&e))?
         };
-        w.write_frame(&Frame::Verify {
+        c.w.write_frame(&Frame::Verify {
             digest,
             region_hashes: Cow::Owned(hashes),
         })?;
-        w.flush()?;
-        let f = r.read_frame()?;
+        c.w.flush()?;
+        let f = c.r.read_frame()?;
         match f {
             Frame::VerifyResult {
                 ok,
@@ -902,20 +920,32 @@ impl<'a> Source<'a> {
             ))),
         }
     }
+}
 
-    fn page_hashes(&self) -> Result<Vec<u64>, GuestError> {
-        let mut out = Vec::new();
-        for i in 0..self.memory.regions().len() {
-            out.extend(self.memory.page_hashes(i)?);
-        }
-        Ok(out)
+/// One hash per page, regions in order: what page-level verification compares.
+fn page_hashes(memory: &GuestMemory) -> Result<Vec<u64>, GuestError> {
+    let mut out = Vec::new();
+    for i in 0..memory.regions().len() {
+        out.extend(memory.page_hashes(i)?);
     }
+    Ok(out)
+}
 
-    fn region_hashes(&self) -> Result<Vec<u64>, GuestError> {
-        (0..self.memory.regions().len())
-            .map(|i| Ok(guest::hash_words(self.memory.page_hashes(i)?)))
-            .collect()
-    }
+/// One hash per region, for guests too large for a frame of page hashes.
+fn region_hashes(memory: &GuestMemory) -> Result<Vec<u64>, GuestError> {
+    (0..memory.regions().len())
+        .map(|i| Ok(guest::hash_words(memory.page_hashes(i)?)))
+        .collect()
+}
+
+/// Indices where two hash lists differ.
+fn mismatches(ours: &[u64], theirs: &[u64]) -> Vec<u32> {
+    ours.iter()
+        .zip(theirs)
+        .enumerate()
+        .filter(|(_, (a, b))| a != b)
+        .map(|(i, _)| i as u32)
+        .collect()
 }
 
 /// Read one frame and check it is the one expected.
@@ -1164,7 +1194,7 @@ impl Destination {
             return Err(e.into());
         }
         w.write_frame(&Frame::HelloAck)?;
-        let mut page_hashes: Option<Vec<u64>> = None;
+        let mut at_complete: Option<Vec<u64>> = None;
         loop {
             let f = match r.read_frame() {
                 Ok(f) => f,
@@ -1216,26 +1246,22 @@ impl Destination {
                 }
                 Frame::VcpuState { bytes, .. } => self.vcpu = Some(bytes.into_owned()),
                 Frame::Complete { .. } => {
-                    page_hashes = Some(self.page_hashes()?);
+                    at_complete = Some(page_hashes(&self.memory)?);
                 }
-                Frame::Verify { region_hashes, .. } => {
-                    let ours = page_hashes.take().unwrap_or(self.page_hashes()?);
-                    let mismatched: Vec<u32> = if region_hashes.len() == ours.len() {
-                        ours.iter()
-                            .zip(region_hashes.iter())
-                            .enumerate()
-                            .filter(|(_, (a, b))| a != b)
-                            .map(|(i, _)| i as u32)
-                            .collect()
+                Frame::Verify {
+                    region_hashes: theirs,
+                    ..
+                } => {
+                    let ours = match at_complete.take() {
+                        Some(h) => h,
+                        None => page_hashes(&self.memory)?,
+                    };
+                    // Page-level when the source sent one hash per page; else per region
+                    // (then the count below is of regions).
+                    let mismatched = if theirs.len() as u64 == self.memory.total_bytes() / PAGE {
+                        mismatches(&ours, &theirs)
                     } else {
-                        let per_region = self.region_hashes()?;
-                        per_region
-                            .iter()
-                            .zip(region_hashes.iter())
-                            .enumerate()
-                            .filter(|(_, (a, b))| a != b)
-                            .map(|(i, _)| i as u32)
-                            .collect()
+                        mismatches(&region_hashes(&self.memory)?, &theirs)
                     };
                     let ok = mismatched.is_empty();
                     self.report.mismatched_pages = mismatched.len() as u64;
@@ -1255,20 +1281,6 @@ impl Destination {
                 _ => {}
             }
         }
-    }
-
-    fn page_hashes(&self) -> Result<Vec<u64>, GuestError> {
-        let mut out = Vec::new();
-        for i in 0..self.memory.regions().len() {
-            out.extend(self.memory.page_hashes(i)?);
-        }
-        Ok(out)
-    }
-
-    fn region_hashes(&self) -> Result<Vec<u64>, GuestError> {
-        (0..self.memory.regions().len())
-            .map(|i| Ok(guest::hash_words(self.memory.page_hashes(i)?)))
-            .collect()
     }
 
     /// After a verified session: resume the guest here and see it make progress.

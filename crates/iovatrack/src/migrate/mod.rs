@@ -78,7 +78,7 @@ mod tests {
             "{r:x?}"
         );
         let s = scale_ram(&presets::get("amd-1t").unwrap(), 1024);
-        assert!(guest_regions(&s).iter().all(|r| r.1 <= 1 << 30));
+        assert!(guest_regions(&s).iter().all(|r| r.1 <= 2 << 30));
         assert_eq!(
             s.sections().len(),
             presets::get("amd-1t").unwrap().sections().len()

@@ -66,7 +66,7 @@ impl Mapping {
 
     /// The words of `[offset, offset + 8 * count)`; caller checked bounds and alignment.
     fn words(&self, offset: u64, count: usize) -> &[AtomicU64] {
-        debug_assert!(offset % 8 == 0);
+        debug_assert!(offset.is_multiple_of(8));
         debug_assert!(offset + 8 * count as u64 <= self.range.length);
         // SAFETY: the range lies inside the live mapping (checked by every caller), is 8-byte
         // aligned (mmap is page aligned, offset is a multiple of 8), and the memory is only
@@ -175,7 +175,7 @@ impl GuestMemory {
 
     /// The words of `[gpa, gpa + len)`, which must be 8-byte aligned and inside one region.
     pub fn words(&self, gpa: u64, len: u64) -> Result<&[AtomicU64], GuestError> {
-        if gpa % 8 != 0 || len % 8 != 0 {
+        if !gpa.is_multiple_of(8) || !len.is_multiple_of(8) {
             return Err(GuestError::Unaligned { gpa, align: 8 });
         }
         let i = self
@@ -191,7 +191,7 @@ impl GuestMemory {
 
     /// The 512 words of the 4 KiB page at `gpa` (page aligned).
     pub fn page_words(&self, gpa: u64) -> Result<&[AtomicU64], GuestError> {
-        if gpa % PAGE_SIZE != 0 {
+        if !gpa.is_multiple_of(PAGE_SIZE) {
             return Err(GuestError::Unaligned {
                 gpa,
                 align: PAGE_SIZE,
