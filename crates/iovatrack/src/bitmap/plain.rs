@@ -146,6 +146,34 @@ impl DirtyBitmap {
         Ok(())
     }
 
+    /// [`DirtyBitmap::or_words`], returning how many bits were newly set. One pass that
+    /// skips clean source words: a mostly clean KVM log costs a read of itself, not two
+    /// popcounts of the destination.
+    pub fn or_words_counting(&mut self, words: &[u64]) -> Result<u64, BitmapError> {
+        if words.len() != self.words.len() {
+            return Err(BitmapError::WordCount {
+                words: words.len(),
+                bits: self.bits,
+            });
+        }
+        let last = self.words.len().saturating_sub(1);
+        let mut new = 0u64;
+        for (i, (d, &s)) in self.words.iter_mut().zip(words).enumerate() {
+            if s == 0 {
+                continue;
+            }
+            let s = if i == last {
+                s & tail_mask(self.bits)
+            } else {
+                s
+            };
+            let fresh = s & !*d;
+            new += u64::from(fresh.count_ones());
+            *d |= fresh;
+        }
+        Ok(new)
+    }
+
     /// `self |= words` for raw words of the same bitmap shape (exactly `words().len()`
     /// words); bits of `words` past `len` are ignored.
     pub fn or_words(&mut self, words: &[u64]) -> Result<(), BitmapError> {

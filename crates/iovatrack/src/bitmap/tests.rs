@@ -379,6 +379,19 @@ enum Op {
 }
 
 proptest! {
+    #[test]
+    fn or_words_counting_counts_new_bits((a, bits) in arb_bitmap(700), seed in any::<u64>()) {
+        let mut dst = DirtyBitmap::from_words(a, bits).unwrap();
+        // a source of the same length, garbage tail included
+        let src: Vec<u64> = (0..dst.words().len() as u64).map(|i| (seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15)).rotate_left(i as u32 % 64)).collect();
+        let mut want = dst.clone();
+        want.or_words(&src).unwrap();
+        let before = dst.count_ones();
+        let new = dst.or_words_counting(&src).unwrap();
+        prop_assert_eq!(&dst, &want);
+        prop_assert_eq!(new, want.count_ones() - before);
+    }
+
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]

@@ -173,9 +173,7 @@ impl DirtLedger {
             .pending
             .get_mut(region)
             .ok_or(TrackError::NoSuchRegion { region, regions })?;
-        let before = ones(b.words());
-        b.or_words(words)?;
-        let new = ones(b.words()) - before;
+        let new = b.or_words_counting(words)?;
         self.pending_count += new;
         Ok(new)
     }
