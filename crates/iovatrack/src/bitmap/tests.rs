@@ -379,6 +379,8 @@ enum Op {
 }
 
 proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
     #[test]
     fn or_words_counting_counts_new_bits((a, bits) in arb_bitmap(700), seed in any::<u64>()) {
         let mut dst = DirtyBitmap::from_words(a, bits).unwrap();
@@ -392,7 +394,6 @@ proptest! {
         prop_assert_eq!(new, want.count_ones() - before);
     }
 
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]
     fn set_range_matches_oracle(bits in 1u64..700, ranges in proptest::collection::vec((0u64..700, 0u64..300), 0..12)) {
