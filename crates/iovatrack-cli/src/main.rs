@@ -40,10 +40,16 @@ fn main() -> ExitCode {
     match res {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("iovatrack: error: {e}");
+            let mut said = e.to_string();
+            eprintln!("iovatrack: error: {said}");
+            // Causes a message already spells out are not repeated.
             let mut src = std::error::Error::source(e.as_ref());
             while let Some(s) = src {
-                eprintln!("  caused by: {s}");
+                let text = s.to_string();
+                if !said.contains(&text) {
+                    eprintln!("  caused by: {text}");
+                    said.push_str(&text);
+                }
                 src = s.source();
             }
             ExitCode::from(2)

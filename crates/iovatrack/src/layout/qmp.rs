@@ -16,7 +16,7 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
     /// The socket could not be opened.
-    #[error("cannot connect to QMP socket {path}: {source}")]
+    #[error("cannot connect to QMP socket {path}")]
     Connect {
         /// Socket path.
         path: String,
