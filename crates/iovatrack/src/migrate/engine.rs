@@ -273,8 +273,11 @@ pub struct Summary {
     pub guest_pages_written: u64,
     /// The guest reported progress after resuming on the destination.
     pub resumed_on_destination: bool,
-    /// The device's migration state was restored on the destination.
+    /// The device's migration state was restored on the destination (and, in one process,
+    /// equals the source's).
     pub device_state_restored: bool,
+    /// Hash of the source device's state at stop-and-copy.
+    pub device_state_digest: u64,
     /// Ranges the device logged (last attempt).
     pub ranges: Vec<IovaRange>,
     /// REPORT failures turned into "whole range dirty".
@@ -665,6 +668,22 @@ impl<'a> Source<'a> {
         Ok((sent, bytes, secs))
     }
 
+    /// Read the device's migration data fd: in PRE_COPY what is available now (up to
+    /// ENOMSG), in STOP_COPY everything (up to end of stream).
+    fn drain_device_state(&self) -> Result<Vec<u8>, crate::device::DeviceError> {
+        let mut state = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.device.migration().read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => state.extend_from_slice(&buf[..n]),
+                Err(e) if e.errno == Errno::ENOMSG => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(state)
+    }
+
     /// Arm the injected REPORT failure (EIO on the next REPORT) once, on the first attempt.
     fn inject_report_fault(&mut self, attempt: u32, when: impl Fn(u32) -> bool) {
         let due = self
@@ -737,6 +756,11 @@ impl<'a> Source<'a> {
         started: Instant,
         events: &mut dyn FnMut(Event),
     ) -> Result<Verdict, AttemptEnd> {
+        // The device enters PRE_COPY: its initial state travels while the guest runs.
+        self.device
+            .migration()
+            .set_state(MigState::PreCopy)
+            .map_err(|e| AttemptEnd::Abort(e.to_string()))?;
         let mut pass = 0u32;
         loop {
             let (cpu, dev) = if pass == 0 && attempt == 0 {
@@ -792,6 +816,17 @@ impl<'a> Source<'a> {
                 |f| matches!(f, Frame::Ack { pass: p } if *p == pass),
             )?;
             self.ledger.ack();
+            if pass == 0 {
+                let initial = self
+                    .drain_device_state()
+                    .map_err(|e| AttemptEnd::Abort(e.to_string()))?;
+                if !initial.is_empty() {
+                    c.w.write_frame(&Frame::DeviceState {
+                        name: Cow::Borrowed("dma0"),
+                        bytes: Cow::Owned(initial),
+                    })?;
+                }
+            }
             // What this pass would have cost as the stop-and-copy pass.
             let est = if self.bandwidth > 0.0 {
                 bytes as f64 / self.bandwidth * 1000.0
@@ -843,20 +878,9 @@ impl<'a> Source<'a> {
             final_pass: true,
         };
         let (pages, bytes, secs) = self.send_pass(c, attempt, pass, how, events)?;
-        // Device state: everything the data fd yields in STOP_COPY.
-        let mut state = Vec::new();
-        let mut buf = [0u8; 4096];
-        loop {
-            let n = self
-                .device
-                .migration()
-                .read(&mut buf)
-                .map_err(|e| abort(&e))?;
-            if n == 0 {
-                break;
-            }
-            state.extend_from_slice(&buf[..n]);
-        }
+        // Device state: the rest of the data fd's stream (STOP_COPY runs to its end).
+        let state = self.drain_device_state().map_err(|e| abort(&e))?;
+        self.summary.device_state_digest = hash_bytes(self.device.migration().data());
         c.w.write_frame(&Frame::DeviceState {
             name: Cow::Borrowed("dma0"),
             bytes: Cow::Owned(state),
@@ -936,6 +960,13 @@ fn region_hashes(memory: &GuestMemory) -> Result<Vec<u64>, GuestError> {
     (0..memory.regions().len())
         .map(|i| Ok(guest::hash_words(memory.page_hashes(i)?)))
         .collect()
+}
+
+/// FNV-1a over arbitrary bytes (device state has any length).
+fn hash_bytes(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325, |h, &x| {
+        (h ^ u64::from(x)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// Indices where two hash lists differ.
@@ -1065,6 +1096,8 @@ pub struct DestReport {
     pub counter: (u64, u64),
     /// The device state was restored (RESUMING → RUNNING with the source's bytes).
     pub device_state_restored: bool,
+    /// Hash of the restored device state.
+    pub device_state_digest: u64,
     /// Why sessions ended early, in order.
     pub interrupted: Vec<String>,
 }
@@ -1195,6 +1228,7 @@ impl Destination {
         }
         w.write_frame(&Frame::HelloAck)?;
         let mut at_complete: Option<Vec<u64>> = None;
+        let (mut resuming, mut device_ok) = (false, false);
         loop {
             let f = match r.read_frame() {
                 Ok(f) => f,
@@ -1236,17 +1270,25 @@ impl Destination {
                     w.write_frame(&Frame::Ack { pass })?;
                 }
                 Frame::DeviceState { bytes, .. } => {
+                    // The first record of a session puts the device in RESUMING; every
+                    // record (pre-copy and stop-copy) goes to its data fd.
                     let mut m = self.device.migration();
-                    m.reset();
-                    let restored = m
-                        .set_state(MigState::Resuming)
-                        .and_then(|_| m.write(&bytes))
-                        .and_then(|_| m.set_state(MigState::Running));
-                    self.report.device_state_restored = restored.is_ok() && !bytes.is_empty();
+                    if !resuming {
+                        m.reset();
+                        device_ok = m.set_state(MigState::Resuming).is_ok();
+                        resuming = true;
+                    }
+                    device_ok &= m.write(&bytes).is_ok();
                 }
                 Frame::VcpuState { bytes, .. } => self.vcpu = Some(bytes.into_owned()),
                 Frame::Complete { .. } => {
                     at_complete = Some(page_hashes(&self.memory)?);
+                    if resuming {
+                        let mut m = self.device.migration();
+                        device_ok &= m.set_state(MigState::Running).is_ok();
+                        self.report.device_state_restored = device_ok && !m.data().is_empty();
+                        self.report.device_state_digest = hash_bytes(m.data());
+                    }
                 }
                 Frame::Verify {
                     region_hashes: theirs,
@@ -1349,7 +1391,8 @@ pub fn merge_destination(summary: &mut Summary, dest: Result<DestReport, Migrate
             summary.duplicate_pages_sent =
                 summary.duplicate_pages_sent.max(d.duplicate_pages_received);
             summary.resumed_on_destination = d.resumed;
-            summary.device_state_restored = d.device_state_restored;
+            summary.device_state_restored =
+                d.device_state_restored && d.device_state_digest == summary.device_state_digest;
             summary.verified = summary.verified
                 && d.verified
                 && d.resumed
