@@ -30,6 +30,9 @@
 //!
 //! `cargo bench -p iovatrack --bench collect`.
 
+mod common;
+
+use common::{ch_ranges, MemoryRange};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use iovatrack::bitmap::{DirtyBitmap, Geometry};
 use iovatrack::device::{DmaLogger, EmulatedDevice};
@@ -85,79 +88,10 @@ fn bitmap_of(pages: u64, set: &[u64]) -> DirtyBitmap {
 
 // ---------------------------------------------------------------- Cloud Hypervisor
 
-/// Cloud Hypervisor's `MemoryRange`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct MemoryRange {
-    gpa: u64,
-    length: u64,
-}
-
 /// Cloud Hypervisor's `MemoryRangeTable`.
 #[derive(Default)]
 struct MemoryRangeTable {
     data: Vec<MemoryRange>,
-}
-
-/// Cloud Hypervisor's `BitposIterator` (vm-migration, 2025): yields the position of each
-/// set bit, one per `next`, resuming inside the current word with a shift and
-/// `trailing_zeros`.
-struct BitposIterator<I> {
-    words: I,
-    word_pos: u64,
-    current: Option<(u64, u32)>,
-}
-
-impl<I: Iterator<Item = u64>> Iterator for BitposIterator<I> {
-    type Item = u64;
-
-    fn next(&mut self) -> Option<u64> {
-        loop {
-            if self.current.is_none() {
-                self.current = self.words.next().map(|w| (w, 0));
-            }
-            let (word, bit) = self.current?;
-            if word != 0 && bit < 64 {
-                let rest = word >> bit;
-                if rest != 0 {
-                    let tz = rest.trailing_zeros();
-                    self.current = Some((word, bit + tz + 1));
-                    return Some(self.word_pos * 64 + u64::from(bit + tz));
-                }
-            }
-            self.current = None;
-            self.word_pos += 1;
-        }
-    }
-}
-
-/// `itertools::Itertools::coalesce`: keep the last item, try to merge each new one into
-/// it, emit the last when the merge refuses.
-struct Coalesce<I: Iterator, F> {
-    iter: I,
-    last: Option<I::Item>,
-    f: F,
-}
-
-impl<I, F> Iterator for Coalesce<I, F>
-where
-    I: Iterator,
-    F: FnMut(I::Item, I::Item) -> Result<I::Item, (I::Item, I::Item)>,
-{
-    type Item = I::Item;
-
-    fn next(&mut self) -> Option<I::Item> {
-        let mut last = self.last.take()?;
-        for next in self.iter.by_ref() {
-            match (self.f)(last, next) {
-                Ok(joined) => last = joined,
-                Err((done, fresh)) => {
-                    self.last = Some(fresh);
-                    return Some(done);
-                }
-            }
-        }
-        Some(last)
-    }
 }
 
 impl MemoryRangeTable {
@@ -167,31 +101,7 @@ impl MemoryRangeTable {
         start_addr: u64,
         page_size: u64,
     ) -> Self {
-        let mut pages = BitposIterator {
-            words: bitmap.into_iter(),
-            word_pos: 0,
-            current: None,
-        }
-        .map(move |p| MemoryRange {
-            gpa: start_addr + p * page_size,
-            length: page_size,
-        });
-        let last = pages.next();
-        let data = Coalesce {
-            iter: pages,
-            last,
-            f: |prev: MemoryRange, cur: MemoryRange| {
-                if prev.gpa + prev.length == cur.gpa {
-                    Ok(MemoryRange {
-                        gpa: prev.gpa,
-                        length: prev.length + cur.length,
-                    })
-                } else {
-                    Err((prev, cur))
-                }
-            },
-        }
-        .collect();
+        let data = ch_ranges(bitmap, start_addr, page_size).collect();
         MemoryRangeTable { data }
     }
 
