@@ -570,6 +570,17 @@ impl<'a> Source<'a> {
         let mut total = 0u64;
         for region in 0..self.memory.regions().len() {
             let base = self.memory.regions()[region].iova;
+            // Pages never written need not even be read (pagemap says so).
+            let never = if skip_zero {
+                self.memory.never_written(region)
+            } else {
+                None
+            };
+            let untouched = |b: u64| {
+                never
+                    .as_ref()
+                    .is_some_and(|w| w[(b / 64) as usize] >> (b % 64) & 1 == 1)
+            };
             for (first, len) in self.ledger.inflight(region).runs() {
                 if !skip_zero {
                     pages.push((region, first, len));
@@ -578,7 +589,8 @@ impl<'a> Source<'a> {
                 }
                 let mut run: Option<(u64, u64)> = None;
                 for b in first..first + len {
-                    let zero = self.memory.is_zero_page(base + b * PAGE).unwrap_or(false);
+                    let zero =
+                        untouched(b) || self.memory.is_zero_page(base + b * PAGE).unwrap_or(false);
                     match (&mut run, zero) {
                         (Some(r), false) => r.1 += 1,
                         (None, false) => run = Some((b, 1)),

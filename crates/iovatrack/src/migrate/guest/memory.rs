@@ -242,6 +242,49 @@ impl GuestMemory {
             .all(|w| w.load(Ordering::Relaxed) == 0))
     }
 
+    /// Pages of region `index` that were never written, as a bitmap (bit k = page k):
+    /// neither present nor swapped in `/proc/self/pagemap`, so they read as zero (the
+    /// mapping is private and anonymous). `None` when pagemap cannot be read; callers then
+    /// look at every page. A page merely read maps the shared zero page and shows as
+    /// present: it is not reported here, which is safe.
+    pub fn never_written(&self, index: usize) -> Option<Vec<u64>> {
+        use std::io::{Read, Seek, SeekFrom};
+        const PRESENT: u64 = 1 << 63;
+        const SWAPPED: u64 = 1 << 62;
+        let m = self.maps.get(index)?;
+        let pages = m.range.length / PAGE_SIZE;
+        let host_page = self.host_page_index(index)?;
+        let mut f = std::fs::File::open("/proc/self/pagemap").ok()?;
+        f.seek(SeekFrom::Start(host_page.checked_mul(8)?)).ok()?;
+        let mut out = vec![0u64; pages.div_ceil(64) as usize];
+        let mut buf = vec![0u8; 8 * 4096];
+        let mut page = 0u64;
+        while page < pages {
+            let n = ((pages - page) as usize).min(4096);
+            f.read_exact(&mut buf[..n * 8]).ok()?;
+            for (i, e) in buf[..n * 8].chunks_exact(8).enumerate() {
+                let entry = u64::from_le_bytes(e.try_into().ok()?);
+                if entry & (PRESENT | SWAPPED) == 0 {
+                    let k = page + i as u64;
+                    out[(k / 64) as usize] |= 1 << (k % 64);
+                }
+            }
+            page += n as u64;
+        }
+        Some(out)
+    }
+
+    /// Index of the first host page of region `index` in this process's address space.
+    fn host_page_index(&self, index: usize) -> Option<u64> {
+        // SAFETY: sysconf reads a constant of the running system; no memory is touched.
+        let host_page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        // pagemap has one entry per host page; the bitmap is per 4 KiB guest page.
+        if host_page != PAGE_SIZE as libc::c_long {
+            return None;
+        }
+        Some(self.maps.get(index)?.host.as_ptr() as u64 / PAGE_SIZE)
+    }
+
     /// 64-bit FNV-1a hash of the page at `gpa`, over its 512 little-endian words.
     pub fn hash_page(&self, gpa: u64) -> Result<u64, GuestError> {
         Ok(hash_words(
@@ -258,8 +301,17 @@ impl GuestMemory {
             .get(index)
             .ok_or(GuestError::NoSuchRegion { index })?;
         let m = &self.maps[index];
+        // A never-written page is zero: its hash is known without faulting it in.
+        let never = self.never_written(index);
+        let zero = hash_words(std::iter::repeat_n(0u64, PAGE_WORDS));
         Ok((0..r.length / PAGE_SIZE)
             .map(|p| {
+                if never
+                    .as_ref()
+                    .is_some_and(|w| w[(p / 64) as usize] >> (p % 64) & 1 == 1)
+                {
+                    return zero;
+                }
                 hash_words(
                     m.words(p * PAGE_SIZE, PAGE_WORDS)
                         .iter()
@@ -301,6 +353,23 @@ pub fn hash_page_bytes(page: &[u8]) -> u64 {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn never_written_pages() {
+        let m = GuestMemory::new(&[(0, 1 << 20), (1 << 32, 64 << 10)]).unwrap();
+        m.write_u64(0x3000, 7).unwrap();
+        m.write_u64((1 << 32) + 0x1000, 9).unwrap();
+        for (region, written) in [(0usize, 3u64), (1, 1)] {
+            let Some(bits) = m.never_written(region) else {
+                return; // no pagemap here: callers fall back to reading every page
+            };
+            let pages = m.region_pages(region).unwrap();
+            for k in 0..pages {
+                let never = bits[(k / 64) as usize] >> (k % 64) & 1 == 1;
+                assert_eq!(never, k != written, "region {region} page {k}");
+            }
+        }
+    }
     use super::*;
 
     #[test]
