@@ -29,6 +29,7 @@ use serde::Serialize;
 use std::borrow::Cow;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -1130,6 +1131,8 @@ pub struct Destination {
     report: DestReport,
     seen: Vec<DirtyBitmap>,
     verify_result: Option<bool>,
+    /// Set by a source in the same process that failed before connecting.
+    give_up: Arc<AtomicBool>,
 }
 
 impl Destination {
@@ -1149,7 +1152,13 @@ impl Destination {
             report: DestReport::default(),
             seen,
             verify_result: None,
+            give_up: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// A flag that makes [`Destination::run`] stop waiting for a connection.
+    pub fn give_up_flag(&self) -> Arc<AtomicBool> {
+        self.give_up.clone()
     }
 
     /// The received memory.
@@ -1171,6 +1180,13 @@ impl Destination {
             let stream = loop {
                 match listener.accept() {
                     Ok((s, _)) => break s,
+                    Err(e)
+                        if e.kind() == io::ErrorKind::WouldBlock && self.give_up.load(SeqCst) =>
+                    {
+                        return Err(MigrateError::Destination(
+                            "the source gave up before connecting".into(),
+                        ))
+                    }
                     Err(e)
                         if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline =>
                     {
@@ -1378,6 +1394,7 @@ pub fn run_local(
     let addr = listener.local_addr()?;
     let dest = Destination::new(&cfg.layout, cfg.device)?;
     let sessions = cfg.retries + 1;
+    let give_up = dest.give_up_flag();
     let handle = std::thread::Builder::new()
         .name("destination".into())
         .spawn(move || dest.run(&listener, sessions, Duration::from_secs(120)))?;
@@ -1386,6 +1403,7 @@ pub fn run_local(
         || TcpStream::connect_timeout(&addr, Duration::from_secs(5)),
         events,
     );
+    give_up.store(true, SeqCst);
     let dest = handle
         .join()
         .map_err(|_| MigrateError::Destination("the destination thread panicked".into()))?;
