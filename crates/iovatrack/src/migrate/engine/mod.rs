@@ -35,8 +35,6 @@ pub use source::run_source;
 const PAGE: u64 = 4096;
 /// Pages per Pages frame (1 MiB).
 const FRAME_PAGES: usize = 256;
-/// The guest's own setup (page tables, code, stack) lives in the first MiB: no DMA there.
-const RESERVED: u64 = guest::x86::RESERVED_BYTES;
 
 /// What to do when pre-copy has not converged by the timeout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

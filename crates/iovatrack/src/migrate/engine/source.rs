@@ -2,7 +2,7 @@
 
 use super::{
     detect_dead_link, hash_bytes, page_hashes, region_hashes, Event, Fault, MigrateConfig,
-    MigrateError, PassStats, Summary, TimeoutAction, FRAME_PAGES, PAGE, RESERVED, WRITE_TIMEOUT,
+    MigrateError, PassStats, Summary, TimeoutAction, FRAME_PAGES, PAGE, WRITE_TIMEOUT,
 };
 use crate::bitmap::DirtyBitmap;
 use crate::device::{DmaLogger, EmulatedDevice, Errno, MigState};
@@ -127,14 +127,15 @@ struct Source<'a> {
 
 /// The device's DMA-able memory: the planner's filter over the layout, minus the guest's
 /// reserved setup area, inside guest RAM.
-fn dma_targets(layout: &Layout, regions: &[IovaRange]) -> Vec<IovaRange> {
+fn dma_targets(layout: &Layout, regions: &[IovaRange], reserved: IovaRange) -> Vec<IovaRange> {
     let set = dma_able(layout, &FilterOptions::default());
     let mut out = Vec::new();
     for (_, r) in set.ranges {
         let mut a = r.iova as u128;
         let z = r.end();
-        if a < RESERVED as u128 {
-            a = RESERVED as u128;
+        // The reserved area starts the first region, which starts at 0 (checked).
+        if a < reserved.end() {
+            a = reserved.end();
         }
         for g in regions {
             let (ga, gz) = (g.iova as u128, g.end());
@@ -151,10 +152,14 @@ fn dma_targets(layout: &Layout, regions: &[IovaRange]) -> Vec<IovaRange> {
 impl<'a> Source<'a> {
     fn new(cfg: &'a MigrateConfig) -> Result<Self, MigrateError> {
         let regions = guest_regions(&cfg.layout);
-        if regions.first().is_none_or(|r| r.0 != 0 || r.1 <= RESERVED) {
-            return Err(MigrateError::Layout("the guest needs RAM at address 0 larger than 1 MiB (its page tables and code live there)".into()));
+        if regions.first().is_none_or(|r| r.0 != 0) {
+            return Err(MigrateError::Layout(
+                "the guest needs RAM at address 0 (its page tables and code live there)".into(),
+            ));
         }
         let memory = Arc::new(GuestMemory::new(&regions)?);
+        // The guest's own setup (page tables, code, stack): no DMA there.
+        let reserved = guest::x86::SetupLayout::for_memory(&memory)?.reserved;
         let gcfg = GuestConfig {
             rate_pages_per_sec: cfg.cpu_rate,
             ..GuestConfig::default()
@@ -169,7 +174,7 @@ impl<'a> Source<'a> {
             Container::new("container0").device(device.clone() as Arc<dyn DmaLogger>),
             planner,
         );
-        let targets = dma_targets(&cfg.layout, memory.regions());
+        let targets = dma_targets(&cfg.layout, memory.regions(), reserved);
         // Writes before migration starts are covered by pass 0; only the negative control
         // counts writes as unlogged (from when tracking would have started).
         let dma = DmaWorkload::start(

@@ -3,8 +3,9 @@
 //!
 //! # Guest pages used by the setup
 //!
-//! Everything sits in the first 1 MiB of the FIRST RAM region (base `B` = its gpa), which the
-//! walk never writes ([`RESERVED_BYTES`]); `B + 0 .. B + 64 KiB` stays unused:
+//! Everything sits in the first 1 MiB (16 MiB for a first region of 64 MiB or more:
+//! [`reserved_bytes`]) of the FIRST RAM region (base `B` = its gpa), which the walk never
+//! writes; `B + 0 .. B + 64 KiB` stays unused:
 //!
 //! | gpa              | content                                              |
 //! |------------------|------------------------------------------------------|
@@ -12,7 +13,7 @@
 //! | `B + 0x11000`    | guest program ([`GUEST_CODE`])                       |
 //! | `B + 0x12000`    | walk table ([`super::WalkTable`])                    |
 //! | `B + 0x13000`    | stack page (unused by the program; RSP points at its top) |
-//! | `B + 0x14000`    | PML4, then PDPT and PD pages as needed, up to `B + 1 MiB` |
+//! | `B + 0x14000`    | PML4, then PDPT and PD pages as needed, up to the end of the area |
 //!
 //! All of it is ordinary guest RAM, so it migrates with the rest of memory. The guest only
 //! reads it: descriptors have their Accessed bit and page-table entries their Accessed
@@ -26,8 +27,19 @@ use super::state::{Reader, Writer, KIND_KVM};
 use super::GuestError;
 use crate::range::IovaRange;
 
-/// Bytes at the start of the first region reserved for the setup (never walked).
+/// Bytes at the start of the first region reserved for the setup (never walked), at least.
 pub const RESERVED_BYTES: u64 = 1 << 20;
+
+/// The reserved area for a first region of `first_len` bytes: 1 MiB, or 16 MiB once the
+/// region is 64 MiB or more. Without 1 GiB pages every GiB of guest RAM costs a page-table
+/// page; 1 MiB holds tables for about 230 GiB, 16 MiB for about 4 TiB.
+pub fn reserved_bytes(first_len: u64) -> u64 {
+    if first_len >= 64 << 20 {
+        16 << 20
+    } else {
+        RESERVED_BYTES
+    }
+}
 const SETUP_OFFSET: u64 = 0x10000;
 const GDT_OFFSET: u64 = SETUP_OFFSET;
 const CODE_OFFSET: u64 = SETUP_OFFSET + 0x1000;
@@ -124,10 +136,11 @@ impl SetupLayout {
     /// Layout for `mem`; its first region must be larger than [`RESERVED_BYTES`].
     pub fn for_memory(mem: &GuestMemory) -> Result<Self, GuestError> {
         let first = mem.regions()[0];
-        if first.length <= RESERVED_BYTES {
+        let reserved = reserved_bytes(first.length);
+        if first.length <= reserved {
             return Err(GuestError::FirstRegionTooSmall {
                 size: first.length,
-                needed: RESERVED_BYTES + PAGE_SIZE,
+                needed: reserved + PAGE_SIZE,
             });
         }
         let b = first.iova;
@@ -137,8 +150,8 @@ impl SetupLayout {
             table: b + TABLE_OFFSET,
             stack_top: b + STACK_OFFSET + PAGE_SIZE,
             pml4: b + PML4_OFFSET,
-            limit: b + RESERVED_BYTES,
-            reserved: IovaRange::new(b, RESERVED_BYTES),
+            limit: b + reserved,
+            reserved: IovaRange::new(b, reserved),
         })
     }
 }
@@ -550,14 +563,31 @@ mod tests {
 
     #[test]
     fn table_space_and_address_limits() {
-        // 300 GiB of 2 MiB pages would need 300 PDs: more than the reserved area holds.
-        let mem = GuestMemory::new(&[(0, 300 << 30)]).unwrap();
+        // 300 GiB of 2 MiB pages needs 300 PDs: more than a 1 MiB area (first region under
+        // 64 MiB) holds, but it fits the 16 MiB area of a larger first region.
+        let mem = GuestMemory::new(&[(0, 32 << 20), (4 << 30, 300 << 30)]).unwrap();
         let layout = SetupLayout::for_memory(&mem).unwrap();
+        assert_eq!(layout.reserved.length, RESERVED_BYTES);
         assert!(matches!(
             build_page_tables(&mem, layout.pml4, layout.limit, false),
             Err(GuestError::PageTablesTooLarge { .. })
         ));
         assert!(build_page_tables(&mem, layout.pml4, layout.limit, true).is_ok());
+        let mem = GuestMemory::new(&[(0, 300 << 30)]).unwrap();
+        let layout = SetupLayout::for_memory(&mem).unwrap();
+        assert_eq!(layout.reserved.length, 16 << 20);
+        build_page_tables(&mem, layout.pml4, layout.limit, false).unwrap();
+        assert_eq!(
+            translate(&mem, layout.pml4, (300 << 30) - 8),
+            Some((300 << 30) - 8)
+        );
+        // 5 TiB needs 5120 PDs: more than even the 16 MiB area holds.
+        let mem = GuestMemory::new(&[(0, 5 << 40)]).unwrap();
+        let layout = SetupLayout::for_memory(&mem).unwrap();
+        assert!(matches!(
+            build_page_tables(&mem, layout.pml4, layout.limit, false),
+            Err(GuestError::PageTablesTooLarge { .. })
+        ));
         let mem = GuestMemory::new(&[(0, 2 << 20), (1 << 47, 1 << 20)]).unwrap();
         assert!(matches!(
             build_page_tables(&mem, 0x14000, 0x100000, true),
