@@ -91,6 +91,9 @@ pub enum FrameKind {
     Abort = 11,
     /// Destination → source: a pass was received in full.
     Ack = 12,
+    /// Source → destination: after a good verdict, the source hands the guest over and
+    /// will not run it again; only now may the destination resume it.
+    Commit = 13,
 }
 
 impl FrameKind {
@@ -110,6 +113,7 @@ impl FrameKind {
             10 => VerifyResult,
             11 => Abort,
             12 => Ack,
+            13 => Commit,
             _ => return None,
         })
     }
@@ -207,6 +211,8 @@ pub enum Frame<'a> {
         /// Pass number.
         pass: u32,
     },
+    /// The source hands the guest over (after a good [`Frame::VerifyResult`]).
+    Commit,
 }
 
 /// A frame that owns all its data (as returned by [`decode_all`]).
@@ -222,6 +228,7 @@ impl Frame<'_> {
         match self {
             Frame::Hello { .. } => FrameKind::Hello,
             Frame::HelloAck => FrameKind::HelloAck,
+            Frame::Commit => FrameKind::Commit,
             Frame::PassBegin { .. } => FrameKind::PassBegin,
             Frame::Pages { .. } => FrameKind::Pages,
             Frame::PassEnd { .. } => FrameKind::PassEnd,
@@ -252,6 +259,7 @@ impl Frame<'_> {
                 total_pages,
             },
             Frame::HelloAck => Frame::HelloAck,
+            Frame::Commit => Frame::Commit,
             Frame::PassBegin { pass, pages } => Frame::PassBegin { pass, pages },
             Frame::Pages { gpa, count, data } => Frame::Pages {
                 gpa,
@@ -399,6 +407,10 @@ pub enum StreamState {
     InPass,
     /// After Complete; only Verify (or Abort) may come.
     Completed,
+    /// After Verify; only Commit (or Abort) may come.
+    Verified,
+    /// After Commit; nothing may come.
+    Committed,
     /// After Abort; nothing may come.
     Aborted,
 }
@@ -714,7 +726,7 @@ fn encode_parts<'f>(frame: &'f Frame<'_>, out: &mut Vec<u8>) -> Result<&'f [u8],
             }
             &[]
         }
-        Frame::HelloAck => &[],
+        Frame::HelloAck | Frame::Commit => &[],
         Frame::PassBegin { pass, pages } => {
             put_u32(out, *pass);
             put_u64(out, *pages);
@@ -870,6 +882,7 @@ fn decode_payload(kind: FrameKind, payload: &[u8]) -> Result<Frame<'_>, WireErro
             }
         }
         FrameKind::HelloAck => Frame::HelloAck,
+        FrameKind::Commit => Frame::Commit,
         FrameKind::PassBegin => Frame::PassBegin {
             pass: c.u32()?,
             pages: c.u64()?,
@@ -1561,7 +1574,9 @@ impl Validator {
                         theirs: region_hashes.len(),
                     }));
                 }
+                self.state = Verified;
             }
+            (Verified, Frame::Commit) => self.state = Committed,
             (state, _) => return unexpected(state),
         }
         Ok(None)
@@ -2199,7 +2214,16 @@ mod tests {
             region_hashes: Cow::Owned(vec![1, 2, 3]),
         })
         .unwrap();
-        assert_eq!(v.state(), StreamState::Completed);
+        assert_eq!(v.state(), StreamState::Verified);
+        assert!(v
+            .validate(&Frame::Verify {
+                digest: 9,
+                region_hashes: Cow::Owned(vec![1, 2, 3]),
+            })
+            .is_err());
+        v.validate(&Frame::Commit).unwrap();
+        assert_eq!(v.state(), StreamState::Committed);
+        assert!(v.validate(&Frame::Commit).is_err());
         assert_eq!(v.pages_received(), 4);
     }
 

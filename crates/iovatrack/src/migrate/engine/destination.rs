@@ -181,6 +181,9 @@ impl Destination {
             return Err(e.into());
         }
         w.write_frame(&Frame::HelloAck)?;
+        // Nothing from an interrupted session counts for this one but the memory itself.
+        self.vcpu = None;
+        self.report.device_state_restored = false;
         let mut at_complete: Option<Vec<u64>> = None;
         let (mut resuming, mut device_ok) = (false, false);
         loop {
@@ -267,7 +270,20 @@ impl Destination {
                         digest: guest::hash_words(ours.iter().copied()),
                         mismatched_regions: Cow::Owned(mismatched),
                     })?;
-                    return Ok(SessionEnd::Complete);
+                    if !ok {
+                        return Ok(SessionEnd::Complete);
+                    }
+                    // Resume only once the source hands the guest over.
+                    return match r.read_frame() {
+                        Ok(f @ Frame::Commit) if v.validate(&f).is_ok() => Ok(SessionEnd::Complete),
+                        Ok(other) => Ok(SessionEnd::Interrupted(format!(
+                            "expected Commit, got {:?}",
+                            other.kind()
+                        ))),
+                        Err(e) => Ok(SessionEnd::Interrupted(format!(
+                            "no Commit after the verdict: {e}"
+                        ))),
+                    };
                 }
                 Frame::Abort { reason } => {
                     return Ok(SessionEnd::Interrupted(format!(

@@ -64,6 +64,9 @@ enum AttemptEnd {
     Retry(String),
     /// Give up cleanly.
     Abort(String),
+    /// The Commit may or may not have reached the destination: the source must not run
+    /// the guest again (it might be running there), nor claim success.
+    Uncertain(String),
 }
 
 impl From<WireError> for AttemptEnd {
@@ -674,21 +677,35 @@ impl<'a> Source<'a> {
         })?;
         c.w.flush()?;
         let f = c.r.read_frame()?;
-        match f {
+        let (ok, mismatched) = match f {
             Frame::VerifyResult {
                 ok,
                 mismatched_regions,
                 ..
-            } => Ok(Verdict {
-                ok,
-                mismatched: mismatched_regions.len() as u64,
-                downtime_ms,
-            }),
-            other => Err(AttemptEnd::Abort(format!(
-                "expected VerifyResult, got {:?}",
-                other.kind()
-            ))),
+            } => (ok, mismatched_regions.len() as u64),
+            other => {
+                return Err(AttemptEnd::Abort(format!(
+                    "expected VerifyResult, got {:?}",
+                    other.kind()
+                )))
+            }
+        };
+        if ok {
+            // Hand the guest over. Until Commit the destination does not run it, so any
+            // failure before this point lets the source resume safely; after a failed
+            // Commit nobody can tell, and the guest stays paused here.
+            let sent = c.w.write_frame(&Frame::Commit).and_then(|_| c.w.flush());
+            if let Err(e) = sent {
+                return Err(AttemptEnd::Uncertain(format!(
+                    "sending Commit failed ({e}): the destination may be running the guest, so the source stays paused"
+                )));
+            }
         }
+        Ok(Verdict {
+            ok,
+            mismatched,
+            downtime_ms,
+        })
     }
 }
 
@@ -738,6 +755,7 @@ pub fn run_source(
         };
         match res {
             Ok(v) => break Ok(v),
+            Err(AttemptEnd::Uncertain(reason)) => break Err((reason, false)),
             Err(end) => {
                 // Nothing read from KVM or the device is lost: the pass in flight goes back.
                 src.ledger.rollback();
@@ -753,12 +771,19 @@ pub fn run_source(
                             reason: r.clone(),
                         });
                         // The layout may have changed meanwhile: plan again.
-                        src.start_tracking(false, events)?;
-                        continue;
+                        match src.start_tracking(false, events) {
+                            Ok(()) => continue,
+                            Err(e) => {
+                                break Err((
+                                    format!("{r}; then restarting dirty tracking failed: {e}"),
+                                    true,
+                                ))
+                            }
+                        }
                     }
-                    AttemptEnd::Retry(r) | AttemptEnd::Abort(r) => r,
+                    AttemptEnd::Retry(r) | AttemptEnd::Abort(r) | AttemptEnd::Uncertain(r) => r,
                 };
-                break Err(reason);
+                break Err((reason, true));
             }
         }
     };
@@ -767,17 +792,29 @@ pub fn run_source(
     src.summary.dma_writes = src.dma.writes();
     src.summary.guest_pages_written = src.guest.progress().pages_written;
     src.summary.untracked_dma_writes = src.device.untracked_writes() + src.dma.unlogged_writes();
+    // A destination that verified wrong memory keeps nothing running there: the source
+    // takes its guest back.
+    let outcome = match outcome {
+        Ok(v) if !v.ok => {
+            src.summary.mismatched_pages = v.mismatched;
+            let _ = src.device.migration().set_state(MigState::Running);
+            let _ = src.guest.resume();
+            src.dma.resume();
+            Err((format!("the destination's memory differs in {} page(s) (or regions): the source resumed", v.mismatched), true))
+        }
+        other => other,
+    };
     match outcome {
         Ok(v) => {
             src.summary.verified = v.ok;
             src.summary.mismatched_pages = v.mismatched;
             src.summary.downtime_ms = v.downtime_ms;
         }
-        Err(reason) => {
+        Err((reason, resumed)) => {
             let before = src.guest.progress().pages_written;
             std::thread::sleep(Duration::from_millis(200));
             src.summary.source_running_after_abort =
-                Some(src.guest.progress().pages_written > before);
+                Some(resumed && src.guest.progress().pages_written > before);
             src.summary.aborted = Some(reason);
         }
     }
