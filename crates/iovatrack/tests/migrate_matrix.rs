@@ -101,7 +101,9 @@ fn check(s: &Summary, desc: &str, cfg: &MigrateConfig) {
         assert_eq!(s.guest, "kvm", "{ctx}");
     }
     match cfg.faults.first() {
-        Some(Fault::DropAt(_) | Fault::CancelAt(_)) => assert_eq!(s.attempts, 2, "{ctx}"),
+        Some(Fault::DropAt(_) | Fault::CancelAt(_) | Fault::DropBeforeCommit) => {
+            assert_eq!(s.attempts, 2, "{ctx}")
+        }
         Some(Fault::ReportFail(_)) => assert!(s.report_errors >= 1, "{ctx}"),
         Some(Fault::StartE2big) => assert_eq!(s.ranges.len(), 1, "{ctx}"),
         None => assert_eq!(s.attempts, 1, "{ctx}"),
@@ -185,4 +187,19 @@ fn source_survives_an_unrecoverable_drop() {
         "{s:#?}"
     );
     assert_eq!(s.source_running_after_abort, Some(true), "{s:#?}");
+}
+
+/// The handover: a verdict the source never answers with Commit must not make the
+/// destination run the guest; the source resumes, retries into the same memory, and the
+/// second handover completes.
+#[test]
+fn lost_commit_is_retried_not_run_twice() {
+    let mut cfg = MigrateConfig::new(scale_ram(&presets::get("q35-2g").unwrap(), 8));
+    cfg.faults = vec![Fault::DropBeforeCommit];
+    cfg.warmup = Duration::from_millis(50);
+    let s = run_local(&cfg, &mut |_| {}).unwrap();
+    assert!(s.verified, "{s:#?}");
+    assert_eq!(s.attempts, 2, "{s:#?}");
+    assert_eq!(s.mismatched_pages, 0);
+    assert!(s.resumed_on_destination);
 }

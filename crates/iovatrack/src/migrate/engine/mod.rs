@@ -57,6 +57,9 @@ pub enum Fault {
     DropAt(u32),
     /// The source cancels at pass N (first attempt), then retries.
     CancelAt(u32),
+    /// The connection drops after a good verdict, before the source's Commit (first
+    /// attempt): the destination must not resume, the source resumes and retries.
+    DropBeforeCommit,
 }
 
 impl std::str::FromStr for Fault {
@@ -71,8 +74,9 @@ impl std::str::FromStr for Fault {
             Some(("drop", p)) => Ok(Fault::DropAt(at(p)?)),
             Some(("cancel", p)) => Ok(Fault::CancelAt(at(p)?)),
             None if s == "start-e2big" => Ok(Fault::StartE2big),
+            None if s == "drop-before-commit" => Ok(Fault::DropBeforeCommit),
             _ => Err(format!(
-                "unknown fault {s:?} (report-fail@N, start-e2big, drop@N, cancel@N)"
+                "unknown fault {s:?} (report-fail@N, start-e2big, drop@N, cancel@N, drop-before-commit)"
             )),
         }
     }
@@ -85,6 +89,7 @@ impl std::fmt::Display for Fault {
             Fault::StartE2big => write!(f, "start-e2big"),
             Fault::DropAt(n) => write!(f, "drop@{n}"),
             Fault::CancelAt(n) => write!(f, "cancel@{n}"),
+            Fault::DropBeforeCommit => write!(f, "drop-before-commit"),
         }
     }
 }

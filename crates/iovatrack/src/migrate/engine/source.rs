@@ -690,6 +690,12 @@ impl<'a> Source<'a> {
                 )))
             }
         };
+        if ok && attempt == 0 && self.cfg.faults.contains(&Fault::DropBeforeCommit) {
+            let _ = c.stream.shutdown(Shutdown::Both);
+            return Err(AttemptEnd::Retry(
+                "connection dropped before Commit (injected)".into(),
+            ));
+        }
         if ok {
             // Hand the guest over. Until Commit the destination does not run it, so any
             // failure before this point lets the source resume safely; after a failed
