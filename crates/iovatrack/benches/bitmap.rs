@@ -19,7 +19,7 @@
 
 mod common;
 
-use common::{ch_ranges, MemoryRange};
+use common::{ch_ranges, MemoryRange, XorShift};
 use criterion::{
     criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
 };
@@ -37,20 +37,6 @@ const DIRTY: [(&str, f64); 5] = [
     ("10%", 0.1),
     ("100%", 1.0),
 ];
-
-/// Tiny seeded xorshift64 (no extra crate).
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-}
 
 /// A `bits`-bit bitmap with `ratio * bits` random pages set (with replacement).
 fn random_bitmap(bits: u64, ratio: f64, seed: u64) -> DirtyBitmap {

@@ -32,7 +32,7 @@
 
 mod common;
 
-use common::{ch_ranges, MemoryRange};
+use common::{ch_ranges, MemoryRange, XorShift};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use iovatrack::bitmap::{DirtyBitmap, Geometry};
 use iovatrack::device::{DmaLogger, EmulatedDevice};
@@ -55,20 +55,6 @@ const SIZES: [(&str, u64); 4] = [
     ("64GiB", 64 * GIB),
 ];
 const DIRTY: f64 = 0.01;
-
-/// Tiny seeded xorshift64 (no extra crate).
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-}
 
 /// `DIRTY * pages` random page numbers below `pages` (with replacement).
 fn random_pages(pages: u64, seed: u64) -> Vec<u64> {

@@ -103,3 +103,17 @@ pub fn ch_ranges(
         },
     )
 }
+
+/// Tiny seeded xorshift64 (no extra crate).
+pub struct XorShift(pub u64);
+
+impl XorShift {
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+}
