@@ -260,7 +260,7 @@ impl Destination {
                     let mismatched = if theirs.len() as u64 == self.memory.total_bytes() / PAGE {
                         mismatches(&ours, &theirs)
                     } else {
-                        mismatches(&region_hashes(&self.memory)?, &theirs)
+                        mismatches(&region_hashes(&self.memory, &ours), &theirs)
                     };
                     let ok = mismatched.is_empty();
                     self.report.mismatched_pages = mismatched.len() as u64;

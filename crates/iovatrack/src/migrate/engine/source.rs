@@ -669,7 +669,7 @@ impl<'a> Source<'a> {
         let hashes = if page_hashes.len() <= max_hashes {
             page_hashes
         } else {
-            region_hashes(&self.memory).map_err(|e| abort(&e))?
+            region_hashes(&self.memory, &page_hashes)
         };
         c.w.write_frame(&Frame::Verify {
             digest,
