@@ -27,7 +27,7 @@ enum Command {
     Plan(plan_cmd::PlanArgs),
     /// Live-migrate a KVM guest with an emulated DMA device writing all the while, and
     /// prove the destination's memory equals the source's.
-    Migrate(migrate_cmd::MigrateArgs),
+    Migrate(Box<migrate_cmd::MigrateArgs>),
 }
 
 fn main() -> ExitCode {
@@ -35,7 +35,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.command {
         Command::Plan(a) => plan_cmd::run(a),
-        Command::Migrate(a) => migrate_cmd::run(a),
+        Command::Migrate(a) => migrate_cmd::run(*a),
     };
     match res {
         Ok(code) => code,

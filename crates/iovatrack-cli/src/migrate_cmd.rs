@@ -3,8 +3,8 @@
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use iovatrack::layout::{self, presets, Layout};
-use iovatrack::migrate::dma::{DmaConfig, DmaPattern};
-use iovatrack::migrate::engine::{self, Event, Fault, MigrateConfig, Summary, TimeoutAction};
+use iovatrack::migrate::demo::{self, DmaConfig, DmaPattern, Fault, MigrateConfig, Summary};
+use iovatrack::migrate::engine::{self, Event, TimeoutAction};
 use iovatrack::migrate::scale_ram;
 use iovatrack::plan::limits::DeviceProfile;
 use iovatrack::range::human_bytes;
@@ -96,9 +96,13 @@ struct Common {
     /// Which pages the device writes.
     #[arg(long, value_enum, default_value = "ring")]
     pattern: PatternArg,
-    /// The emulated device's driver profile.
-    #[arg(long, value_enum, default_value = "mlx5")]
-    device: DeviceArg,
+    /// An emulated device's driver profile; repeat for several devices (dma0, dma1, ...).
+    #[arg(long, value_enum, default_values = ["mlx5"])]
+    device: Vec<DeviceArg>,
+    /// Containers to spread the devices over (device i in container i mod N); each
+    /// container plans its ranges for its strictest device.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    containers: u32,
     /// Most ranges the planner may give the device.
     #[arg(long, default_value_t = 256)]
     max_ranges: u32,
@@ -117,7 +121,8 @@ struct Common {
     /// Cap the link, bytes per second (K/M/G suffixes; 0 = none).
     #[arg(long, default_value = "0", value_parser = parse_rate)]
     bandwidth: u64,
-    /// Inject a fault: report-fail@N, start-e2big, drop@N, cancel@N (repeatable).
+    /// Inject a fault (repeatable): report-fail@N, start-e2big, drop@N, cancel@N,
+    /// drop-before-commit.
     #[arg(long = "inject", value_name = "FAULT")]
     inject: Vec<Fault>,
     /// Attempts after a dropped or cancelled one.
@@ -173,24 +178,31 @@ fn config(c: &Common) -> Result<MigrateConfig, BoxError> {
         seed: c.seed,
         ..DmaConfig::default()
     };
-    cfg.device = match c.device {
-        DeviceArg::Generic => DeviceProfile::Generic,
-        DeviceArg::Mlx5 => DeviceProfile::Mlx5,
-        DeviceArg::Pds => DeviceProfile::Pds,
-    }
-    .limits();
+    cfg.devices = c
+        .device
+        .iter()
+        .map(|d| {
+            match d {
+                DeviceArg::Generic => DeviceProfile::Generic,
+                DeviceArg::Mlx5 => DeviceProfile::Mlx5,
+                DeviceArg::Pds => DeviceProfile::Pds,
+            }
+            .limits()
+        })
+        .collect();
+    cfg.containers = c.containers as usize;
     cfg.device_tracking = !c.no_device_tracking;
     cfg.max_ranges = c.max_ranges;
-    cfg.downtime_ms = c.downtime_ms;
-    cfg.max_iterations = c.max_iterations;
-    cfg.timeout = Duration::from_secs(c.timeout);
-    cfg.timeout_action = match c.timeout_action {
+    cfg.engine.downtime_ms = c.downtime_ms;
+    cfg.engine.max_iterations = c.max_iterations;
+    cfg.engine.timeout = Duration::from_secs(c.timeout);
+    cfg.engine.timeout_action = match c.timeout_action {
         TimeoutArg::Cancel => TimeoutAction::Cancel,
         TimeoutArg::Force => TimeoutAction::Force,
     };
-    cfg.bandwidth = c.bandwidth;
+    cfg.engine.bandwidth = c.bandwidth;
+    cfg.engine.retries = c.retries;
     cfg.faults = c.inject.clone();
-    cfg.retries = c.retries;
     Ok(cfg)
 }
 
@@ -211,13 +223,14 @@ impl Progress {
     fn on(&mut self, e: Event) {
         match e {
             Event::Tracking {
+                container,
                 mode,
                 ranges,
                 reason,
             } => {
                 let total: u128 = ranges.iter().map(|r| r.length as u128).sum();
                 eprintln!(
-                    "tracking: {mode} mode, {} range(s), {}{}",
+                    "tracking {container}: {mode} mode, {} range(s), {}{}",
                     ranges.len(),
                     human_bytes(total),
                     reason.map(|r| format!(" ({r})")).unwrap_or_default()
@@ -326,6 +339,15 @@ fn print_summary(s: &Summary, json: bool) -> Result<(), BoxError> {
         "  destination     resumed: {}, device state restored: {}",
         s.resumed_on_destination, s.device_state_restored
     );
+    for d in &s.device_reports {
+        println!(
+            "  device {:<8} {} ({} tracking), {} state",
+            d.name,
+            d.container,
+            d.mode,
+            human_bytes(d.state_bytes as u128)
+        );
+    }
     if let Some(a) = &s.aborted {
         println!(
             "  aborted         {a} (source still running: {})",
@@ -342,7 +364,7 @@ pub fn run(a: MigrateArgs) -> Result<ExitCode, BoxError> {
         None => {
             let cfg = config(&a.common)?;
             (
-                engine::run_local(&cfg, &mut |e| progress.on(e))?,
+                demo::run_local(&cfg, &mut |e| progress.on(e))?,
                 a.common.json,
             )
         }
@@ -350,7 +372,7 @@ pub fn run(a: MigrateArgs) -> Result<ExitCode, BoxError> {
             let cfg = config(&common)?;
             let connect = engine::connector(to.as_str())?;
             (
-                engine::run_source(&cfg, connect, &mut |e| progress.on(e))?,
+                demo::run_source(&cfg, connect, &mut |e| progress.on(e))?,
                 common.json,
             )
         }
@@ -363,10 +385,10 @@ pub fn run(a: MigrateArgs) -> Result<ExitCode, BoxError> {
             let listener = TcpListener::bind(&listen)
                 .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
             eprintln!("receiving on {}", listener.local_addr()?);
-            let dest = engine::Destination::new(&cfg.layout, cfg.device)?;
+            let dest = demo::DemoDestination::new(&cfg.layout, &cfg.devices)?;
             let report = dest.run(
                 &listener,
-                cfg.retries + 1,
+                cfg.engine.retries + 1,
                 Duration::from_secs(accept_timeout),
             )?;
             if common.json {

@@ -30,12 +30,16 @@
 #![deny(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+#[cfg(feature = "track")]
 pub mod bitmap;
+#[cfg(feature = "track")]
 pub mod device;
 pub mod layout;
+#[cfg(feature = "migrate")]
 pub mod migrate;
 pub mod plan;
 pub mod range;
+#[cfg(feature = "track")]
 pub mod track;
 
 /// Say loudly that a test could not use a real part (no `/dev/kvm`, no VFIO device, ...):

@@ -4,8 +4,7 @@
 //! control (device tracking off) must end unverified.
 
 use iovatrack::layout::presets;
-use iovatrack::migrate::dma::{DmaConfig, DmaPattern};
-use iovatrack::migrate::engine::{run_local, Fault, MigrateConfig, Summary};
+use iovatrack::migrate::demo::{run_local, DmaConfig, DmaPattern, Fault, MigrateConfig, Summary};
 use iovatrack::migrate::guest::kvm_available;
 use iovatrack::migrate::scale_ram;
 use iovatrack::plan::limits::DeviceProfile;
@@ -58,31 +57,40 @@ fn case(seed: u64) -> (String, MigrateConfig) {
         ring_pages: 64 << r.below(4),
         seed,
     };
-    cfg.device = [
-        DeviceProfile::Generic,
-        DeviceProfile::Mlx5,
-        DeviceProfile::Pds,
-    ][r.below(3) as usize]
-        .limits();
+    let profile = |r: &mut Rng| {
+        [
+            DeviceProfile::Generic,
+            DeviceProfile::Mlx5,
+            DeviceProfile::Pds,
+        ][r.below(3) as usize]
+            .limits()
+    };
+    cfg.devices = vec![profile(&mut r)];
+    // One draw in three migrates a second device, in the same container or its own.
+    if r.below(3) == 0 {
+        cfg.devices.push(profile(&mut r));
+        cfg.containers = 1 + r.below(2) as usize;
+    }
     cfg.max_ranges = [256, 8, 2, 1][r.below(4) as usize];
-    cfg.bandwidth = [0, 100 << 20, 300 << 20][r.below(3) as usize];
+    cfg.engine.bandwidth = [0, 100 << 20, 300 << 20][r.below(3) as usize];
     cfg.faults = FAULTS[(seed / LAYOUTS.len() as u64 % FAULTS.len() as u64) as usize]
         .into_iter()
         .collect();
     cfg.warmup = Duration::from_millis(100);
     // Some draws dirty faster than the capped link drains: they take the forced path.
-    cfg.timeout = Duration::from_secs(8);
+    cfg.engine.timeout = Duration::from_secs(8);
     let desc = format!(
-        "seed {seed}: {name}/{scale} {} cpu {}/s dma {:?}x{} {}/s {}B {} cap {} bw {} faults {:?}",
+        "seed {seed}: {name}/{scale} {} cpu {}/s dma {:?}x{} {}/s {}B {:?} in {} container(s) cap {} bw {} faults {:?}",
         if cfg.use_kvm { "kvm" } else { "soft" },
         cfg.cpu_rate,
         cfg.dma.pattern,
         cfg.dma.threads,
         cfg.dma.rate,
         cfg.dma.write_len,
-        format!("{:?}", cfg.device.driver).to_lowercase(),
+        cfg.devices.iter().map(|d| d.driver).collect::<Vec<_>>(),
+        cfg.containers,
         cfg.max_ranges,
-        cfg.bandwidth,
+        cfg.engine.bandwidth,
         cfg.faults
     );
     (desc, cfg)
@@ -96,6 +104,8 @@ fn check(s: &Summary, desc: &str, cfg: &MigrateConfig) {
     assert_eq!(s.duplicate_pages_sent, 0, "{ctx}");
     assert!(s.resumed_on_destination && s.device_state_restored, "{ctx}");
     assert!(s.dma_writes > 0, "the device wrote nothing: {ctx}");
+    assert_eq!(s.devices, cfg.devices.len(), "{ctx}");
+    assert!(s.device_reports.iter().all(|d| d.mode == "device"), "{ctx}");
     assert_eq!(s.mode, "device", "{ctx}");
     if cfg.use_kvm && kvm_available() {
         assert_eq!(s.guest, "kvm", "{ctx}");
@@ -163,7 +173,7 @@ fn negative_control_is_caught() {
     cfg.device_tracking = false;
     cfg.dma.rate = 40_000;
     cfg.dma.pattern = DmaPattern::Random;
-    cfg.bandwidth = 100 << 20;
+    cfg.engine.bandwidth = 100 << 20;
     let s = run_local(&cfg, &mut |_| {}).unwrap();
     assert!(!s.verified, "{s:#?}");
     assert!(s.mismatched_pages > 0, "{s:#?}");
@@ -178,7 +188,7 @@ fn negative_control_is_caught() {
 fn source_survives_an_unrecoverable_drop() {
     let mut cfg = MigrateConfig::new(scale_ram(&presets::get("q35-2g").unwrap(), 8));
     cfg.faults = vec![Fault::DropAt(1)];
-    cfg.retries = 0;
+    cfg.engine.retries = 0;
     cfg.warmup = Duration::from_millis(50);
     let s = run_local(&cfg, &mut |_| {}).unwrap();
     assert!(!s.verified, "{s:#?}");
@@ -202,4 +212,28 @@ fn lost_commit_is_retried_not_run_twice() {
     assert_eq!(s.attempts, 2, "{s:#?}");
     assert_eq!(s.mismatched_pages, 0);
     assert!(s.resumed_on_destination);
+}
+
+/// Two devices of different profiles in one container (same ranges, planned for the
+/// strictest, P2P states on the way to STOP_COPY), then the same two in two containers.
+#[test]
+fn two_devices_one_container_and_two_containers() {
+    for containers in [1, 2] {
+        let mut cfg = MigrateConfig::new(scale_ram(&presets::get("q35-2g").unwrap(), 4));
+        cfg.devices = vec![DeviceProfile::Mlx5.limits(), DeviceProfile::Pds.limits()];
+        cfg.containers = containers;
+        cfg.warmup = Duration::from_millis(100);
+        let desc = format!("mlx5 + pds in {containers} container(s)");
+        let s = run_local(&cfg, &mut |_| {}).unwrap_or_else(|e| panic!("{desc}: {e}"));
+        check(&s, &desc, &cfg);
+        let names: Vec<&str> = s.device_reports.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["dma0", "dma1"], "{desc}");
+        let distinct: std::collections::BTreeSet<&str> = s
+            .device_reports
+            .iter()
+            .map(|d| d.container.as_str())
+            .collect();
+        assert_eq!(distinct.len(), containers, "{desc}: {s:#?}");
+        assert!(s.device_reports.iter().all(|d| d.state_bytes > 0), "{desc}");
+    }
 }

@@ -22,14 +22,18 @@ pub mod emulated;
 pub mod emulated_iommu;
 pub mod iommufd;
 pub mod migration;
+#[cfg(feature = "vfio")]
 pub mod type1;
+#[cfg(feature = "vfio")]
 pub mod vfio;
 
 pub use emulated::EmulatedDevice;
 pub use emulated_iommu::EmulatedIommu;
 pub use iommufd::IommufdHwpt;
 pub use migration::{MigFlags, MigState};
+#[cfg(feature = "vfio")]
 pub use type1::Type1Container;
+#[cfg(feature = "vfio")]
 pub use vfio::VfioDmaLogger;
 
 /// A device that logs its own DMA writes (VFIO device DMA logging, `vfio_log_ops`).

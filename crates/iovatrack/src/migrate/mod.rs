@@ -1,13 +1,19 @@
-//! Live migration: guest, DMA workload, pre-copy engine, wire protocol.
+//! Live migration: the seams a VMM implements, the pre-copy engine, the wire protocol,
+//! and the demo harness (a guest, DMA devices, faults) that `iovatrack migrate` runs.
 //!
-//! * [`guest`]: guest RAM and the CPU that dirties it (a real KVM vCPU, or software).
-//! * [`dma`]: the emulated passthrough device's DMA writes.
+//! * [`seams`]: the traits the engine talks to (guest RAM, vCPUs, CPU dirty log, device
+//!   migration) and their implementations for this crate's parts and VFIO devices.
+//! * [`engine`]: the pre-copy loop (source) and the receiver (destination).
 //! * [`wire`]: the framed, versioned, checksummed protocol.
-//! * [`engine`]: the pre-copy loop (source), the receiver (destination), verification.
+//! * [`vm_memory`]: guest memory from `vm-memory`, layouts from it, dirt as range tables.
+//! * [`guest`]: guest RAM and a CPU that dirties it (a real KVM vCPU, or software).
+//! * [`demo`]: DMA workloads, fault injection, verification, and the runs of the CLI.
 
-pub mod dma;
+pub mod demo;
 pub mod engine;
 pub mod guest;
+pub mod seams;
+pub mod vm_memory;
 pub mod wire;
 
 use crate::layout::{Layout, Section, SectionKind};

@@ -509,6 +509,11 @@ impl Tracker {
         self
     }
 
+    /// The planner its ranges come from.
+    pub fn planner(&self) -> &Planner {
+        &self.planner
+    }
+
     /// The container.
     pub fn container(&self) -> &Container {
         &self.container

@@ -1,13 +1,15 @@
-//! The destination side: receive, verify, restore the device, resume the guest.
+//! The destination side: receive into the VMM's guest RAM, restore its devices, verify,
+//! and hand the vCPU states back once the source commits.
 
-use super::{detect_dead_link, hash_bytes, page_hashes, region_hashes, MigrateError, PAGE};
+use super::hooks::Verifier;
+use super::link::detect_dead_link;
+use super::{MigrateError, PAGE};
 use crate::bitmap::DirtyBitmap;
-use crate::device::{EmulatedDevice, MigState};
-use crate::layout::Layout;
-use crate::migrate::guest::{self, GuestConfig, GuestMemory};
-use crate::migrate::guest_regions;
-use crate::migrate::wire::{Frame, FrameReader, FrameWriter, MemoryLayout, Validator, WireError};
-use crate::plan::limits::DeviceLimits;
+use crate::device::MigState;
+use crate::migrate::seams::{DeviceMigration, GuestRam};
+use crate::migrate::wire::{
+    Frame, FrameReader, FrameWriter, Limits, MemoryLayout, StreamState, Validator, WireError,
+};
 use serde::Serialize;
 use std::borrow::Cow;
 use std::io;
@@ -23,22 +25,32 @@ pub struct DestReport {
     pub sessions: u32,
     /// A session completed and the memory matched.
     pub verified: bool,
-    /// Pages whose hash differed from the source's.
+    /// Pages (or regions) whose hash differed from the source's.
     pub mismatched_pages: u64,
     /// Pages received more than once within one pass.
     pub duplicate_pages_received: u64,
     /// Pages received over all sessions.
     pub pages_received: u64,
-    /// The guest ran on after resuming here.
+    /// The guest ran on after resuming here (set by whoever resumes it).
     pub resumed: bool,
-    /// The guest's counter when it resumed here, and a moment later.
+    /// The guest's counter when it resumed here, and a moment later (demo guests).
     pub counter: (u64, u64),
-    /// The device state was restored (RESUMING → RUNNING with the source's bytes).
+    /// Every device that sent state was restored (RESUMING → RUNNING with its bytes).
     pub device_state_restored: bool,
-    /// Hash of the restored device state.
+    /// Devices restored.
+    pub devices_restored: u32,
+    /// Hash of the restored device state (demo devices).
     pub device_state_digest: u64,
     /// Why sessions ended early, in order.
     pub interrupted: Vec<String>,
+}
+
+/// A completed, verified and committed migration: what the VMM resumes from.
+pub struct Received {
+    /// What happened.
+    pub report: DestReport,
+    /// The vCPU states, in vCPU order (resume the guest from these).
+    pub vcpu_states: Vec<Vec<u8>>,
 }
 
 /// How a session ended.
@@ -47,13 +59,16 @@ enum SessionEnd {
     Interrupted(String),
 }
 
-/// The destination: receives into `memory` over connections from `listener` until one
+/// The destination: receives into `memory` over connections from a listener until one
 /// completes (a retry after a dropped or cancelled session continues into the same
-/// memory), verifies, restores the device and resumes the guest.
+/// memory), restores the devices, verifies, and waits for the source's Commit.
 pub struct Destination {
-    memory: Arc<GuestMemory>,
-    device: EmulatedDevice,
-    vcpu: Option<Vec<u8>>,
+    memory: Arc<dyn GuestRam>,
+    devices: Vec<Box<dyn DeviceMigration>>,
+    verifier: Option<Arc<dyn Verifier>>,
+    /// The vCPU kind this destination can resume (`None`: any).
+    vcpu_kind: Option<String>,
+    vcpus: Vec<Vec<u8>>,
     report: DestReport,
     seen: Vec<DirtyBitmap>,
     verify_result: Option<bool>,
@@ -62,24 +77,36 @@ pub struct Destination {
 }
 
 impl Destination {
-    /// Guest memory laid out from `layout`, and an emulated device with `device` limits.
-    pub fn new(layout: &Layout, device: DeviceLimits) -> Result<Self, MigrateError> {
-        let regions = guest_regions(layout);
-        let memory = Arc::new(GuestMemory::new(&regions)?);
+    /// A destination receiving into `memory`, restoring `devices` (matched by name).
+    pub fn new(memory: Arc<dyn GuestRam>, devices: Vec<Box<dyn DeviceMigration>>) -> Self {
         let seen = memory
             .regions()
             .iter()
             .map(|r| DirtyBitmap::new(r.length / PAGE))
             .collect();
-        Ok(Destination {
+        Destination {
             memory,
-            device: EmulatedDevice::new(device).named("dma0"),
-            vcpu: None,
+            devices,
+            verifier: None,
+            vcpu_kind: None,
+            vcpus: Vec::new(),
             report: DestReport::default(),
             seen,
             verify_result: None,
             give_up: Arc::new(AtomicBool::new(false)),
-        })
+        }
+    }
+
+    /// Verify with `verifier` (the source must use the same one).
+    pub fn verifier(mut self, verifier: Arc<dyn Verifier>) -> Self {
+        self.verifier = Some(verifier);
+        self
+    }
+
+    /// Accept only vCPU state of this kind.
+    pub fn vcpu_kind(mut self, kind: impl Into<String>) -> Self {
+        self.vcpu_kind = Some(kind.into());
+        self
     }
 
     /// A flag that makes [`Destination::run`] stop waiting for a connection.
@@ -88,49 +115,38 @@ impl Destination {
     }
 
     /// The received memory.
-    pub fn memory(&self) -> &Arc<GuestMemory> {
+    pub fn memory(&self) -> &Arc<dyn GuestRam> {
         &self.memory
     }
 
+    /// The devices (after [`Destination::run`], restored).
+    pub fn devices(&self) -> &[Box<dyn DeviceMigration>] {
+        &self.devices
+    }
+
     /// Serve sessions until one completes, `max_sessions` were tried, or no source
-    /// connects within `accept_timeout`.
+    /// connects within `accept_timeout`. A verified, committed session returns the vCPU
+    /// states; a session whose memory did not match returns with `verified: false` and
+    /// none.
     pub fn run(
-        mut self,
+        &mut self,
         listener: &TcpListener,
         max_sessions: u32,
         accept_timeout: Duration,
-    ) -> Result<DestReport, MigrateError> {
+    ) -> Result<Received, MigrateError> {
         listener.set_nonblocking(true)?;
         while self.report.sessions < max_sessions {
-            let deadline = Instant::now() + accept_timeout;
-            let stream = loop {
-                match listener.accept() {
-                    Ok((s, _)) => break s,
-                    Err(e)
-                        if e.kind() == io::ErrorKind::WouldBlock && self.give_up.load(SeqCst) =>
-                    {
-                        return Err(MigrateError::Destination(
-                            "the source gave up before connecting".into(),
-                        ))
-                    }
-                    Err(e)
-                        if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline =>
-                    {
-                        std::thread::sleep(Duration::from_millis(5))
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        return Err(MigrateError::Destination(format!(
-                            "no source connected within {accept_timeout:?} ({} session(s) before)",
-                            self.report.sessions
-                        )))
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            };
+            let stream = self.accept(listener, accept_timeout)?;
             stream.set_nonblocking(false)?;
             self.report.sessions += 1;
             match self.session(stream)? {
-                SessionEnd::Complete => return self.finish(),
+                SessionEnd::Complete => {
+                    self.report.verified = self.verify_result == Some(true);
+                    return Ok(Received {
+                        report: self.report.clone(),
+                        vcpu_states: std::mem::take(&mut self.vcpus),
+                    });
+                }
                 SessionEnd::Interrupted(why) => {
                     log::info!(
                         "destination: session {} interrupted: {why}; keeping memory for a retry",
@@ -146,18 +162,45 @@ impl Destination {
         )))
     }
 
+    fn accept(
+        &self,
+        listener: &TcpListener,
+        accept_timeout: Duration,
+    ) -> Result<TcpStream, MigrateError> {
+        let deadline = Instant::now() + accept_timeout;
+        loop {
+            match listener.accept() {
+                Ok((s, _)) => return Ok(s),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && self.give_up.load(SeqCst) => {
+                    return Err(MigrateError::Destination(
+                        "the source gave up before connecting".into(),
+                    ))
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Err(MigrateError::Destination(format!(
+                        "no source connected within {accept_timeout:?} ({} session(s) before)",
+                        self.report.sessions
+                    )))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     /// One connection. Hostile or corrupt input is an error (the stream is refused and
     /// nothing is claimed); a connection that just ends is an interruption.
     fn session(&mut self, stream: TcpStream) -> Result<SessionEnd, MigrateError> {
         stream.set_read_timeout(Some(Duration::from_secs(60)))?;
         stream.set_nodelay(true)?;
-        // A source behind a dead link ends the session within DEAD_LINK, so the retry's
-        // connection (waiting in the listen backlog) is served; a source that is merely busy
-        // (hashing memory before Complete) still answers keepalives.
+        // A source behind a dead link ends the session within the dead-link time, so the
+        // retry's connection (waiting in the listen backlog) is served; a source that is
+        // merely busy (hashing memory before Complete) still answers keepalives.
         detect_dead_link(&stream)?;
         let mut r = FrameReader::new(io::BufReader::with_capacity(1 << 20, stream.try_clone()?));
         let mut w = FrameWriter::new(stream);
-        let regions = self.memory.regions().to_vec();
         let hello = match r.read_frame() {
             Ok(f) => f.into_owned(),
             Err(e) if is_disconnect(&e) => {
@@ -168,11 +211,15 @@ impl Destination {
         let Frame::Hello { guest_kind, .. } = &hello else {
             return Err(WireError::UnexpectedFrame {
                 frame: hello.kind(),
-                state: crate::migrate::wire::StreamState::AwaitHello,
+                state: StreamState::AwaitHello,
             }
             .into());
         };
-        let kind = guest_kind.to_string();
+        let kind = self
+            .vcpu_kind
+            .clone()
+            .unwrap_or_else(|| guest_kind.to_string());
+        let regions = self.memory.regions().to_vec();
         let mut v = Validator::new(MemoryLayout::new(PAGE, kind, regions)?);
         if let Err(e) = v.validate(&hello) {
             let _ = w.write_frame(&Frame::Abort {
@@ -182,10 +229,12 @@ impl Destination {
         }
         w.write_frame(&Frame::HelloAck)?;
         // Nothing from an interrupted session counts for this one but the memory itself.
-        self.vcpu = None;
+        self.vcpus.clear();
         self.report.device_state_restored = false;
+        self.report.devices_restored = 0;
         let mut at_complete: Option<Vec<u64>> = None;
-        let (mut resuming, mut device_ok) = (false, false);
+        let mut resuming = vec![false; self.devices.len()];
+        let mut device_ok = true;
         loop {
             let f = match r.read_frame() {
                 Ok(f) => f,
@@ -226,26 +275,28 @@ impl Destination {
                 Frame::PassEnd { pass, .. } => {
                     w.write_frame(&Frame::Ack { pass })?;
                 }
-                Frame::DeviceState { bytes, .. } => {
-                    // The first record of a session puts the device in RESUMING; every
+                Frame::DeviceState { name, bytes } => {
+                    // A device's first record of a session puts it in RESUMING; every
                     // record (pre-copy and stop-copy) goes to its data fd.
-                    let mut m = self.device.migration();
-                    if !resuming {
-                        m.reset();
-                        device_ok = m.set_state(MigState::Resuming).is_ok();
-                        resuming = true;
+                    match self.devices.iter().position(|d| d.name() == name) {
+                        Some(i) => {
+                            let d = &mut self.devices[i];
+                            if !resuming[i] {
+                                device_ok &= d.set_state(MigState::Resuming).is_ok();
+                                resuming[i] = true;
+                            }
+                            device_ok &= d.write_data(&bytes).is_ok();
+                        }
+                        None => {
+                            log::warn!("destination: state for unknown device {name:?}");
+                            device_ok = false;
+                        }
                     }
-                    device_ok &= m.write(&bytes).is_ok();
                 }
-                Frame::VcpuState { bytes, .. } => self.vcpu = Some(bytes.into_owned()),
+                Frame::VcpuState { bytes, .. } => self.vcpus.push(bytes.into_owned()),
                 Frame::Complete { .. } => {
-                    at_complete = Some(page_hashes(&self.memory)?);
-                    if resuming {
-                        let mut m = self.device.migration();
-                        device_ok &= m.set_state(MigState::Running).is_ok();
-                        self.report.device_state_restored = device_ok && !m.data().is_empty();
-                        self.report.device_state_digest = hash_bytes(m.data());
-                    }
+                    at_complete = Some(self.hashes()?);
+                    self.restore_devices(&resuming, device_ok);
                 }
                 Frame::Verify {
                     region_hashes: theirs,
@@ -253,21 +304,19 @@ impl Destination {
                 } => {
                     let ours = match at_complete.take() {
                         Some(h) => h,
-                        None => page_hashes(&self.memory)?,
+                        None => self.hashes()?,
                     };
-                    // Page-level when the source sent one hash per page; else per region
-                    // (then the count below is of regions).
-                    let mismatched = if theirs.len() as u64 == self.memory.total_bytes() / PAGE {
-                        mismatches(&ours, &theirs)
-                    } else {
-                        mismatches(&region_hashes(&self.memory, &ours), &theirs)
+                    let mismatched = match &self.verifier {
+                        Some(_) => mismatches(&ours, &theirs),
+                        None => Vec::new(),
                     };
                     let ok = mismatched.is_empty();
                     self.report.mismatched_pages = mismatched.len() as u64;
                     self.verify_result = Some(ok);
+                    let digest = self.verifier.as_ref().map_or(0, |v| v.digest(&ours));
                     w.write_frame(&Frame::VerifyResult {
                         ok,
-                        digest: guest::hash_words(ours.iter().copied()),
+                        digest,
                         mismatched_regions: Cow::Owned(mismatched),
                     })?;
                     if !ok {
@@ -295,28 +344,31 @@ impl Destination {
         }
     }
 
-    /// After a verified session: resume the guest here and see it make progress.
-    fn finish(mut self) -> Result<DestReport, MigrateError> {
-        self.report.verified = self.verify_result == Some(true);
-        if !self.report.verified {
-            return Ok(self.report);
+    /// The verifier's hashes of the received memory (none without a verifier).
+    fn hashes(&self) -> Result<Vec<u64>, MigrateError> {
+        let max_hashes = (Limits::default().max_payload as usize - 64) / 8;
+        match &self.verifier {
+            Some(v) => Ok(v.hashes(self.memory.as_ref(), max_hashes)?),
+            None => Ok(Vec::new()),
         }
-        let Some(state) = self.vcpu.take() else {
-            return Err(MigrateError::Destination(
-                "the source sent no vCPU state".into(),
-            ));
-        };
-        let g = guest::resume_guest(self.memory.clone(), &state, &GuestConfig::default())?;
-        let c0 = g.progress().counter;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while g.progress().counter <= c0 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
+    }
+
+    /// The devices that received state go RESUMING → RUNNING (through RUNNING_P2P when
+    /// several: none may DMA into a peer still resuming).
+    fn restore_devices(&mut self, resuming: &[bool], mut ok: bool) {
+        let several = self.devices.len() > 1;
+        for step in [MigState::RunningP2p, MigState::Running] {
+            if step == MigState::RunningP2p && !several {
+                continue;
+            }
+            for (d, _) in self.devices.iter_mut().zip(resuming).filter(|(_, r)| **r) {
+                ok &= d.set_state(step).is_ok();
+            }
         }
-        let c1 = g.progress().counter;
-        g.stop()?;
-        self.report.counter = (c0, c1);
-        self.report.resumed = c1 > c0;
-        Ok(self.report)
+        let restored = resuming.iter().filter(|r| **r).count() as u32;
+        self.report.devices_restored = if ok { restored } else { 0 };
+        self.report.device_state_restored =
+            ok && restored as usize == self.devices.len() && restored > 0;
     }
 }
 
@@ -327,12 +379,12 @@ fn is_disconnect(e: &WireError) -> bool {
     )
 }
 
-/// Indices where two hash lists differ.
+/// Indices where two hash lists differ (a length difference counts as a mismatch of
+/// every index past the shorter list).
 fn mismatches(ours: &[u64], theirs: &[u64]) -> Vec<u32> {
-    ours.iter()
-        .zip(theirs)
-        .enumerate()
-        .filter(|(_, (a, b))| a != b)
-        .map(|(i, _)| i as u32)
+    let n = ours.len().max(theirs.len());
+    (0..n)
+        .filter(|&i| ours.get(i) != theirs.get(i))
+        .map(|i| i as u32)
         .collect()
 }

@@ -1,4 +1,6 @@
-//! Guest RAM: one anonymous private `mmap(MAP_NORESERVE)` per RAM region.
+//! Guest RAM: one anonymous private `mmap(MAP_NORESERVE)` per RAM region, made and
+//! owned by `vm-memory`'s [`GuestMemoryMmap`] (what a rust-vmm VMM already has; see
+//! [`GuestMemory::from_vm_memory`]).
 //!
 //! All host access to guest RAM goes through relaxed 64-bit atomic loads and stores: the
 //! vCPU (KVM or software), a DMA workload and the migration thread touch the same pages
@@ -10,60 +12,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::GuestError;
 use crate::range::IovaRange;
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
+};
 
 /// Guest page size: one dirty bit per 4 KiB page.
 pub const PAGE_SIZE: u64 = 4096;
 /// `u64` words in one guest page.
 pub const PAGE_WORDS: usize = (PAGE_SIZE / 8) as usize;
 
-/// One mapping; unmapped on drop.
+/// One region's view into the memory `vm-memory` mapped (the mapping is owned, and
+/// unmapped on drop, by the `GuestMemoryMmap` in [`GuestMemory`]).
 struct Mapping {
     range: IovaRange,
     host: NonNull<u8>,
 }
 
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: `host` and `range.length` are exactly what mmap returned/was given in
-        // `Mapping::new`, and no reference into the mapping outlives `self` (every accessor
-        // borrows `GuestMemory`).
-        unsafe {
-            libc::munmap(self.host.as_ptr().cast(), self.range.length as usize);
-        }
-    }
-}
-
 impl Mapping {
-    fn new(range: IovaRange) -> Result<Self, GuestError> {
-        let len = usize::try_from(range.length).map_err(|_| GuestError::RegionOverflow {
-            gpa: range.iova,
-            size: range.length,
-        })?;
-        // SAFETY: anonymous private mapping at a kernel-chosen address: it aliases no Rust
-        // object. MAP_NORESERVE so a large sparse layout costs only the pages touched.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(GuestError::Mmap {
-                size: range.length,
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        let host = NonNull::new(p.cast::<u8>()).ok_or(GuestError::Mmap {
-            size: range.length,
-            source: std::io::Error::from(std::io::ErrorKind::AddrNotAvailable),
-        })?;
-        Ok(Self { range, host })
-    }
-
     /// The words of `[offset, offset + 8 * count)`; caller checked bounds and alignment.
     fn words(&self, offset: u64, count: usize) -> &[AtomicU64] {
         debug_assert!(offset.is_multiple_of(8));
@@ -87,10 +52,12 @@ impl Mapping {
 pub struct GuestMemory {
     regions: Vec<IovaRange>,
     maps: Vec<Mapping>,
+    /// Owns the mappings `maps` views.
+    mmap: GuestMemoryMmap,
 }
 
-// SAFETY: the mappings are owned by this value and freed only on drop; all shared access goes
-// through `&[AtomicU64]` views, which are Sync.
+// SAFETY: the mappings are owned by this value (through `mmap`) and freed only on drop; all
+// shared access goes through `&[AtomicU64]` views, which are Sync.
 unsafe impl Send for GuestMemory {}
 // SAFETY: see `Send`: no interior state besides atomically accessed guest RAM.
 unsafe impl Sync for GuestMemory {}
@@ -130,11 +97,64 @@ impl GuestMemory {
             }
             out.push(r);
         }
-        let maps = out
+        let ranges: Vec<(GuestAddress, usize)> = out
             .iter()
-            .map(|r| Mapping::new(*r))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self { regions: out, maps })
+            .map(|r| {
+                usize::try_from(r.length)
+                    .map(|len| (GuestAddress(r.iova), len))
+                    .map_err(|_| GuestError::RegionOverflow {
+                        gpa: r.iova,
+                        size: r.length,
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        // vm-memory maps each region MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, so a
+        // large sparse layout costs only the pages touched.
+        let mmap = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| GuestError::Mmap {
+            size: out.iter().map(|r| r.length).sum(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        Self::from_vm_memory(mmap)
+    }
+
+    /// Use a VMM's own `vm-memory` guest memory (regions 4 KiB aligned). Its mappings are
+    /// shared, not copied: what the VMM's vCPUs write is what the engine reads.
+    pub fn from_vm_memory(mmap: GuestMemoryMmap) -> Result<Self, GuestError> {
+        let mut maps = Vec::with_capacity(mmap.num_regions());
+        for r in mmap.iter() {
+            let range = IovaRange::new(r.start_addr().0, r.len());
+            if !range.is_aligned(PAGE_SIZE) {
+                return Err(GuestError::RegionUnaligned {
+                    gpa: range.iova,
+                    size: range.length,
+                });
+            }
+            let host = r
+                .get_host_address(MemoryRegionAddress(0))
+                .ok()
+                .and_then(NonNull::new)
+                .ok_or(GuestError::Mmap {
+                    size: range.length,
+                    source: std::io::Error::from(std::io::ErrorKind::AddrNotAvailable),
+                })?;
+            maps.push(Mapping { range, host });
+        }
+        if maps.is_empty() {
+            return Err(GuestError::NoRegions);
+        }
+        maps.sort_unstable_by_key(|m| m.range.iova);
+        let regions = maps.iter().map(|m| m.range).collect();
+        Ok(Self {
+            regions,
+            maps,
+            mmap,
+        })
+    }
+
+    /// The `vm-memory` guest memory behind this (for a VMM's devices, or vfio-ioctls'
+    /// `vfio_dma_map` of guest memory).
+    pub fn vm_memory(&self) -> &GuestMemoryMmap {
+        &self.mmap
     }
 
     /// The RAM regions, in address order; region `i` is KVM memslot `i`.

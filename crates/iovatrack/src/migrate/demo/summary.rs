@@ -1,0 +1,128 @@
+//! The demo's result: what `iovatrack migrate --json` prints.
+
+use crate::migrate::engine::{DestReport, DeviceReport, MigrateError, SourceReport};
+use crate::range::IovaRange;
+use serde::Serialize;
+
+/// The result of a demo migration.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Summary {
+    /// Destination memory equals the source's at the pause, page for page, the devices'
+    /// states were restored, and the guest ran on at the destination.
+    pub verified: bool,
+    /// Pages whose contents differ (page-level hash comparison; regions for guests too
+    /// large for a frame of page hashes).
+    pub mismatched_pages: u64,
+    /// Acknowledged passes over all attempts.
+    pub passes: u32,
+    /// Pages of acknowledged passes over all attempts.
+    pub pages_sent: u64,
+    /// Bytes on the wire over all attempts.
+    pub bytes_sent: u64,
+    /// Distinct pages sent: each had to travel at least once (non-zero at the start, or
+    /// dirtied since), so `pages_sent / distinct_pages_sent` is the resend overhead.
+    pub distinct_pages_sent: u64,
+    /// Pages sent twice within one pass (must be 0).
+    pub duplicate_pages_sent: u64,
+    /// Guest pause to the destination holding everything, ms.
+    pub downtime_ms: f64,
+    /// Pages the CPU dirtied (KVM log bits) over all passes.
+    pub cpu_dirty_pages: u64,
+    /// Pages the devices reported over all passes.
+    pub device_dirty_pages: u64,
+    /// DMA writes no tracker logged (must be 0 unless tracking is off).
+    pub untracked_dma_writes: u64,
+    /// `kvm` or `software`.
+    pub guest: String,
+    /// Tracking mode of the first container: `device`, `iommu`, `all-dirty`, or `none`
+    /// (negative control).
+    pub mode: String,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Migrating devices.
+    pub devices: usize,
+    /// Per device: name, container, mode, state bytes sent.
+    pub device_reports: Vec<DeviceReport>,
+    /// DMA writes the devices made.
+    pub dma_writes: u64,
+    /// Pages the guest wrote on the source.
+    pub guest_pages_written: u64,
+    /// The guest reported progress after resuming on the destination.
+    pub resumed_on_destination: bool,
+    /// Every device's migration state was restored on the destination (and, in one
+    /// process, equals the source's).
+    pub device_state_restored: bool,
+    /// Hash of the source devices' states at stop-and-copy.
+    pub device_state_digest: u64,
+    /// Ranges the first container's devices logged (last attempt).
+    pub ranges: Vec<IovaRange>,
+    /// REPORT failures turned into "whole range dirty".
+    pub report_errors: u64,
+    /// Faults requested.
+    pub faults: Vec<String>,
+    /// Faults that fired, in order.
+    pub faults_fired: Vec<String>,
+    /// Why the migration gave up, if it did.
+    pub aborted: Option<String>,
+    /// The engine resumed the source's guest after giving up.
+    #[serde(skip)]
+    pub source_resumed: bool,
+    /// The source guest still ran after an abort.
+    pub source_running_after_abort: Option<bool>,
+    /// Wall time, ms.
+    pub total_ms: f64,
+}
+
+impl Summary {
+    /// The engine's counters, for a guest of `guest` kind with `devices` devices.
+    pub fn from_engine(r: SourceReport, guest: &str, devices: usize) -> Self {
+        Summary {
+            verified: r.verified,
+            mismatched_pages: r.mismatched_pages,
+            passes: r.passes,
+            pages_sent: r.pages_sent,
+            bytes_sent: r.bytes_sent,
+            distinct_pages_sent: r.distinct_pages_sent,
+            duplicate_pages_sent: r.duplicate_pages_sent,
+            downtime_ms: r.downtime_ms,
+            cpu_dirty_pages: r.cpu_dirty_pages,
+            device_dirty_pages: r.device_dirty_pages,
+            guest: guest.to_string(),
+            mode: r.mode,
+            attempts: r.attempts,
+            devices,
+            device_reports: r.devices,
+            ranges: r.ranges,
+            report_errors: r.report_errors,
+            aborted: r.aborted,
+            source_resumed: r.source_resumed,
+            ..Summary::default()
+        }
+    }
+}
+
+/// Fold the destination's report into the source's summary: the destination's own
+/// observations (mismatches, duplicates, resume) are the independent ones.
+pub fn merge_destination(summary: &mut Summary, dest: Result<DestReport, MigrateError>) {
+    match dest {
+        Ok(d) => {
+            summary.mismatched_pages = summary.mismatched_pages.max(d.mismatched_pages);
+            summary.duplicate_pages_sent =
+                summary.duplicate_pages_sent.max(d.duplicate_pages_received);
+            summary.resumed_on_destination = d.resumed;
+            summary.device_state_restored =
+                d.device_state_restored && d.device_state_digest == summary.device_state_digest;
+            summary.verified = summary.verified
+                && d.verified
+                && d.resumed
+                && summary.device_state_restored
+                && summary.aborted.is_none();
+        }
+        Err(e) => {
+            summary.verified = false;
+            if summary.aborted.is_none() {
+                summary.aborted = Some(format!("destination: {e}"));
+            }
+        }
+    }
+}

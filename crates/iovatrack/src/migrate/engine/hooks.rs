@@ -1,0 +1,85 @@
+//! What a harness plugs into the engine: hooks at the points where a test injects faults,
+//! and the verification both sides run before the handover.
+
+use crate::migrate::seams::{GuestRam, VmError};
+
+/// A point in the source's run where a hook may step in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Checkpoint {
+    /// Pass `pass` of attempt `attempt` is about to collect dirt (the final pass too).
+    Collect {
+        /// Attempt (0 first).
+        attempt: u32,
+        /// Pass.
+        pass: u32,
+        /// The stop-and-copy pass.
+        final_pass: bool,
+    },
+    /// Pass `pass` is about to start sending (after its dirt was collected).
+    PassStart {
+        /// Attempt.
+        attempt: u32,
+        /// Pass.
+        pass: u32,
+    },
+    /// `sent` of `total` pages of pass `pass` are on the wire.
+    PassProgress {
+        /// Attempt.
+        attempt: u32,
+        /// Pass.
+        pass: u32,
+        /// Pages sent so far.
+        sent: u64,
+        /// Pages in the pass.
+        total: u64,
+    },
+    /// All pages of pass `pass` are on the wire, before its end marker.
+    PassSent {
+        /// Attempt.
+        attempt: u32,
+        /// Pass.
+        pass: u32,
+    },
+    /// The destination verified; the source is about to send Commit.
+    BeforeCommit {
+        /// Attempt.
+        attempt: u32,
+    },
+}
+
+/// What the engine does after a checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Control {
+    /// Go on.
+    Continue,
+    /// Cancel this attempt (tell the destination) and retry.
+    Cancel,
+    /// Drop the connection now, as a failed link would.
+    DropLink,
+}
+
+/// Hooks into the source engine. Every method has a do-nothing default.
+pub trait SourceHooks {
+    /// Called at each checkpoint; the answer steers the engine.
+    fn at(&mut self, _point: Checkpoint) -> Control {
+        Control::Continue
+    }
+    /// Dirty tracking (re)started: `logged` says whether device DMA is now logged by
+    /// anyone (false when no container tracks devices).
+    fn tracking_started(&mut self, _logged: bool) {}
+}
+
+/// No hooks: what a VMM passes.
+pub struct NoHooks;
+
+impl SourceHooks for NoHooks {}
+
+/// Verification of the destination's memory against the source's before the guest is
+/// handed over. Both sides run the same verifier.
+pub trait Verifier: Send + Sync {
+    /// The hashes that stand for `memory` (what the source sends, what the destination
+    /// compares): one per page, or one per region for memory too large for a frame.
+    fn hashes(&self, memory: &dyn GuestRam, max_hashes: usize) -> Result<Vec<u64>, VmError>;
+    /// A digest of `hashes`.
+    fn digest(&self, hashes: &[u64]) -> u64;
+}

@@ -1,0 +1,477 @@
+//! The source side: attempts, pre-copy passes, stop-and-copy, retries.
+
+mod devices;
+mod pass;
+mod stop;
+
+use super::hooks::{Checkpoint, Control, SourceHooks, Verifier};
+use super::link::{detect_dead_link, Link, WRITE_TIMEOUT};
+use super::{
+    AttemptError, DeviceReport, EngineConfig, Event, MigrateError, PassStats, SourceReport,
+    TimeoutAction, FRAME_PAGES, PAGE,
+};
+use crate::bitmap::DirtyBitmap;
+use crate::layout::Layout;
+use crate::migrate::seams::{CpuDirtyLog, DeviceMigration, GuestRam, Vcpus};
+use crate::migrate::wire::{Frame, FrameReader, FrameWriter, MemoryLayout};
+use crate::track::{DirtLedger, Tracker};
+use std::borrow::Cow;
+use std::io::{self, Read};
+use std::net::{Shutdown, TcpStream};
+use std::time::{Duration, Instant};
+
+/// What the source engine migrates: the VMM's parts, lent for the migration.
+pub struct SourceVm<'a> {
+    /// The guest's memory map as the devices see it (ranges are planned from it).
+    pub layout: &'a Layout,
+    /// Guest RAM.
+    pub memory: &'a dyn GuestRam,
+    /// The vCPUs.
+    pub vcpus: &'a dyn Vcpus,
+    /// The CPU's dirty log, one slot per RAM region.
+    pub cpu_log: &'a dyn CpuDirtyLog,
+    /// One tracker per container (its devices' DMA logging). Empty: device DMA is not
+    /// tracked at all (only a negative control does that).
+    pub containers: &'a mut [Tracker],
+    /// Every migrating device with the index of its container.
+    pub devices: &'a mut [(usize, Box<dyn DeviceMigration>)],
+    /// Verification before the handover (`None`: the destination takes the guest
+    /// unverified).
+    pub verifier: Option<&'a dyn Verifier>,
+}
+
+/// How an attempt ended early.
+enum AttemptEnd {
+    /// Retry (connection dropped, cancelled).
+    Retry(AttemptError),
+    /// Give up cleanly: the source resumes.
+    Abort(AttemptError),
+    /// The Commit may or may not have reached the destination: the source must not run
+    /// the guest again (it might be running there), nor claim success.
+    Uncertain(AttemptError),
+}
+
+impl<E: Into<AttemptError>> From<E> for AttemptEnd {
+    /// Connection-level failures are retried; anything else ends the migration.
+    fn from(e: E) -> Self {
+        match e.into() {
+            e @ (AttemptError::Wire(_) | AttemptError::Io(_)) => AttemptEnd::Retry(e),
+            e => AttemptEnd::Abort(e),
+        }
+    }
+}
+
+/// One connection to the destination.
+struct Conn {
+    w: FrameWriter<Link<io::BufWriter<TcpStream>>>,
+    r: FrameReader<TcpStream>,
+    stream: TcpStream,
+}
+
+impl Conn {
+    /// Drop the link as a failure would (an injected fault, or before a retry).
+    fn drop_link(&self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+
+    /// Tell the destination this attempt ends, best effort.
+    fn abort(&mut self, reason: &'static str) {
+        let _ = self.w.write_frame(&Frame::Abort {
+            reason: Cow::Borrowed(reason),
+        });
+        let _ = self.w.flush();
+    }
+}
+
+/// The destination's verdict, as the source heard it.
+struct Verdict {
+    ok: bool,
+    mismatched: u64,
+    downtime_ms: f64,
+}
+
+/// The source engine's state over all attempts.
+struct Source<'a, 'h> {
+    cfg: &'a EngineConfig,
+    vm: SourceVm<'a>,
+    hooks: &'h mut dyn SourceHooks,
+    ledger: DirtLedger,
+    cpu_log: Vec<Vec<u64>>,
+    /// Pages sent in the current pass (no page twice in a pass).
+    sent: Vec<DirtyBitmap>,
+    /// Every page sent at least once: the lower bound on pages any migration must send.
+    touched: Vec<DirtyBitmap>,
+    page_buf: Vec<u8>,
+    report: SourceReport,
+    bandwidth: f64,
+    /// Pages sent on the current connection (its Complete frame reports them).
+    conn_pages: u64,
+}
+
+impl<'a, 'h> Source<'a, 'h> {
+    fn new(
+        cfg: &'a EngineConfig,
+        vm: SourceVm<'a>,
+        hooks: &'h mut dyn SourceHooks,
+    ) -> Result<Self, MigrateError> {
+        let regions = vm.memory.regions().to_vec();
+        let ledger = DirtLedger::new(&regions, PAGE)?;
+        let bitmaps: Vec<DirtyBitmap> = regions
+            .iter()
+            .map(|r| DirtyBitmap::new(r.length / PAGE))
+            .collect();
+        let cpu_log = regions
+            .iter()
+            .map(|r| vec![0u64; (r.length / PAGE).div_ceil(64) as usize])
+            .collect();
+        devices::check_p2p(vm.devices)?;
+        Ok(Source {
+            cfg,
+            vm,
+            hooks,
+            ledger,
+            cpu_log,
+            touched: bitmaps.clone(),
+            sent: bitmaps,
+            page_buf: vec![0; FRAME_PAGES * PAGE as usize],
+            report: SourceReport::default(),
+            bandwidth: 0.0,
+            conn_pages: 0,
+        })
+    }
+
+    /// (Re)start dirty tracking on every container with ranges planned from the layout
+    /// as it is now.
+    fn start_tracking(
+        &mut self,
+        first: bool,
+        events: &mut dyn FnMut(Event),
+    ) -> Result<(), MigrateError> {
+        if self.vm.containers.is_empty() {
+            self.report.mode = "none".into();
+            self.hooks.tracking_started(false);
+            self.report_devices();
+            return Ok(());
+        }
+        for (i, tracker) in self.vm.containers.iter_mut().enumerate() {
+            let mode = if first {
+                tracker.start(self.vm.layout)?.clone()
+            } else {
+                // A retry plans again from the layout as it is now. Same ranges: logging
+                // simply goes on. Different ranges: collect what is logged, restart, and
+                // count every DMA-able page dirty, since writes between STOP and START are
+                // logged nowhere.
+                let fresh = tracker
+                    .planner()
+                    .plan(self.vm.layout)
+                    .map_err(crate::track::TrackError::from)?;
+                let same = tracker
+                    .mode()
+                    .is_some_and(|m| m.ranges() == fresh.ranges.as_slice());
+                if !same {
+                    tracker.finish(&mut self.ledger)?;
+                    for r in &fresh.dma {
+                        self.ledger.mark_range(*r);
+                    }
+                    tracker.start(self.vm.layout)?;
+                }
+                tracker.mode().expect("started above").clone()
+            };
+            if i == 0 {
+                self.report.mode = mode.name().to_string();
+                self.report.ranges = mode.ranges().to_vec();
+            }
+            events(Event::Tracking {
+                container: tracker.container().name.clone(),
+                mode: mode.name().to_string(),
+                ranges: mode.ranges().to_vec(),
+                reason: mode.reason().map(|r| r.to_string()),
+            });
+        }
+        self.hooks.tracking_started(true);
+        self.report_devices();
+        Ok(())
+    }
+
+    /// The per-device lines of the report, with their containers' modes.
+    fn report_devices(&mut self) {
+        let containers = &self.vm.containers;
+        self.report.devices = self
+            .vm
+            .devices
+            .iter()
+            .map(|(c, d)| {
+                let (container, mode) = containers.get(*c).map_or_else(
+                    || ("-".to_string(), "none".to_string()),
+                    |t| {
+                        (
+                            t.container().name.clone(),
+                            t.mode().map_or("none", |m| m.name()).to_string(),
+                        )
+                    },
+                );
+                DeviceReport {
+                    name: d.name().to_string(),
+                    container,
+                    mode,
+                    state_bytes: 0,
+                }
+            })
+            .collect();
+    }
+
+    /// The CPU's log and every container's, into the ledger. Returns (cpu pages, device
+    /// pages).
+    fn collect(&mut self) -> Result<(u64, u64), AttemptError> {
+        let mut cpu = 0;
+        for (slot, buf) in self.cpu_log.iter_mut().enumerate() {
+            self.vm.cpu_log.read_and_clear(slot, buf)?;
+            cpu += buf.iter().map(|w| w.count_ones() as u64).sum::<u64>();
+            self.ledger.or_region_words(slot, buf)?;
+        }
+        let mut dev = 0;
+        for tracker in self.vm.containers.iter_mut() {
+            let st = tracker.collect(&mut self.ledger)?;
+            dev += st.device_bits;
+            self.report.report_errors += st.report_errors;
+        }
+        self.report.cpu_dirty_pages += cpu;
+        self.report.device_dirty_pages += dev;
+        Ok((cpu, dev))
+    }
+
+    fn est_downtime_ms(&self) -> f64 {
+        let bw = if self.bandwidth > 0.0 {
+            self.bandwidth
+        } else if self.cfg.bandwidth > 0 {
+            self.cfg.bandwidth as f64
+        } else {
+            1e9
+        };
+        self.ledger.pending_pages() as f64 * (PAGE as f64 + 12.0) / bw * 1000.0
+    }
+
+    /// One attempt over one connection.
+    fn attempt(
+        &mut self,
+        stream: TcpStream,
+        attempt: u32,
+        started: Instant,
+        events: &mut dyn FnMut(Event),
+    ) -> Result<Verdict, AttemptEnd> {
+        stream.set_nodelay(true)?;
+        detect_dead_link(&stream)?;
+        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+        // A backstop: a dead link fails the write via TCP_USER_TIMEOUT first.
+        stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+        let link = Link::new(
+            io::BufWriter::with_capacity(1 << 20, stream.try_clone()?),
+            self.cfg.bandwidth,
+        );
+        let mut c = Conn {
+            w: FrameWriter::new(link),
+            r: FrameReader::new(stream.try_clone()?),
+            stream,
+        };
+        self.conn_pages = 0;
+        let regions = self.vm.memory.regions().to_vec();
+        let layout = MemoryLayout::new(PAGE, self.vm.vcpus.kind(), regions)
+            .map_err(|e| AttemptEnd::Abort(AttemptError::Layout(e)))?;
+        c.w.write_frame(&layout.hello())?;
+        c.w.flush()?;
+        expect(&mut c.r, "HelloAck", |f| matches!(f, Frame::HelloAck))?;
+        let result = self.precopy(&mut c, attempt, started, events);
+        self.report.bytes_sent += c.w.get_ref().bytes;
+        if result.is_err() {
+            // Dropping the BufWriter flushes it: on a dead link that would block for another
+            // write timeout before the retry could start.
+            c.drop_link();
+        }
+        result
+    }
+
+    fn precopy(
+        &mut self,
+        c: &mut Conn,
+        attempt: u32,
+        started: Instant,
+        events: &mut dyn FnMut(Event),
+    ) -> Result<Verdict, AttemptEnd> {
+        // The devices enter PRE_COPY: their initial state travels while the guest runs.
+        self.devices_to_precopy()?;
+        let mut pass = 0u32;
+        loop {
+            let (cpu, dev) = if pass == 0 && attempt == 0 {
+                (0, 0)
+            } else {
+                self.hooks.at(Checkpoint::Collect {
+                    attempt,
+                    pass,
+                    final_pass: false,
+                });
+                self.collect()?
+            };
+            match self.hooks.at(Checkpoint::PassStart { attempt, pass }) {
+                Control::Continue => {}
+                Control::Cancel => {
+                    c.abort("cancelled");
+                    return Err(AttemptEnd::Retry(AttemptError::Cancelled { pass }));
+                }
+                Control::DropLink => {
+                    c.drop_link();
+                    return Err(AttemptEnd::Retry(AttemptError::Dropped { pass }));
+                }
+            }
+            if pass > 0 {
+                let timed_out = started.elapsed() >= self.cfg.timeout;
+                if timed_out && self.cfg.timeout_action == TimeoutAction::Cancel {
+                    c.abort("timeout");
+                    return Err(AttemptEnd::Abort(AttemptError::Timeout(self.cfg.timeout)));
+                }
+                if self.est_downtime_ms() <= self.cfg.downtime_ms as f64
+                    || pass >= self.cfg.max_iterations
+                    || timed_out
+                {
+                    return self.stop_and_copy(c, attempt, pass, (cpu, dev), events);
+                }
+            }
+            self.ledger
+                .begin_pass()
+                .map_err(|e| AttemptEnd::Abort(e.into()))?;
+            let (pages, bytes, secs) =
+                self.send_pass(c, attempt, pass, pass == 0 && attempt == 0, false, events)?;
+            expect(
+                &mut c.r,
+                "Ack",
+                |f| matches!(f, Frame::Ack { pass: p } if *p == pass),
+            )?;
+            self.ledger.ack();
+            self.report.pages_sent += pages;
+            self.report.passes += 1;
+            if pass == 0 {
+                self.send_device_states(c)?;
+            }
+            // What this pass would have cost as the stop-and-copy pass.
+            let est = if self.bandwidth > 0.0 {
+                bytes as f64 / self.bandwidth * 1000.0
+            } else {
+                0.0
+            };
+            events(Event::Pass(PassStats {
+                attempt,
+                pass,
+                pages,
+                bytes,
+                secs,
+                cpu_dirty: cpu,
+                device_dirty: dev,
+                est_downtime_ms: est,
+                final_pass: false,
+            }));
+            pass += 1;
+        }
+    }
+
+    /// After a failed attempt: the pass in flight goes back into the ledger, and the
+    /// devices and vCPUs run again (the source owns the guest until the destination has
+    /// it).
+    fn take_back(&mut self) {
+        self.ledger.rollback();
+        self.devices_to_running();
+        self.report.source_resumed = self.vm.vcpus.resume().is_ok();
+    }
+}
+
+/// Read one frame and check it is the one expected.
+fn expect<R: Read>(
+    r: &mut FrameReader<R>,
+    expected: &'static str,
+    ok: impl Fn(&Frame<'_>) -> bool,
+) -> Result<(), AttemptEnd> {
+    let f = r.read_frame()?;
+    if ok(&f) {
+        return Ok(());
+    }
+    Err(AttemptEnd::Abort(match f {
+        Frame::Abort { reason } => AttemptError::DestinationAborted(reason.into_owned()),
+        other => AttemptError::Unexpected {
+            expected,
+            got: other.kind(),
+        },
+    }))
+}
+
+/// Migrate `vm` to whatever `connect` returns, retrying after a dropped connection or a
+/// cancel up to `cfg.retries` times. Tracking starts here (nothing is spent on it
+/// before), and is stopped on return. On success the source's vCPUs stay paused (the
+/// guest runs at the destination); after a clean failure they run again.
+pub fn run_source(
+    cfg: &EngineConfig,
+    vm: SourceVm<'_>,
+    hooks: &mut dyn SourceHooks,
+    mut connect: impl FnMut() -> io::Result<TcpStream>,
+    events: &mut dyn FnMut(Event),
+) -> Result<SourceReport, MigrateError> {
+    let mut src = Source::new(cfg, vm, hooks)?;
+    // Everything dirtied before pass 0 is covered by pass 0: drop what the CPU log holds.
+    for (slot, buf) in src.cpu_log.iter_mut().enumerate() {
+        src.vm.cpu_log.read_and_clear(slot, buf)?;
+    }
+    src.start_tracking(true, events)?;
+    src.ledger.mark_all();
+    let mut attempt = 0u32;
+    let outcome = loop {
+        let started = Instant::now();
+        let res = match connect() {
+            Ok(stream) => src.attempt(stream, attempt, started, events),
+            Err(e) => Err(AttemptEnd::Retry(AttemptError::Connect(e))),
+        };
+        match res {
+            Ok(v) if v.ok => break Ok(v),
+            Ok(v) => {
+                // A destination that verified wrong memory keeps nothing running there:
+                // the source takes its guest back.
+                src.report.mismatched_pages = v.mismatched;
+                src.take_back();
+                break Err(AttemptError::Mismatch(v.mismatched));
+            }
+            Err(AttemptEnd::Uncertain(e)) => break Err(e),
+            Err(AttemptEnd::Retry(e)) if attempt < cfg.retries => {
+                src.take_back();
+                attempt += 1;
+                events(Event::Retry {
+                    attempt,
+                    reason: e.to_string(),
+                });
+                // The layout may have changed meanwhile: plan again.
+                if let Err(t) = src.start_tracking(false, events) {
+                    src.report.aborted =
+                        Some(format!("{e}; then restarting dirty tracking failed: {t}"));
+                    break Err(e);
+                }
+            }
+            Err(AttemptEnd::Retry(e) | AttemptEnd::Abort(e)) => {
+                src.take_back();
+                break Err(e);
+            }
+        }
+    };
+    src.report.attempts = attempt + 1;
+    src.report.distinct_pages_sent = src.touched.iter().map(DirtyBitmap::count_ones).sum();
+    match outcome {
+        Ok(v) => {
+            src.report.verified = v.ok;
+            src.report.mismatched_pages = v.mismatched;
+            src.report.downtime_ms = v.downtime_ms;
+        }
+        Err(e) => {
+            if src.report.aborted.is_none() {
+                src.report.aborted = Some(e.to_string());
+            }
+        }
+    }
+    for t in src.vm.containers.iter_mut() {
+        t.stop();
+    }
+    Ok(src.report)
+}

@@ -1,0 +1,146 @@
+//! One pass: which pages, and sending them.
+
+use super::{AttemptEnd, Conn, Source};
+use crate::migrate::engine::hooks::{Checkpoint, Control};
+use crate::migrate::engine::{AttemptError, Event, FRAME_PAGES, PAGE};
+use crate::migrate::wire::Frame;
+use std::time::Instant;
+
+/// A run of pages to send: (region, first page, count).
+type PageRun = (usize, u64, u64);
+
+impl Source<'_, '_> {
+    /// The in-flight pages of the ledger as runs; with `skip_zero` (pass 0: the
+    /// destination starts zeroed) pages never written or all zero are left out.
+    fn select_pages(&self, skip_zero: bool) -> Result<(Vec<PageRun>, u64), AttemptError> {
+        let mut runs: Vec<PageRun> = Vec::new();
+        let mut total = 0u64;
+        let mut push = |runs: &mut Vec<PageRun>, r: PageRun| {
+            total += r.2;
+            runs.push(r);
+        };
+        let memory = self.vm.memory;
+        for (region, reg) in memory.regions().iter().enumerate() {
+            // Pages never written need not even be read.
+            let never = if skip_zero {
+                memory.never_written(region)
+            } else {
+                None
+            };
+            let untouched = |b: u64| {
+                never
+                    .as_ref()
+                    .is_some_and(|w| w[(b / 64) as usize] >> (b % 64) & 1 == 1)
+            };
+            for (first, len) in self.ledger.inflight(region).runs() {
+                if !skip_zero {
+                    push(&mut runs, (region, first, len));
+                    continue;
+                }
+                let mut run: Option<(u64, u64)> = None;
+                for b in first..first + len {
+                    let zero = untouched(b) || memory.is_zero_page(reg.iova + b * PAGE)?;
+                    match (&mut run, zero) {
+                        (Some(r), false) => r.1 += 1,
+                        (None, false) => run = Some((b, 1)),
+                        (Some(r), true) => {
+                            push(&mut runs, (region, r.0, r.1));
+                            run = None;
+                        }
+                        (None, true) => {}
+                    }
+                }
+                if let Some(r) = run {
+                    push(&mut runs, (region, r.0, r.1));
+                }
+            }
+        }
+        Ok((runs, total))
+    }
+
+    /// Send the in-flight pages of the ledger as pass `pass`. Returns (pages, bytes,
+    /// seconds).
+    pub(super) fn send_pass(
+        &mut self,
+        c: &mut Conn,
+        attempt: u32,
+        pass: u32,
+        skip_zero: bool,
+        final_pass: bool,
+        events: &mut dyn FnMut(Event),
+    ) -> Result<(u64, u64, f64), AttemptEnd> {
+        let started = Instant::now();
+        let bytes0 = c.w.get_ref().bytes;
+        let (runs, total) = self.select_pages(skip_zero)?;
+        events(Event::PassStart {
+            attempt,
+            pass,
+            pages: total,
+            final_pass,
+        });
+        c.w.write_frame(&Frame::PassBegin { pass, pages: total })?;
+        for s in &mut self.sent {
+            s.clear();
+        }
+        let mut sent = 0u64;
+        for (region, first, len) in runs {
+            let base = self.vm.memory.regions()[region].iova;
+            let mut at = first;
+            while at < first + len {
+                let n = (first + len - at).min(FRAME_PAGES as u64);
+                for i in 0..n {
+                    let bit = at + i;
+                    if self.sent[region].is_set(bit) {
+                        self.report.duplicate_pages_sent += 1;
+                    }
+                    let _ = self.sent[region].set(bit);
+                    let _ = self.touched[region].set(bit);
+                    let off = (i * PAGE) as usize;
+                    self.vm
+                        .memory
+                        .read_page(
+                            base + bit * PAGE,
+                            &mut self.page_buf[off..off + PAGE as usize],
+                        )
+                        .map_err(|e| AttemptEnd::Abort(e.into()))?;
+                }
+                c.w.write_pages(
+                    base + at * PAGE,
+                    n as u32,
+                    &self.page_buf[..(n * PAGE) as usize],
+                )?;
+                sent += n;
+                at += n;
+                if sent.is_multiple_of(8192) || at == first + len {
+                    events(Event::PassProgress { sent });
+                }
+                let point = Checkpoint::PassProgress {
+                    attempt,
+                    pass,
+                    sent,
+                    total,
+                };
+                if self.hooks.at(point) == Control::DropLink {
+                    c.drop_link();
+                    return Err(AttemptEnd::Retry(AttemptError::Dropped { pass }));
+                }
+            }
+        }
+        if self.hooks.at(Checkpoint::PassSent { attempt, pass }) == Control::DropLink {
+            c.drop_link();
+            return Err(AttemptEnd::Retry(AttemptError::Dropped { pass }));
+        }
+        c.w.write_frame(&Frame::PassEnd {
+            pass,
+            pages_sent: sent,
+        })?;
+        c.w.flush()?;
+        let secs = started.elapsed().as_secs_f64();
+        let bytes = c.w.get_ref().bytes - bytes0;
+        if bytes > 1 << 20 && secs > 0.0 {
+            self.bandwidth = bytes as f64 / secs;
+        }
+        self.conn_pages += sent;
+        Ok((sent, bytes, secs))
+    }
+}

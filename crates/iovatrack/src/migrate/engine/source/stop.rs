@@ -1,0 +1,132 @@
+//! Stop-and-copy, verification and the Commit handover.
+
+use super::{expect, AttemptEnd, Conn, Source, Verdict};
+use crate::migrate::engine::hooks::{Checkpoint, Control};
+use crate::migrate::engine::{AttemptError, Event, PassStats};
+use crate::migrate::wire::{Frame, Limits};
+use std::borrow::Cow;
+use std::time::Instant;
+
+impl Source<'_, '_> {
+    /// Pause, take the final dirt, send it with the device and vCPU states, and hand the
+    /// guest over if the destination verifies.
+    pub(super) fn stop_and_copy(
+        &mut self,
+        c: &mut Conn,
+        attempt: u32,
+        pass: u32,
+        collected: (u64, u64),
+        events: &mut dyn FnMut(Event),
+    ) -> Result<Verdict, AttemptEnd> {
+        let paused_at = Instant::now();
+        self.vm
+            .vcpus
+            .pause()
+            .map_err(|e| AttemptEnd::Abort(e.into()))?;
+        self.devices_to_stop_copy().map_err(AttemptEnd::Abort)?;
+        self.hooks.at(Checkpoint::Collect {
+            attempt,
+            pass,
+            final_pass: true,
+        });
+        let (cpu, dev) = self.collect().map_err(AttemptEnd::Abort)?;
+        self.ledger
+            .begin_pass()
+            .map_err(|e| AttemptEnd::Abort(e.into()))?;
+        let (pages, bytes, secs) = self.send_pass(c, attempt, pass, false, true, events)?;
+        // Device states: the rest of each data fd's stream (STOP_COPY runs to its end).
+        self.send_device_states_inner(c, true)?;
+        let vcpus = self
+            .vm
+            .vcpus
+            .save()
+            .map_err(|e| AttemptEnd::Abort(e.into()))?;
+        for (index, bytes) in vcpus.into_iter().enumerate() {
+            c.w.write_frame(&Frame::VcpuState {
+                index: index as u32,
+                bytes: Cow::Owned(bytes),
+            })?;
+        }
+        c.w.flush()?;
+        expect(
+            &mut c.r,
+            "Ack",
+            |f| matches!(f, Frame::Ack { pass: p } if *p == pass),
+        )?;
+        self.ledger.ack();
+        self.report.pages_sent += pages;
+        self.report.passes += 1;
+        let downtime_ms = paused_at.elapsed().as_secs_f64() * 1000.0;
+        events(Event::Pass(PassStats {
+            attempt,
+            pass,
+            pages,
+            bytes,
+            secs,
+            cpu_dirty: cpu + collected.0,
+            device_dirty: dev + collected.1,
+            est_downtime_ms: downtime_ms,
+            final_pass: true,
+        }));
+        let (ok, mismatched) = self.verify(c)?;
+        if ok && self.hooks.at(Checkpoint::BeforeCommit { attempt }) == Control::DropLink {
+            c.drop_link();
+            return Err(AttemptEnd::Retry(AttemptError::DroppedBeforeCommit));
+        }
+        if ok {
+            // Hand the guest over. Until Commit the destination does not run it, so any
+            // failure before this point lets the source resume safely; after a failed
+            // Commit nobody can tell, and the guest stays paused here.
+            let sent = c.w.write_frame(&Frame::Commit).and_then(|_| c.w.flush());
+            if let Err(e) = sent {
+                return Err(AttemptEnd::Uncertain(AttemptError::CommitUncertain(e)));
+            }
+        }
+        Ok(Verdict {
+            ok,
+            mismatched,
+            downtime_ms,
+        })
+    }
+
+    /// Complete, Verify, and the destination's verdict: (ok, mismatched pages or
+    /// regions).
+    fn verify(&mut self, c: &mut Conn) -> Result<(bool, u64), AttemptEnd> {
+        let max_hashes = (Limits::default().max_payload as usize - 64) / 8;
+        let regions = self.vm.memory.regions().len();
+        let (digest, hashes) = match self.vm.verifier {
+            Some(v) => {
+                let h = v
+                    .hashes(self.vm.memory, max_hashes)
+                    .map_err(|e| AttemptEnd::Abort(e.into()))?;
+                (v.digest(&h), h)
+            }
+            // Unverified: one placeholder per region, which a destination without a
+            // verifier does not compare.
+            None => (0, vec![0; regions]),
+        };
+        c.w.write_frame(&Frame::Complete {
+            total_pages: self.conn_pages,
+            digest,
+        })?;
+        c.w.write_frame(&Frame::Verify {
+            digest,
+            region_hashes: Cow::Owned(hashes),
+        })?;
+        c.w.flush()?;
+        match c.r.read_frame()? {
+            Frame::VerifyResult {
+                ok,
+                mismatched_regions,
+                ..
+            } => Ok((ok, mismatched_regions.len() as u64)),
+            Frame::Abort { reason } => Err(AttemptEnd::Abort(AttemptError::DestinationAborted(
+                reason.into_owned(),
+            ))),
+            other => Err(AttemptEnd::Abort(AttemptError::Unexpected {
+                expected: "VerifyResult",
+                got: other.kind(),
+            })),
+        }
+    }
+}
