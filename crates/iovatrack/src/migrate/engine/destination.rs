@@ -53,6 +53,26 @@ pub struct Received {
     pub vcpu_states: Vec<Vec<u8>>,
 }
 
+/// One connection's state.
+struct Session {
+    w: FrameWriter<TcpStream>,
+    /// The stream's validator, once Hello was accepted.
+    v: Option<Validator>,
+    /// The memory's hashes when the source said Complete.
+    at_complete: Option<Vec<u64>>,
+    /// Devices that received state this session.
+    resuming: Vec<bool>,
+    /// Every device state change and write so far succeeded.
+    device_ok: bool,
+}
+
+/// What a frame leads to.
+enum Step {
+    Next,
+    End(SessionEnd),
+    AwaitCommit,
+}
+
 /// How a session ended.
 enum SessionEnd {
     Complete,
@@ -200,11 +220,55 @@ impl Destination {
         // merely busy (hashing memory before Complete) still answers keepalives.
         detect_dead_link(&stream)?;
         let mut r = FrameReader::new(io::BufReader::with_capacity(1 << 20, stream.try_clone()?));
-        let mut w = FrameWriter::new(stream);
+        let mut s = Session {
+            w: FrameWriter::new(stream),
+            v: None,
+            at_complete: None,
+            resuming: vec![false; self.devices.len()],
+            device_ok: true,
+        };
+        if let Some(end) = self.handshake(&mut r, &mut s)? {
+            return Ok(end);
+        }
+        // Nothing from an interrupted session counts for this one but the memory itself.
+        self.vcpus.clear();
+        self.report.device_state_restored = false;
+        self.report.devices_restored = 0;
+        loop {
+            let f = match r.read_frame() {
+                Ok(f) => f,
+                Err(e) if is_disconnect(&e) => return Ok(SessionEnd::Interrupted(e.to_string())),
+                Err(e) => return Err(e.into()),
+            };
+            let v = s.v.as_mut().expect("set by the handshake");
+            let target = match v.validate(&f) {
+                Ok(t) => t,
+                Err(e) => {
+                    let _ = s.w.write_frame(&Frame::Abort {
+                        reason: Cow::Owned(e.to_string()),
+                    });
+                    return Err(e.into());
+                }
+            };
+            let region = target.map(|t| t.region);
+            match self.on_frame(&mut s, f, region)? {
+                Step::Next => {}
+                Step::End(end) => return Ok(end),
+                Step::AwaitCommit => return Ok(Self::await_commit(&mut r, &mut s)),
+            }
+        }
+    }
+
+    /// Hello, checked against this destination's memory and vCPU kind; HelloAck.
+    fn handshake(
+        &mut self,
+        r: &mut FrameReader<io::BufReader<TcpStream>>,
+        s: &mut Session,
+    ) -> Result<Option<SessionEnd>, MigrateError> {
         let hello = match r.read_frame() {
             Ok(f) => f.into_owned(),
             Err(e) if is_disconnect(&e) => {
-                return Ok(SessionEnd::Interrupted(format!("before Hello: {e}")))
+                return Ok(Some(SessionEnd::Interrupted(format!("before Hello: {e}"))))
             }
             Err(e) => return Err(e.into()),
         };
@@ -222,125 +286,136 @@ impl Destination {
         let regions = self.memory.regions().to_vec();
         let mut v = Validator::new(MemoryLayout::new(PAGE, kind, regions)?);
         if let Err(e) = v.validate(&hello) {
-            let _ = w.write_frame(&Frame::Abort {
+            let _ = s.w.write_frame(&Frame::Abort {
                 reason: Cow::Owned(e.to_string()),
             });
             return Err(e.into());
         }
-        w.write_frame(&Frame::HelloAck)?;
-        // Nothing from an interrupted session counts for this one but the memory itself.
-        self.vcpus.clear();
-        self.report.device_state_restored = false;
-        self.report.devices_restored = 0;
-        let mut at_complete: Option<Vec<u64>> = None;
-        let mut resuming = vec![false; self.devices.len()];
-        let mut device_ok = true;
-        loop {
-            let f = match r.read_frame() {
-                Ok(f) => f,
-                Err(e) if is_disconnect(&e) => return Ok(SessionEnd::Interrupted(e.to_string())),
-                Err(e) => return Err(e.into()),
-            };
-            let target = match v.validate(&f) {
-                Ok(t) => t,
-                Err(e) => {
-                    let _ = w.write_frame(&Frame::Abort {
-                        reason: Cow::Owned(e.to_string()),
-                    });
-                    return Err(e.into());
-                }
-            };
-            match f {
-                Frame::Pages { gpa, count, data } => {
-                    let t = target.expect("validated Pages have a target");
-                    let base = self.memory.regions()[t.region].iova;
-                    for i in 0..count as u64 {
-                        let page = gpa + i * PAGE;
-                        let bit = (page - base) / PAGE;
-                        if self.seen[t.region].is_set(bit) {
-                            self.report.duplicate_pages_received += 1;
-                        }
-                        let _ = self.seen[t.region].set(bit);
-                        let off = (i * PAGE) as usize;
-                        self.memory
-                            .write_page(page, &data[off..off + PAGE as usize])?;
-                    }
-                    self.report.pages_received += count as u64;
-                }
-                Frame::PassBegin { .. } => {
-                    for s in &mut self.seen {
-                        s.clear();
-                    }
-                }
-                Frame::PassEnd { pass, .. } => {
-                    w.write_frame(&Frame::Ack { pass })?;
-                }
-                Frame::DeviceState { name, bytes } => {
-                    // A device's first record of a session puts it in RESUMING; every
-                    // record (pre-copy and stop-copy) goes to its data fd.
-                    match self.devices.iter().position(|d| d.name() == name) {
-                        Some(i) => {
-                            let d = &mut self.devices[i];
-                            if !resuming[i] {
-                                device_ok &= d.set_state(MigState::Resuming).is_ok();
-                                resuming[i] = true;
-                            }
-                            device_ok &= d.write_data(&bytes).is_ok();
-                        }
-                        None => {
-                            log::warn!("destination: state for unknown device {name:?}");
-                            device_ok = false;
-                        }
-                    }
-                }
-                Frame::VcpuState { bytes, .. } => self.vcpus.push(bytes.into_owned()),
-                Frame::Complete { .. } => {
-                    at_complete = Some(self.hashes()?);
-                    self.restore_devices(&resuming, device_ok);
-                }
-                Frame::Verify {
-                    region_hashes: theirs,
-                    ..
-                } => {
-                    let ours = match at_complete.take() {
-                        Some(h) => h,
-                        None => self.hashes()?,
-                    };
-                    let mismatched = match &self.verifier {
-                        Some(_) => mismatches(&ours, &theirs),
-                        None => Vec::new(),
-                    };
-                    let ok = mismatched.is_empty();
-                    self.report.mismatched_pages = mismatched.len() as u64;
-                    self.verify_result = Some(ok);
-                    let digest = self.verifier.as_ref().map_or(0, |v| v.digest(&ours));
-                    w.write_frame(&Frame::VerifyResult {
-                        ok,
-                        digest,
-                        mismatched_regions: Cow::Owned(mismatched),
-                    })?;
-                    if !ok {
-                        return Ok(SessionEnd::Complete);
-                    }
-                    // Resume only once the source hands the guest over.
-                    return match r.read_frame() {
-                        Ok(f @ Frame::Commit) if v.validate(&f).is_ok() => Ok(SessionEnd::Complete),
-                        Ok(other) => Ok(SessionEnd::Interrupted(format!(
-                            "expected Commit, got {:?}",
-                            other.kind()
-                        ))),
-                        Err(e) => Ok(SessionEnd::Interrupted(format!(
-                            "no Commit after the verdict: {e}"
-                        ))),
-                    };
-                }
-                Frame::Abort { reason } => {
-                    return Ok(SessionEnd::Interrupted(format!(
-                        "the source aborted: {reason}"
-                    )))
-                }
-                _ => {}
+        s.w.write_frame(&Frame::HelloAck)?;
+        s.v = Some(v);
+        Ok(None)
+    }
+
+    /// One validated frame (`region`: the RAM region a Pages frame targets).
+    fn on_frame(
+        &mut self,
+        s: &mut Session,
+        f: Frame<'_>,
+        region: Option<usize>,
+    ) -> Result<Step, MigrateError> {
+        match f {
+            Frame::Pages { gpa, count, data } => {
+                let region = region.expect("validated Pages have a target");
+                self.write_pages(region, gpa, count, &data)?;
             }
+            Frame::PassBegin { .. } => {
+                for b in &mut self.seen {
+                    b.clear();
+                }
+            }
+            Frame::PassEnd { pass, .. } => {
+                s.w.write_frame(&Frame::Ack { pass })?;
+            }
+            Frame::DeviceState { name, bytes } => self.device_state(s, &name, &bytes),
+            Frame::VcpuState { bytes, .. } => self.vcpus.push(bytes.into_owned()),
+            Frame::Complete { .. } => {
+                s.at_complete = Some(self.hashes()?);
+                let resuming = std::mem::take(&mut s.resuming);
+                self.restore_devices(&resuming, s.device_ok);
+                s.resuming = resuming;
+            }
+            Frame::Verify {
+                region_hashes: theirs,
+                ..
+            } => return self.verify(s, &theirs),
+            Frame::Abort { reason } => {
+                return Ok(Step::End(SessionEnd::Interrupted(format!(
+                    "the source aborted: {reason}"
+                ))))
+            }
+            _ => {}
+        }
+        Ok(Step::Next)
+    }
+
+    fn write_pages(
+        &mut self,
+        region: usize,
+        gpa: u64,
+        count: u32,
+        data: &[u8],
+    ) -> Result<(), MigrateError> {
+        let base = self.memory.regions()[region].iova;
+        for i in 0..count as u64 {
+            let page = gpa + i * PAGE;
+            let bit = (page - base) / PAGE;
+            if self.seen[region].is_set(bit) {
+                self.report.duplicate_pages_received += 1;
+            }
+            let _ = self.seen[region].set(bit);
+            let off = (i * PAGE) as usize;
+            self.memory
+                .write_page(page, &data[off..off + PAGE as usize])?;
+        }
+        self.report.pages_received += count as u64;
+        Ok(())
+    }
+
+    /// A device's first record of a session puts it in RESUMING; every record (pre-copy
+    /// and stop-copy) goes to its data fd.
+    fn device_state(&mut self, s: &mut Session, name: &str, bytes: &[u8]) {
+        match self.devices.iter().position(|d| d.name() == name) {
+            Some(i) => {
+                let d = &mut self.devices[i];
+                if !s.resuming[i] {
+                    s.device_ok &= d.set_state(MigState::Resuming).is_ok();
+                    s.resuming[i] = true;
+                }
+                s.device_ok &= d.write_data(bytes).is_ok();
+            }
+            None => {
+                log::warn!("destination: state for unknown device {name:?}");
+                s.device_ok = false;
+            }
+        }
+    }
+
+    /// Compare with the source's hashes and answer.
+    fn verify(&mut self, s: &mut Session, theirs: &[u64]) -> Result<Step, MigrateError> {
+        let ours = match s.at_complete.take() {
+            Some(h) => h,
+            None => self.hashes()?,
+        };
+        let mismatched = match &self.verifier {
+            Some(_) => mismatches(&ours, theirs),
+            None => Vec::new(),
+        };
+        let ok = mismatched.is_empty();
+        self.report.mismatched_pages = mismatched.len() as u64;
+        self.verify_result = Some(ok);
+        let digest = self.verifier.as_ref().map_or(0, |v| v.digest(&ours));
+        s.w.write_frame(&Frame::VerifyResult {
+            ok,
+            digest,
+            mismatched_regions: Cow::Owned(mismatched),
+        })?;
+        Ok(if ok {
+            Step::AwaitCommit
+        } else {
+            Step::End(SessionEnd::Complete)
+        })
+    }
+
+    /// After a good verdict: the guest is resumed here only once the source hands it
+    /// over.
+    fn await_commit(r: &mut FrameReader<io::BufReader<TcpStream>>, s: &mut Session) -> SessionEnd {
+        let v = s.v.as_mut().expect("set by the handshake");
+        match r.read_frame() {
+            Ok(f @ Frame::Commit) if v.validate(&f).is_ok() => SessionEnd::Complete,
+            Ok(other) => {
+                SessionEnd::Interrupted(format!("expected Commit, got {:?}", other.kind()))
+            }
+            Err(e) => SessionEnd::Interrupted(format!("no Commit after the verdict: {e}")),
         }
     }
 
