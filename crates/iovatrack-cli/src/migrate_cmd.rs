@@ -115,6 +115,16 @@ struct Common {
     /// Pre-copy time limit in seconds.
     #[arg(long, default_value_t = 60)]
     timeout: u64,
+    /// Throttle the vCPUs in steps when they dirty faster than the link drains (QEMU's
+    /// auto-converge).
+    #[arg(long)]
+    auto_converge: bool,
+    /// First throttle step, percent.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u8).range(1..=99))]
+    throttle_initial: u8,
+    /// Each further throttle step, percent.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u8).range(1..=99))]
+    throttle_increment: u8,
     /// At the timeout: cancel (source keeps running) or force stop-and-copy.
     #[arg(long, value_enum, default_value = "force")]
     timeout_action: TimeoutArg,
@@ -202,6 +212,9 @@ fn config(c: &Common) -> Result<MigrateConfig, BoxError> {
     };
     cfg.engine.bandwidth = c.bandwidth;
     cfg.engine.retries = c.retries;
+    cfg.engine.auto_converge = c.auto_converge;
+    cfg.engine.throttle_initial = c.throttle_initial;
+    cfg.engine.throttle_increment = c.throttle_increment;
     cfg.faults = c.inject.clone();
     Ok(cfg)
 }
@@ -291,6 +304,8 @@ impl Progress {
                     None => eprintln!("{line}"),
                 }
             }
+            Event::Throttle { pct } => eprintln!("auto-converge: vCPUs throttled to {pct}%"),
+            Event::Switchover { reason } => eprintln!("stop-and-copy: {reason}"),
             Event::Retry { attempt, reason } => {
                 if let Some(b) = self.bar.take() {
                     b.abandon_with_message("interrupted");
@@ -325,7 +340,10 @@ fn print_summary(s: &Summary, json: bool) -> Result<(), BoxError> {
         s.pages_sent,
         human_bytes(s.bytes_sent as u128)
     );
-    println!("  downtime        {:.1} ms", s.downtime_ms);
+    println!(
+        "  downtime        {:.1} ms (stop-and-copy: {})",
+        s.downtime_ms, s.switchover_reason
+    );
     println!("  mismatched      {} page(s)", s.mismatched_pages);
     println!(
         "  duplicates      {} page(s) sent twice in a pass",
@@ -413,6 +431,12 @@ pub fn run(a: MigrateArgs) -> Result<ExitCode, BoxError> {
         }
     };
     print_summary(&summary, json)?;
+    if summary.downtime_exceeded {
+        eprintln!(
+            "warning: downtime {:.1} ms exceeded the {} ms budget (stop-and-copy began: {})",
+            summary.downtime_ms, summary.downtime_budget_ms, summary.switchover_reason
+        );
+    }
     Ok(if summary.verified {
         ExitCode::SUCCESS
     } else {

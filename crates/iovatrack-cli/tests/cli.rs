@@ -35,7 +35,7 @@ fn plan_json_has_the_design_fields() {
     assert!(ranges
         .iter()
         .all(|r| r["iova"].is_u64() && r["length"].is_u64()));
-    // the first keys keep DESIGN.md's order
+    // the first keys keep docs/design.md's order
     assert!(out.find("\"page_size\"").unwrap() < out.find("\"ranges\"").unwrap());
 }
 

@@ -139,6 +139,15 @@ impl DirtyBitmap {
         self.words.iter().map(|w| u64::from(w.count_ones())).sum()
     }
 
+    /// Clear every bit set in `other` (`self &= !other`), same length.
+    pub fn and_not_assign(&mut self, other: &DirtyBitmap) -> Result<(), BitmapError> {
+        self.check_same(other.bits)?;
+        for (a, b) in self.words.iter_mut().zip(&other.words) {
+            *a &= !b;
+        }
+        Ok(())
+    }
+
     /// `self |= other`, word by word at memory bandwidth. Lengths must be equal.
     pub fn or_assign(&mut self, other: &DirtyBitmap) -> Result<(), BitmapError> {
         self.check_same(other.bits)?;

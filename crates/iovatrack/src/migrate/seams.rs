@@ -124,6 +124,12 @@ pub trait Vcpus: Send + Sync {
     fn resume(&self) -> Result<(), VmError>;
     /// Saved state of each vCPU (needs them paused), in vCPU order.
     fn save(&self) -> Result<Vec<Vec<u8>>, VmError>;
+    /// Keep the vCPUs out of the guest `pct` % of the time (0 = full speed), for
+    /// auto-converge. The default does nothing: a VMM without throttling never converges
+    /// a guest that dirties faster than the link, and the engine's timeout forces it.
+    fn throttle(&self, _pct: u8) -> Result<(), VmError> {
+        Ok(())
+    }
 }
 
 /// The CPU's dirty log, one bitmap per RAM region (u64 words, LSB first, bit k = the

@@ -1,6 +1,6 @@
 //! The DMA-able set: which bytes a passthrough device can DMA-write.
 //!
-//! Rules (DESIGN.md, from QEMU master's `vfio_listener_valid_section` and
+//! Rules (docs/design.md, from QEMU master's `vfio_listener_valid_section` and
 //! `vfio_get_section_iova_range`, minus what the seed thread rejected): keep `ram`; drop
 //! `io`, `romd`, read-only, protected and bit-63 sections; drop `ram_device` unless asked
 //! (another device's BAR migrates its own state); drop a section whose start and

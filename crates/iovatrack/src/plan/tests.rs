@@ -64,7 +64,7 @@ fn runs(pages: &BTreeSet<u128>, page: u64) -> Vec<(u128, u128)> {
     out
 }
 
-/// The DESIGN.md rules, page by page, written independently of `filter`.
+/// The docs/design.md rules, page by page, written independently of `filter`.
 fn oracle_pages(layout: &Layout, host: u64, page: u64) -> BTreeSet<u128> {
     let mut set = BTreeSet::new();
     for s in layout.sections() {

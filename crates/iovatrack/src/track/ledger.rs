@@ -7,7 +7,7 @@
 //! the write), so it goes in the next pass — never lost, never twice in one pass.
 
 use super::TrackError;
-use crate::bitmap::{DirtyBitmap, Geometry};
+use crate::bitmap::{BitmapError, DirtyBitmap, Geometry};
 use crate::range::{is_pow2, IovaRange};
 
 /// Why a region list was refused by [`DirtLedger::new`].
@@ -257,6 +257,38 @@ impl DirtLedger {
         self.in_pass = false;
     }
 
+    /// The destination acknowledged part of the pass (a pass cut short): the pages set in
+    /// `delivered` (one bitmap per region) are done, every other in-flight page is pending
+    /// again. Returns the pages that went back. No-op outside a pass.
+    pub fn ack_delivered(&mut self, delivered: &[DirtyBitmap]) -> Result<u64, TrackError> {
+        if !self.in_pass {
+            return Ok(0);
+        }
+        if delivered.len() != self.inflight.len() {
+            return Err(BitmapError::LengthMismatch {
+                left: self.inflight.len() as u64,
+                right: delivered.len() as u64,
+            }
+            .into());
+        }
+        let mut back = 0;
+        for ((p, f), d) in self
+            .pending
+            .iter_mut()
+            .zip(&mut self.inflight)
+            .zip(delivered)
+        {
+            f.and_not_assign(d)?;
+            back += f.count_ones();
+            p.or_assign(f)?;
+            f.clear();
+        }
+        self.pending_count = self.pending.iter().map(DirtyBitmap::count_ones).sum();
+        self.inflight_count = 0;
+        self.in_pass = false;
+        Ok(back)
+    }
+
     /// The pass failed or was cancelled: in-flight dirt is pending again. No-op outside a
     /// pass.
     pub fn rollback(&mut self) {
@@ -273,5 +305,41 @@ impl DirtLedger {
         self.pending_count = count;
         self.inflight_count = 0;
         self.in_pass = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ack_delivered_keeps_what_was_not_delivered() {
+        let regions = [
+            IovaRange::new(0, 64 * 4096),
+            IovaRange::new(1 << 30, 64 * 4096),
+        ];
+        let mut l = DirtLedger::new(&regions, 4096).unwrap();
+        l.mark_range(IovaRange::new(0, 10 * 4096));
+        l.mark_range(IovaRange::new(1 << 30, 4 * 4096));
+        assert_eq!(l.begin_pass().unwrap(), 14);
+        // Dirt arriving during the pass is pending beside the pass.
+        l.mark_range(IovaRange::new(20 * 4096, 4096));
+        let mut delivered = vec![DirtyBitmap::new(64), DirtyBitmap::new(64)];
+        delivered[0].set_range(0, 6).unwrap();
+        assert_eq!(
+            l.ack_delivered(&delivered).unwrap(),
+            8,
+            "4 + 4 pages go back"
+        );
+        assert_eq!(l.pending_pages(), 9);
+        assert!(!l.pending(0).is_set(0) && l.pending(0).is_set(6) && l.pending(0).is_set(20));
+        assert!(l.pending(1).is_set(3));
+        // Outside a pass it does nothing; wrong shapes are refused.
+        assert_eq!(l.ack_delivered(&delivered).unwrap(), 0);
+        l.begin_pass().unwrap();
+        assert!(l.ack_delivered(&delivered[..1]).is_err());
+        // Negative control: a plain ack would have lost the undelivered pages.
+        l.ack();
+        assert_eq!(l.pending_pages(), 0);
     }
 }

@@ -227,6 +227,7 @@ pub fn run_source(
     };
     let report = engine::run_source(&cfg.engine, vm, &mut hooks, connect, events)?;
     let mut summary = Summary::from_engine(report, guest.kind(), cfg.devices.len());
+    summary.downtime_budget_ms = cfg.engine.downtime_ms;
     summary.faults = cfg.faults.iter().map(|f| f.to_string()).collect();
     summary.faults_fired = hooks.fired.iter().map(|f| f.to_string()).collect();
     summary.dma_writes = demo.iter().map(|d| d.workload().writes()).sum();

@@ -1,6 +1,6 @@
 //! The demo's result: what `iovatrack migrate --json` prints.
 
-use crate::migrate::engine::{DestReport, DeviceReport, MigrateError, SourceReport};
+use crate::migrate::engine::{DestReport, DeviceReport, MigrateError, SourceReport, Switchover};
 use crate::range::IovaRange;
 use serde::Serialize;
 
@@ -26,8 +26,21 @@ pub struct Summary {
     pub duplicate_pages_sent: u64,
     /// Guest pause to the destination holding everything, ms.
     pub downtime_ms: f64,
+    /// The downtime budget it was held to, ms.
+    pub downtime_budget_ms: u64,
+    /// The downtime exceeded the budget.
+    pub downtime_exceeded: bool,
+    /// Why stop-and-copy began: `converged`, `max-iterations`, `timeout`, `forced`, or
+    /// `none` when it was never reached.
+    pub switchover_reason: Switchover,
     /// Pages the CPU dirtied (KVM log bits) over all passes.
     pub cpu_dirty_pages: u64,
+    /// Bytes per second the CPU dirtied during pre-copy.
+    pub cpu_dirty_bytes_per_s: f64,
+    /// Final vCPU throttle set by auto-converge, %.
+    pub throttle_pct: u8,
+    /// Pre-copy passes the timeout cut short.
+    pub passes_cut: u32,
     /// Pages the devices reported over all passes.
     pub device_dirty_pages: u64,
     /// DMA writes no tracker logged (must be 0 unless tracking is off).
@@ -85,7 +98,12 @@ impl Summary {
             distinct_pages_sent: r.distinct_pages_sent,
             duplicate_pages_sent: r.duplicate_pages_sent,
             downtime_ms: r.downtime_ms,
+            downtime_exceeded: r.downtime_exceeded,
+            switchover_reason: r.switchover_reason,
             cpu_dirty_pages: r.cpu_dirty_pages,
+            cpu_dirty_bytes_per_s: r.cpu_dirty_bytes_per_s,
+            throttle_pct: r.throttle_pct,
+            passes_cut: r.passes_cut,
             device_dirty_pages: r.device_dirty_pages,
             guest: guest.to_string(),
             mode: r.mode,

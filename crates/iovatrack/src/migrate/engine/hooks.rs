@@ -56,6 +56,8 @@ pub enum Control {
     Cancel,
     /// Drop the connection now, as a failed link would.
     DropLink,
+    /// Begin stop-and-copy now (at [`Checkpoint::PassStart`] only).
+    Switchover,
 }
 
 /// Hooks into the source engine. Every method has a do-nothing default.

@@ -36,7 +36,7 @@ mod source;
 pub use destination::{DestReport, Destination, Received};
 pub use hooks::{Checkpoint, Control, NoHooks, SourceHooks, Verifier};
 pub use link::connector;
-pub use source::{run_source, SourceVm};
+pub use source::{run_source, SourceVm, Switchover};
 
 const PAGE: u64 = 4096;
 /// Pages per Pages frame (1 MiB).
@@ -67,6 +67,15 @@ pub struct EngineConfig {
     pub bandwidth: u64,
     /// Attempts after a failed one.
     pub retries: u32,
+    /// Throttle the vCPUs when they dirty faster than the link drains (QEMU's
+    /// `auto-converge`).
+    pub auto_converge: bool,
+    /// First throttle step, % (QEMU's `cpu-throttle-initial`, 20).
+    pub throttle_initial: u8,
+    /// Each further step, % (QEMU's `cpu-throttle-increment`, 10).
+    pub throttle_increment: u8,
+    /// Most throttle, % (QEMU's `max-cpu-throttle`, 99).
+    pub throttle_max: u8,
 }
 
 impl Default for EngineConfig {
@@ -78,6 +87,10 @@ impl Default for EngineConfig {
             timeout_action: TimeoutAction::Force,
             bandwidth: 0,
             retries: 2,
+            auto_converge: false,
+            throttle_initial: 20,
+            throttle_increment: 10,
+            throttle_max: 99,
         }
     }
 }
@@ -137,6 +150,16 @@ pub enum Event {
     },
     /// A pass ended.
     Pass(PassStats),
+    /// Auto-converge changed the vCPU throttle.
+    Throttle {
+        /// The new throttle, %.
+        pct: u8,
+    },
+    /// Stop-and-copy begins.
+    Switchover {
+        /// Why.
+        reason: Switchover,
+    },
     /// An attempt failed and the migration retries.
     Retry {
         /// The next attempt.
@@ -278,8 +301,19 @@ pub struct SourceReport {
     pub duplicate_pages_sent: u64,
     /// Guest pause to the destination holding everything, ms.
     pub downtime_ms: f64,
+    /// The downtime exceeded the budget.
+    pub downtime_exceeded: bool,
+    /// Why stop-and-copy began (last attempt).
+    pub switchover_reason: Switchover,
     /// Pages the CPU dirtied (KVM log bits) over all passes.
     pub cpu_dirty_pages: u64,
+    /// Bytes per second the CPU dirtied during pre-copy (distinct pages per collection
+    /// over the time between collections).
+    pub cpu_dirty_bytes_per_s: f64,
+    /// Final vCPU throttle set by auto-converge, %.
+    pub throttle_pct: u8,
+    /// Passes cut short by the timeout (what they did not send went back to pending).
+    pub passes_cut: u32,
     /// Pages the devices reported over all passes.
     pub device_dirty_pages: u64,
     /// Tracking mode of the first container: `device`, `iommu`, `all-dirty`, or `none`.

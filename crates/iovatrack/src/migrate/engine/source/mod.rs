@@ -1,8 +1,11 @@
 //! The source side: attempts, pre-copy passes, stop-and-copy, retries.
 
+mod converge;
 mod devices;
 mod pass;
 mod stop;
+
+pub use converge::Switchover;
 
 use super::hooks::{Checkpoint, Control, SourceHooks, Verifier};
 use super::link::{detect_dead_link, Link, WRITE_TIMEOUT};
@@ -106,6 +109,10 @@ struct Source<'a, 'h> {
     bandwidth: f64,
     /// Pages sent on the current connection (its Complete frame reports them).
     conn_pages: u64,
+    /// Auto-converge.
+    throttle: converge::Throttle,
+    /// Pre-copy time and CPU dirt, for the dirty rate.
+    dirty_window: (std::time::Duration, u64),
 }
 
 impl<'a, 'h> Source<'a, 'h> {
@@ -137,6 +144,8 @@ impl<'a, 'h> Source<'a, 'h> {
             report: SourceReport::default(),
             bandwidth: 0.0,
             conn_pages: 0,
+            throttle: converge::Throttle::default(),
+            dirty_window: (Duration::ZERO, 0),
         })
     }
 
@@ -299,7 +308,11 @@ impl<'a, 'h> Source<'a, 'h> {
     ) -> Result<Verdict, AttemptEnd> {
         // The devices enter PRE_COPY: their initial state travels while the guest runs.
         self.devices_to_precopy()?;
+        let deadline = started + self.cfg.timeout;
         let mut pass = 0u32;
+        let mut last_collect = Instant::now();
+        let mut last_bytes = 0u64;
+        let mut cut = false;
         loop {
             let (cpu, dev) = if pass == 0 && attempt == 0 {
                 (0, 0)
@@ -309,10 +322,20 @@ impl<'a, 'h> Source<'a, 'h> {
                     pass,
                     final_pass: false,
                 });
-                self.collect()?
+                let got = self.collect()?;
+                self.dirty_window.0 += last_collect.elapsed();
+                self.dirty_window.1 += got.0;
+                last_collect = Instant::now();
+                if let Some(pct) = self.throttle.observe(self.cfg, got.0 * PAGE, last_bytes) {
+                    self.vm.vcpus.throttle(pct)?;
+                    self.report.throttle_pct = pct;
+                    events(Event::Throttle { pct });
+                }
+                got
             };
-            match self.hooks.at(Checkpoint::PassStart { attempt, pass }) {
-                Control::Continue => {}
+            let forced = match self.hooks.at(Checkpoint::PassStart { attempt, pass }) {
+                Control::Continue => false,
+                Control::Switchover => true,
                 Control::Cancel => {
                     c.abort("cancelled");
                     return Err(AttemptEnd::Retry(AttemptError::Cancelled { pass }));
@@ -321,48 +344,75 @@ impl<'a, 'h> Source<'a, 'h> {
                     c.drop_link();
                     return Err(AttemptEnd::Retry(AttemptError::Dropped { pass }));
                 }
-            }
-            if pass > 0 {
-                let timed_out = started.elapsed() >= self.cfg.timeout;
+            };
+            if pass > 0 || forced {
+                let timed_out = cut || Instant::now() >= deadline;
                 if timed_out && self.cfg.timeout_action == TimeoutAction::Cancel {
                     c.abort("timeout");
                     return Err(AttemptEnd::Abort(AttemptError::Timeout(self.cfg.timeout)));
                 }
-                if self.est_downtime_ms() <= self.cfg.downtime_ms as f64
-                    || pass >= self.cfg.max_iterations
-                    || timed_out
-                {
+                let why = if forced {
+                    Some(Switchover::Forced)
+                } else if timed_out {
+                    Some(Switchover::Timeout)
+                } else if self.est_downtime_ms() <= self.cfg.downtime_ms as f64 {
+                    Some(Switchover::Converged)
+                } else if pass >= self.cfg.max_iterations {
+                    Some(Switchover::MaxIterations)
+                } else {
+                    None
+                };
+                if let Some(reason) = why {
+                    self.report.switchover_reason = reason;
+                    events(Event::Switchover { reason });
                     return self.stop_and_copy(c, attempt, pass, (cpu, dev), events);
                 }
             }
             self.ledger
                 .begin_pass()
                 .map_err(|e| AttemptEnd::Abort(e.into()))?;
-            let (pages, bytes, secs) =
-                self.send_pass(c, attempt, pass, pass == 0 && attempt == 0, false, events)?;
+            // Every pass, pass 0 included, ends by the deadline: a pass cut short sends
+            // what it has, and the rest goes back to pending for stop-and-copy.
+            let sent = self.send_pass(
+                c,
+                attempt,
+                pass,
+                pass == 0 && attempt == 0,
+                Some(deadline),
+                events,
+            )?;
             expect(
                 &mut c.r,
                 "Ack",
                 |f| matches!(f, Frame::Ack { pass: p } if *p == pass),
             )?;
-            self.ledger.ack();
-            self.report.pages_sent += pages;
+            if sent.cut {
+                self.ledger
+                    .ack_delivered(&self.sent)
+                    .map_err(|e| AttemptEnd::Abort(e.into()))?;
+                self.report.passes_cut += 1;
+                cut = true;
+            } else {
+                self.ledger.ack();
+            }
+            self.report.pages_sent += sent.pages;
             self.report.passes += 1;
+            last_bytes = sent.bytes;
             if pass == 0 {
                 self.send_device_states(c)?;
             }
             // What this pass would have cost as the stop-and-copy pass.
             let est = if self.bandwidth > 0.0 {
-                bytes as f64 / self.bandwidth * 1000.0
+                sent.bytes as f64 / self.bandwidth * 1000.0
             } else {
                 0.0
             };
             events(Event::Pass(PassStats {
                 attempt,
                 pass,
-                pages,
-                bytes,
-                secs,
+                pages: sent.pages,
+                bytes: sent.bytes,
+                secs: sent.secs,
                 cpu_dirty: cpu,
                 device_dirty: dev,
                 est_downtime_ms: est,
@@ -457,12 +507,21 @@ pub fn run_source(
         }
     };
     src.report.attempts = attempt + 1;
+    let (secs, pages) = src.dirty_window;
+    if !secs.is_zero() {
+        src.report.cpu_dirty_bytes_per_s = (pages * PAGE) as f64 / secs.as_secs_f64();
+    }
+    if src.report.throttle_pct > 0 {
+        // Full speed again, wherever the guest runs on.
+        let _ = src.vm.vcpus.throttle(0);
+    }
     src.report.distinct_pages_sent = src.touched.iter().map(DirtyBitmap::count_ones).sum();
     match outcome {
         Ok(v) => {
             src.report.verified = v.ok;
             src.report.mismatched_pages = v.mismatched;
             src.report.downtime_ms = v.downtime_ms;
+            src.report.downtime_exceeded = v.downtime_ms > cfg.downtime_ms as f64;
         }
         Err(e) => {
             if src.report.aborted.is_none() {

@@ -9,6 +9,15 @@ use std::time::Instant;
 /// A run of pages to send: (region, first page, count).
 type PageRun = (usize, u64, u64);
 
+/// What a pass sent.
+pub(super) struct Sent {
+    pub(super) pages: u64,
+    pub(super) bytes: u64,
+    pub(super) secs: f64,
+    /// The deadline cut the pass short: only the pages in `Source::sent` went.
+    pub(super) cut: bool,
+}
+
 impl Source<'_, '_> {
     /// The in-flight pages of the ledger as runs; with `skip_zero` (pass 0: the
     /// destination starts zeroed) pages never written or all zero are left out.
@@ -58,17 +67,18 @@ impl Source<'_, '_> {
         Ok((runs, total))
     }
 
-    /// Send the in-flight pages of the ledger as pass `pass`. Returns (pages, bytes,
-    /// seconds).
+    /// Send the in-flight pages of the ledger as pass `pass`; a pre-copy pass stops early
+    /// at `deadline` (the stop-and-copy pass, with none, sends everything).
     pub(super) fn send_pass(
         &mut self,
         c: &mut Conn,
         attempt: u32,
         pass: u32,
         skip_zero: bool,
-        final_pass: bool,
+        deadline: Option<Instant>,
         events: &mut dyn FnMut(Event),
-    ) -> Result<(u64, u64, f64), AttemptEnd> {
+    ) -> Result<Sent, AttemptEnd> {
+        let final_pass = deadline.is_none();
         let started = Instant::now();
         let bytes0 = c.w.get_ref().bytes;
         let (runs, total) = self.select_pages(skip_zero)?;
@@ -83,7 +93,8 @@ impl Source<'_, '_> {
             s.clear();
         }
         let mut sent = 0u64;
-        for (region, first, len) in runs {
+        let mut cut = false;
+        'runs: for (region, first, len) in runs {
             let base = self.vm.memory.regions()[region].iova;
             let mut at = first;
             while at < first + len {
@@ -124,6 +135,10 @@ impl Source<'_, '_> {
                     c.drop_link();
                     return Err(AttemptEnd::Retry(AttemptError::Dropped { pass }));
                 }
+                if deadline.is_some_and(|d| Instant::now() >= d) && sent < total {
+                    cut = true;
+                    break 'runs;
+                }
             }
         }
         if self.hooks.at(Checkpoint::PassSent { attempt, pass }) == Control::DropLink {
@@ -141,6 +156,11 @@ impl Source<'_, '_> {
             self.bandwidth = bytes as f64 / secs;
         }
         self.conn_pages += sent;
-        Ok((sent, bytes, secs))
+        Ok(Sent {
+            pages: sent,
+            bytes,
+            secs,
+            cut,
+        })
     }
 }

@@ -33,7 +33,9 @@ impl Source<'_, '_> {
         self.ledger
             .begin_pass()
             .map_err(|e| AttemptEnd::Abort(e.into()))?;
-        let (pages, bytes, secs) = self.send_pass(c, attempt, pass, false, true, events)?;
+        let super::pass::Sent {
+            pages, bytes, secs, ..
+        } = self.send_pass(c, attempt, pass, false, None, events)?;
         // Device states: the rest of each data fd's stream (STOP_COPY runs to its end).
         self.send_device_states_inner(c, true)?;
         let vcpus = self
