@@ -34,8 +34,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vfio_bindings::bindings::vfio::{
     vfio_device_feature, VFIO_DEVICE_FEATURE_GET, VFIO_DEVICE_FEATURE_MIGRATION,
-    VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE, VFIO_DEVICE_FEATURE_PROBE, VFIO_PCI_BAR0_REGION_INDEX,
-    VFIO_PCI_CONFIG_REGION_INDEX,
+    VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE, VFIO_DEVICE_FEATURE_PROBE,
+    VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION, VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX,
 };
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps};
 
@@ -407,21 +407,11 @@ fn run(r: &mut Report) -> Result<(), String> {
         format!("{again:?} of {PAGES} pages dirty on a GET right after a GET"),
     );
 
+    type1_rules(r, &container, &type1, &mut bm)?;
+
     // DMA to an IOVA that is not mapped: the IOMMU blocks it.
-    let mut kmsg = Kmsg::open().map_err(|e| format!("/dev/kmsg: {e}"))?;
     let snapshot = buf.read(0, LEN);
-    let t = edu.dma(EDU_BUF, UNMAPPED_IOVA, XFER, true)?;
-    // e.g. "DMAR: [DMA Write NO_PASID] Request device [00:01.0] fault addr 0x8000000 ..."
-    let want = format!("fault addr {UNMAPPED_IOVA:#x}");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut fault = None;
-    while fault.is_none() && Instant::now() < deadline {
-        fault = kmsg
-            .drain()
-            .into_iter()
-            .find(|l| l.contains("DMAR") && l.contains(&want));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (t, fault) = blocked_dma(&edu, UNMAPPED_IOVA)?;
     let untouched = buf.read(0, LEN) == snapshot;
     r.check(
         "unmapped_dma_blocked",
@@ -503,8 +493,135 @@ fn run(r: &mut Report) -> Result<(), String> {
 
     let unmapped = container.vfio_dma_unmap(IOVA, LEN);
     r.check("type1_unmap_dma", unmapped.is_ok(), format!("{unmapped:?}"));
+    // After UNMAP_DMA the same IOVA faults, and the process memory behind it stays as it was.
+    let page3 = buf.read(3 * PAGE as usize, XFER);
+    let (t, fault) = blocked_dma(&edu, IOVA + 3 * PAGE)?;
+    let untouched = buf.read(3 * PAGE as usize, XFER) == page3;
+    r.check(
+        "dma_after_unmap_blocked",
+        fault.is_some() && untouched,
+        format!(
+            "DMA to IOVA {:#x} after its unmap ({t:?}): kernel says {:?}; memory untouched: {untouched}",
+            IOVA + 3 * PAGE,
+            fault.as_deref().unwrap_or("nothing")
+        ),
+    );
     drop(device);
     Ok(())
+}
+
+fn show(res: &Result<(), iovatrack::device::DeviceError>) -> String {
+    match res {
+        Ok(()) => "ok".into(),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// A DMA from edu's buffer to `iova`, which the IOMMU must block: returns how long the
+/// transfer took and the kernel's DMAR fault line for that address, if one came.
+fn blocked_dma(edu: &Edu, iova: u64) -> Result<(Duration, Option<String>), String> {
+    let mut kmsg = Kmsg::open().map_err(|e| format!("/dev/kmsg: {e}"))?;
+    let t = edu.dma(EDU_BUF, iova, XFER, true)?;
+    // e.g. "DMAR: [DMA Write NO_PASID] Request device [00:01.0] fault addr 0x8000000 ..."
+    let want = format!("fault addr {iova:#x}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut fault = None;
+    while fault.is_none() && Instant::now() < deadline {
+        fault = kmsg
+            .drain()
+            .into_iter()
+            .find(|l| l.contains("DMAR") && l.contains(&want));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((t, fault))
+}
+
+/// type1 GET_BITMAP's argument rules, while tracking is on, and its migration capability.
+fn type1_rules(
+    r: &mut Report,
+    container: &VfioContainer,
+    type1: &Type1Container,
+    bm: &mut [u64],
+) -> Result<(), String> {
+    let errno = |res: Result<(), iovatrack::device::DeviceError>| res.err().map(|e| e.errno);
+    let half = type1.read_dirty(IovaRange::new(IOVA, LEN as u64 / 2), PAGE, bm, true);
+    r.check(
+        "type1_get_bisect_einval",
+        errno(half.clone()) == Some(Errno::EINVAL),
+        format!("GET of the first half of the mapping: {}", show(&half)),
+    );
+    let big = type1.read_dirty(IovaRange::new(IOVA, LEN as u64), 2 * PAGE, bm, true);
+    r.check(
+        "type1_get_pgsize_einval",
+        errno(big.clone()) == Some(Errno::EINVAL),
+        format!(
+            "GET at 8 KiB pages (the IOMMU's smallest is 4 KiB): {}",
+            show(&big)
+        ),
+    );
+    // A range wider than the mapping, with unmapped space on both sides, is accepted: bits
+    // for the mapped pages only.
+    let wide = IovaRange::new(IOVA - LEN as u64, 3 * LEN as u64);
+    let mut wbm = vec![0u64; (3 * PAGES / 64) as usize];
+    let res = type1.read_dirty(wide, PAGE, &mut wbm, true);
+    let set: Vec<u64> = (0..3 * PAGES).filter(|&k| bit(&wbm, k)).collect();
+    let exact = set.len() as u64 == PAGES && set.first() == Some(&PAGES);
+    r.check(
+        "type1_get_across_holes",
+        res.is_ok() && exact,
+        format!(
+            "GET of {:#x}+{:#x} around the mapping: {}, {} bits set, bits {:?}..={:?}",
+            wide.iova,
+            wide.length,
+            show(&res),
+            set.len(),
+            set.first(),
+            set.last()
+        ),
+    );
+
+    let (pgsizes, max_bitmap) = type1_migration_cap(container)?;
+    r.check(
+        "type1_migration_cap",
+        pgsizes == PAGE && max_bitmap == 256 << 20,
+        format!(
+            "VFIO_IOMMU_GET_INFO migration capability: pgsize_bitmap {pgsizes:#x}, max_dirty_bitmap_size {max_bitmap}"
+        ),
+    );
+    Ok(())
+}
+
+/// `VFIO_IOMMU_GET_INFO`'s `VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION`: (pgsize_bitmap,
+/// max_dirty_bitmap_size).
+fn type1_migration_cap(container: &VfioContainer) -> Result<(u64, u64), String> {
+    const GET_INFO: u64 = 0x3B70; // _IO(';', 100 + 12)
+    const INFO_CAPS: u32 = 1 << 1;
+    let mut buf = vec![0u64; 512];
+    let words = buf.len();
+    // vfio_iommu_type1_info: argsz u32, flags u32, iova_pgsizes u64, cap_offset u32, pad.
+    buf[0] = (words * 8) as u64;
+    // SAFETY: `buf` is a writable 4 KiB buffer and argsz (its first u32) says so; the
+    // kernel writes no more than argsz bytes; the fd is the container's.
+    let ret = unsafe { libc::ioctl(container.as_raw_fd(), GET_INFO as _, buf.as_mut_ptr()) };
+    if ret < 0 {
+        return Err(format!("VFIO_IOMMU_GET_INFO: {}", Errno::last()));
+    }
+    let flags = (buf[0] >> 32) as u32;
+    let mut off = (buf[2] & 0xffff_ffff) as usize;
+    if flags & INFO_CAPS == 0 {
+        return Err("VFIO_IOMMU_GET_INFO: no capability chain".into());
+    }
+    // Each capability: id u16, version u16, next u32 (offset from the start; 0 ends).
+    while off != 0 && off.is_multiple_of(8) && off / 8 + 4 <= words {
+        let hdr = buf[off / 8];
+        let (id, next) = ((hdr & 0xffff) as u32, (hdr >> 32) as usize);
+        if id == VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION {
+            // header, flags u32 + pad, pgsize_bitmap u64, max_dirty_bitmap_size u64.
+            return Ok((buf[off / 8 + 2], buf[off / 8 + 3]));
+        }
+        off = next;
+    }
+    Err("VFIO_IOMMU_GET_INFO: no migration capability".into())
 }
 
 /// `iovatrack::track::Tracker` over the edu device's VFIO fd and the type1 container.

@@ -42,6 +42,10 @@ const EXPECTED: &[&str] = &[
     "edu_dma_lands",
     "type1_dirty_all_after_dma",
     "type1_dirty_never_converges",
+    "type1_get_bisect_einval",
+    "type1_get_pgsize_einval",
+    "type1_get_across_holes",
+    "type1_migration_cap",
     "unmapped_dma_blocked",
     "type1_dirty_stop",
     "type1_get_after_stop_einval",
@@ -53,6 +57,7 @@ const EXPECTED: &[&str] = &[
     "tracker_unmap_query",
     "tracker_finish",
     "type1_unmap_dma",
+    "dma_after_unmap_blocked",
 ];
 
 fn workspace() -> PathBuf {
@@ -247,6 +252,15 @@ fn real_kernel_vfio_type1_edu_dma() {
     }
 
     let mut failures = Vec::new();
+    if let Some(boot) = console.results.get("boot") {
+        if boot.detail.trim() != kver.trim() {
+            failures.push(format!(
+                "booted kernel {:?}, expected {:?}",
+                boot.detail.trim(),
+                kver.trim()
+            ));
+        }
+    }
     for name in EXPECTED {
         match console.results.get(*name) {
             Some(o) if o.ok => eprintln!("real_kernel: ok   {name}: {}", o.detail),
