@@ -56,6 +56,7 @@ const EXPECTED: &[&str] = &[
     "tracker_collect",
     "tracker_unmap_query",
     "tracker_finish",
+    "precopy_real_dma_nothing_lost",
     "type1_unmap_dma",
     "dma_after_unmap_blocked",
 ];
