@@ -1,6 +1,6 @@
 //! Real kernel, real DMA: boots Debian's kernel in a nested QEMU VM (q35, `intel-iommu`,
-//! QEMU's `edu` PCI device, TCG) and runs `examples/real_kernel_guest.rs` inside it, which
-//! binds `edu` to vfio-pci and drives the project's real VFIO backends (vfio-ioctls
+//! QEMU's `edu` PCI device, TCG) and runs `tests/real_kernel/guest` (the `real-kernel-guest`
+//! binary) inside it, which binds `edu` to vfio-pci and drives the project's real VFIO backends (vfio-ioctls
 //! container/group/device, `Type1Container`, `VfioDmaLogger`, `Tracker`) while `edu` DMAs
 //! into mapped memory. The guest prints `RESULT <name> ok|fail <detail>` lines on the
 //! serial console; this test asserts each expected one.
