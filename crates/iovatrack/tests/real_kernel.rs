@@ -1,9 +1,10 @@
 //! Real kernel, real DMA: boots Debian's kernel in a nested QEMU VM (q35, `intel-iommu`,
 //! QEMU's `edu` PCI device, TCG) and runs `tests/real_kernel/guest` (the `real-kernel-guest`
-//! binary) inside it, which binds `edu` to vfio-pci and drives the project's real VFIO backends (vfio-ioctls
-//! container/group/device, `Type1Container`, `VfioDmaLogger`, `Tracker`) while `edu` DMAs
-//! into mapped memory. The guest prints `RESULT <name> ok|fail <detail>` lines on the
-//! serial console; this test asserts each expected one.
+//! binary) inside it, which binds `edu` to vfio-pci and drives the project's real VFIO
+//! backends (vfio-ioctls container/group/device, `Type1Container`, `VfioDmaLogger`,
+//! `Tracker`, `DirtLedger`) while `edu` DMAs into mapped memory. The guest prints
+//! `RESULT <name> ok|fail <detail>` lines on the serial console (kept in
+//! `target/real-kernel/serial.log`); this test asserts each expected one.
 //!
 //! First run: `scripts/real-kernel-image` fetches the kernel .deb with apt and builds the
 //! initramfs under `target/real-kernel/` (cached). Missing parts (no QEMU, no busybox, no
@@ -13,7 +14,8 @@
 //! no IOMMU dirty bits): every `VFIO_IOMMU_DIRTY_PAGES` GET_BITMAP reports every mapped page
 //! dirty, before and after DMA, again and again; GET after STOP is EINVAL; DMA logging,
 //! migration and device-state features answer ENOTTY, so the tracker falls back to IOMMU
-//! mode; a DMA to an unmapped IOVA is blocked with a DMAR fault; there is no iommufd.
+//! mode; a pre-copy loop with edu writing between passes loses nothing; a DMA to an
+//! unmapped IOVA is blocked with a DMAR fault; there is no iommufd.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -22,7 +24,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-/// The whole VM run, boot to power-off (a warm run takes 10-20 s under TCG).
+/// The whole VM run, boot to power-off (a warm run takes 10-30 s under TCG).
 const VM_TIMEOUT: Duration = Duration::from_secs(150);
 
 /// Every check the guest must report `ok`, in the order it runs them.
