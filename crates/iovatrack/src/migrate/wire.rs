@@ -2619,6 +2619,24 @@ mod tests {
         }
 
         #[test]
+        fn hand_written_crc_agrees_with_crc32c_crate(
+            data in proptest::collection::vec(any::<u8>(), 0..4200),
+            split in 0usize..4200,
+        ) {
+            // The hand-written slice-by-8 table and SSE4.2 paths are about to give way to
+            // the `crc32c` crate: both must agree with it on every length and alignment.
+            let want = ::crc32c::crc32c(&data);
+            prop_assert_eq!(!crc32c_update_table(!0, &data), want);
+            prop_assert_eq!(crc32c(&data), want);
+            let split = split.min(data.len());
+            let appended = ::crc32c::crc32c_append(::crc32c::crc32c(&data[..split]), &data[split..]);
+            prop_assert_eq!(appended, want);
+            for off in 0..8.min(data.len()) {
+                prop_assert_eq!(crc32c(&data[off..]), ::crc32c::crc32c(&data[off..]));
+            }
+        }
+
+        #[test]
         fn stream_round_trips(frames in proptest::collection::vec(arb_frame(), 0..8)) {
             let bytes = encode(&frames);
             prop_assert_eq!(&decode_all(&bytes, &Limits::default()).unwrap(), &frames);
