@@ -1,31 +1,38 @@
-//! Frame payload encoding and decoding, header parsing and whole-stream decoding.
+//! Frame payload encoding and decoding, and whole-stream decoding.
+//!
+//! Fixed parts are the `zerocopy` layouts of [`super::body`]; variable parts (strings,
+//! counted lists, bulk bytes) go through the shared [`le`](super::le) cursor, whose short
+//! reads become [`Malformation::Short`] for the frame at hand.
 
+use super::body::{CompleteBody, HelloPrefix, PagesPrefix, PassBody, RegionEntry};
 use super::crc::Crc;
 use super::error::{malformed, Malformation, WireError};
 use super::frame::{Frame, FrameKind, OwnedFrame};
-use super::header::{Limits, HEADER_LEN, MAGIC, PROTOCOL_VERSION, TRAILER_LEN};
+use super::header::{parse_header, Header, Limits, HEADER_LEN, TRAILER_LEN};
+use super::le::{self, PutLe};
 use crate::range::IovaRange;
 use std::borrow::Cow;
+use std::mem::size_of;
+use zerocopy::little_endian::{U32, U64};
+use zerocopy::{FromBytes, Immutable, KnownLayout, Unaligned};
 
-pub(super) fn put_u16(out: &mut Vec<u8>, v: u16) {
-    out.extend_from_slice(&v.to_le_bytes());
-}
-pub(super) fn put_u32(out: &mut Vec<u8>, v: u32) {
-    out.extend_from_slice(&v.to_le_bytes());
-}
-pub(super) fn put_u64(out: &mut Vec<u8>, v: u64) {
-    out.extend_from_slice(&v.to_le_bytes());
-}
 fn put_str16(out: &mut Vec<u8>, kind: FrameKind, s: &str) -> Result<(), WireError> {
     let len = u16::try_from(s.len()).map_err(|_| malformed(kind, Malformation::FieldTooLong))?;
-    put_u16(out, len);
+    out.put_u16(len);
     out.extend_from_slice(s.as_bytes());
     Ok(())
 }
 fn put_count(out: &mut Vec<u8>, kind: FrameKind, n: usize) -> Result<(), WireError> {
     let n = u32::try_from(n).map_err(|_| malformed(kind, Malformation::FieldTooLong))?;
-    put_u32(out, n);
+    out.put_u32(n);
     Ok(())
+}
+
+fn pass_body(pass: u32, pages: u64) -> PassBody {
+    PassBody {
+        pass: U32::new(pass),
+        pages: U64::new(pages),
+    }
 }
 
 /// Appends the frame's small fields to `out` and returns its bulk bytes (page data, state
@@ -43,31 +50,35 @@ pub(super) fn encode_parts<'f>(
             regions,
             total_pages,
         } => {
-            put_u16(out, *version);
-            put_u64(out, *page_size);
-            put_u64(out, *total_pages);
+            out.put(&HelloPrefix {
+                version: (*version).into(),
+                page_size: U64::new(*page_size),
+                total_pages: U64::new(*total_pages),
+            });
             put_str16(out, kind, guest_kind)?;
             put_count(out, kind, regions.len())?;
             for r in regions.iter() {
-                put_u64(out, r.iova);
-                put_u64(out, r.length);
+                out.put(&RegionEntry {
+                    iova: U64::new(r.iova),
+                    length: U64::new(r.length),
+                });
             }
             &[]
         }
         Frame::HelloAck | Frame::Commit => &[],
         Frame::PassBegin { pass, pages } => {
-            put_u32(out, *pass);
-            put_u64(out, *pages);
+            out.put(&pass_body(*pass, *pages));
             &[]
         }
         Frame::Pages { gpa, count, data } => {
-            put_u64(out, *gpa);
-            put_u32(out, *count);
+            out.put(&PagesPrefix {
+                gpa: U64::new(*gpa),
+                count: U32::new(*count),
+            });
             data
         }
         Frame::PassEnd { pass, pages_sent } => {
-            put_u32(out, *pass);
-            put_u64(out, *pages_sent);
+            out.put(&pass_body(*pass, *pages_sent));
             &[]
         }
         Frame::DeviceState { name, bytes } => {
@@ -75,25 +86,27 @@ pub(super) fn encode_parts<'f>(
             bytes
         }
         Frame::VcpuState { index, bytes } => {
-            put_u32(out, *index);
+            out.put_u32(*index);
             bytes
         }
         Frame::Complete {
             total_pages,
             digest,
         } => {
-            put_u64(out, *total_pages);
-            put_u64(out, *digest);
+            out.put(&CompleteBody {
+                total_pages: U64::new(*total_pages),
+                digest: U64::new(*digest),
+            });
             &[]
         }
         Frame::Verify {
             digest,
             region_hashes,
         } => {
-            put_u64(out, *digest);
+            out.put_u64(*digest);
             put_count(out, kind, region_hashes.len())?;
             for h in region_hashes.iter() {
-                put_u64(out, *h);
+                out.put_u64(*h);
             }
             &[]
         }
@@ -102,53 +115,50 @@ pub(super) fn encode_parts<'f>(
             digest,
             mismatched_regions,
         } => {
-            out.push(u8::from(*ok));
-            put_u64(out, *digest);
+            out.put_u8(u8::from(*ok));
+            out.put_u64(*digest);
             put_count(out, kind, mismatched_regions.len())?;
             for i in mismatched_regions.iter() {
-                put_u32(out, *i);
+                out.put_u32(*i);
             }
             &[]
         }
         Frame::Abort { reason } => reason.as_bytes(),
         Frame::Ack { pass } => {
-            put_u32(out, *pass);
+            out.put_u32(*pass);
             &[]
         }
     })
 }
 
-/// A bounds-checked little-endian cursor over a payload.
+/// The shared little-endian cursor, reporting its errors as malformations of one frame kind.
 struct Cursor<'a> {
-    b: &'a [u8],
+    c: le::Cursor<'a>,
     kind: FrameKind,
 }
 
 impl<'a> Cursor<'a> {
+    fn short(&self) -> impl Fn(le::Short) -> WireError {
+        let kind = self.kind;
+        move |_| malformed(kind, Malformation::Short)
+    }
     fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
-        if self.b.len() < n {
-            return Err(malformed(self.kind, Malformation::Short));
-        }
-        let (head, tail) = self.b.split_at(n);
-        self.b = tail;
-        Ok(head)
+        self.c.take(n).map_err(self.short())
     }
     fn u8(&mut self) -> Result<u8, WireError> {
-        Ok(self.take(1)?[0])
+        self.c.u8().map_err(self.short())
     }
     fn u16(&mut self) -> Result<u16, WireError> {
-        let b = self.take(2)?;
-        Ok(u16::from_le_bytes([b[0], b[1]]))
+        self.c.u16().map_err(self.short())
     }
     fn u32(&mut self) -> Result<u32, WireError> {
-        let b = self.take(4)?;
-        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        self.c.u32().map_err(self.short())
     }
     fn u64(&mut self) -> Result<u64, WireError> {
-        let b = self.take(8)?;
-        Ok(u64::from_le_bytes([
-            b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
-        ]))
+        self.c.u64().map_err(self.short())
+    }
+    fn read<T: FromBytes + Unaligned>(&mut self) -> Result<T, WireError> {
+        self.c.read().map_err(self.short())
     }
     fn str_of(&self, b: &'a [u8]) -> Result<&'a str, WireError> {
         std::str::from_utf8(b).map_err(|_| malformed(self.kind, Malformation::InvalidUtf8))
@@ -158,20 +168,24 @@ impl<'a> Cursor<'a> {
         let b = self.take(n)?;
         self.str_of(b)
     }
-    /// A u32 count of `elem`-byte items that must fill the rest of the payload exactly; the
-    /// count is checked against the bytes present before anything is allocated.
-    fn list(&mut self, elem: usize) -> Result<&'a [u8], WireError> {
+    /// A u32 count of `T` items that must fill the rest of the payload exactly; the count is
+    /// checked against the bytes present before anything is allocated.
+    fn list<T>(&mut self) -> Result<&'a [T], WireError>
+    where
+        T: FromBytes + KnownLayout + Immutable + Unaligned,
+    {
         let n = self.u32()? as u64;
-        if n.checked_mul(elem as u64) != Some(self.b.len() as u64) {
+        if n.checked_mul(size_of::<T>() as u64) != Some(self.c.remaining() as u64) {
             return Err(malformed(self.kind, Malformation::CountMismatch));
         }
-        Ok(self.rest())
+        // The count fits the bytes present, so it fits a usize too.
+        self.c.slice(n as usize).map_err(self.short())
     }
     fn rest(&mut self) -> &'a [u8] {
-        std::mem::take(&mut self.b)
+        self.c.rest()
     }
     fn end(&self) -> Result<(), WireError> {
-        if self.b.is_empty() {
+        if self.c.remaining() == 0 {
             Ok(())
         } else {
             Err(malformed(self.kind, Malformation::Trailing))
@@ -179,48 +193,55 @@ impl<'a> Cursor<'a> {
     }
 }
 
-fn le_u64s(b: &[u8]) -> impl Iterator<Item = u64> + '_ {
-    b.chunks_exact(8)
-        .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-}
-
 fn decode_payload(kind: FrameKind, payload: &[u8]) -> Result<Frame<'_>, WireError> {
-    let mut c = Cursor { b: payload, kind };
+    let mut c = Cursor {
+        c: le::Cursor::new(payload),
+        kind,
+    };
     let frame = match kind {
         FrameKind::Hello => {
-            let version = c.u16()?;
-            let page_size = c.u64()?;
-            let total_pages = c.u64()?;
+            let fixed: HelloPrefix = c.read()?;
             let guest_kind = c.str16()?;
-            let raw = c.list(16)?;
-            let mut it = le_u64s(raw);
-            let mut regions = Vec::with_capacity(raw.len() / 16);
-            while let (Some(iova), Some(length)) = (it.next(), it.next()) {
-                regions.push(IovaRange { iova, length });
-            }
+            let regions = c
+                .list::<RegionEntry>()?
+                .iter()
+                .map(|r| IovaRange {
+                    iova: r.iova.get(),
+                    length: r.length.get(),
+                })
+                .collect();
             Frame::Hello {
-                version,
+                version: fixed.version.get(),
                 guest_kind: Cow::Borrowed(guest_kind),
-                page_size,
+                page_size: fixed.page_size.get(),
                 regions: Cow::Owned(regions),
-                total_pages,
+                total_pages: fixed.total_pages.get(),
             }
         }
         FrameKind::HelloAck => Frame::HelloAck,
         FrameKind::Commit => Frame::Commit,
-        FrameKind::PassBegin => Frame::PassBegin {
-            pass: c.u32()?,
-            pages: c.u64()?,
-        },
-        FrameKind::Pages => Frame::Pages {
-            gpa: c.u64()?,
-            count: c.u32()?,
-            data: Cow::Borrowed(c.rest()),
-        },
-        FrameKind::PassEnd => Frame::PassEnd {
-            pass: c.u32()?,
-            pages_sent: c.u64()?,
-        },
+        FrameKind::PassBegin => {
+            let b: PassBody = c.read()?;
+            Frame::PassBegin {
+                pass: b.pass.get(),
+                pages: b.pages.get(),
+            }
+        }
+        FrameKind::Pages => {
+            let p: PagesPrefix = c.read()?;
+            Frame::Pages {
+                gpa: p.gpa.get(),
+                count: p.count.get(),
+                data: Cow::Borrowed(c.rest()),
+            }
+        }
+        FrameKind::PassEnd => {
+            let b: PassBody = c.read()?;
+            Frame::PassEnd {
+                pass: b.pass.get(),
+                pages_sent: b.pages.get(),
+            }
+        }
         FrameKind::DeviceState => Frame::DeviceState {
             name: Cow::Borrowed(c.str16()?),
             bytes: Cow::Borrowed(c.rest()),
@@ -229,16 +250,19 @@ fn decode_payload(kind: FrameKind, payload: &[u8]) -> Result<Frame<'_>, WireErro
             index: c.u32()?,
             bytes: Cow::Borrowed(c.rest()),
         },
-        FrameKind::Complete => Frame::Complete {
-            total_pages: c.u64()?,
-            digest: c.u64()?,
-        },
+        FrameKind::Complete => {
+            let b: CompleteBody = c.read()?;
+            Frame::Complete {
+                total_pages: b.total_pages.get(),
+                digest: b.digest.get(),
+            }
+        }
         FrameKind::Verify => {
             let digest = c.u64()?;
-            let raw = c.list(8)?;
+            let hashes = c.list::<U64>()?;
             Frame::Verify {
                 digest,
-                region_hashes: Cow::Owned(le_u64s(raw).collect()),
+                region_hashes: Cow::Owned(hashes.iter().map(|h| h.get()).collect()),
             }
         }
         FrameKind::VerifyResult => {
@@ -248,15 +272,11 @@ fn decode_payload(kind: FrameKind, payload: &[u8]) -> Result<Frame<'_>, WireErro
                 _ => return Err(malformed(kind, Malformation::BadBool)),
             };
             let digest = c.u64()?;
-            let raw = c.list(4)?;
+            let mismatched = c.list::<U32>()?;
             Frame::VerifyResult {
                 ok,
                 digest,
-                mismatched_regions: Cow::Owned(
-                    raw.chunks_exact(4)
-                        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                        .collect(),
-                ),
+                mismatched_regions: Cow::Owned(mismatched.iter().map(|i| i.get()).collect()),
             }
         }
         FrameKind::Abort => {
@@ -269,37 +289,6 @@ fn decode_payload(kind: FrameKind, payload: &[u8]) -> Result<Frame<'_>, WireErro
     };
     c.end()?;
     Ok(frame)
-}
-
-/// A parsed header whose magic, version and length bound are already checked.
-pub(super) struct Header {
-    pub(super) ty: u16,
-    pub(super) len: u32,
-    pub(super) seq: u64,
-}
-
-pub(super) fn parse_header(h: &[u8; HEADER_LEN], limits: &Limits) -> Result<Header, WireError> {
-    let magic = [h[0], h[1], h[2], h[3]];
-    if magic != MAGIC {
-        return Err(WireError::BadMagic { found: magic });
-    }
-    let version = u16::from_le_bytes([h[4], h[5]]);
-    if version != PROTOCOL_VERSION {
-        return Err(WireError::VersionMismatch {
-            ours: PROTOCOL_VERSION,
-            theirs: version,
-        });
-    }
-    let ty = u16::from_le_bytes([h[6], h[7]]);
-    let len = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
-    if len > limits.max_payload {
-        return Err(WireError::FrameTooLarge {
-            len: len as u64,
-            max: limits.max_payload,
-        });
-    }
-    let seq = u64::from_le_bytes([h[12], h[13], h[14], h[15], h[16], h[17], h[18], h[19]]);
-    Ok(Header { ty, len, seq })
 }
 
 /// Checks checksum, then sequence, then type, then parses: corruption anywhere in a frame

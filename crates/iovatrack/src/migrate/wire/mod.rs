@@ -19,11 +19,13 @@
 //!
 //! Any error leaves the stream at an unknown position: the connection must be dropped.
 
+mod body;
 mod codec;
 mod crc;
 mod error;
 mod frame;
 mod header;
+pub(crate) mod le;
 mod reader;
 mod validator;
 mod writer;

@@ -1,9 +1,9 @@
 //! [`FrameReader`]: whole frames off a byte stream.
 
-use super::codec::{finish_frame, parse_header};
+use super::codec::finish_frame;
 use super::error::WireError;
 use super::frame::Frame;
-use super::header::{Limits, HEADER_LEN, TRAILER_LEN};
+use super::header::{parse_header, Limits, HEADER_LEN, TRAILER_LEN};
 use std::io::{self, Read};
 
 /// Reads whole frames from a byte stream, checking magic, version, length bound, checksum,

@@ -1,12 +1,13 @@
 //! [`FrameWriter`]: whole frames onto a byte stream.
 
-use super::codec::{encode_parts, put_u16, put_u32, put_u64};
+use super::codec::encode_parts;
 use super::crc::Crc;
 use super::error::WireError;
 use super::frame::Frame;
-use super::header::{Limits, HEADER_LEN, MAGIC, PROTOCOL_VERSION};
+use super::header::{FrameHeader, Limits, HEADER_LEN};
 use std::borrow::Cow;
 use std::io::{self, IoSlice, Write};
+use zerocopy::IntoBytes;
 
 /// Writes whole frames to a byte stream, numbering them from 0.
 ///
@@ -44,11 +45,8 @@ impl<W: Write> FrameWriter<W> {
     /// [`WireError::Malformed`], checked before writing anything).
     pub fn write_frame(&mut self, frame: &Frame<'_>) -> Result<u64, WireError> {
         self.scratch.clear();
-        self.scratch.extend_from_slice(&MAGIC);
-        put_u16(&mut self.scratch, PROTOCOL_VERSION);
-        put_u16(&mut self.scratch, frame.kind() as u16);
-        put_u32(&mut self.scratch, 0); // length, patched below
-        put_u64(&mut self.scratch, self.seq);
+        // Room for the header, written once the payload length is known.
+        self.scratch.resize(HEADER_LEN, 0);
         let bulk = encode_parts(frame, &mut self.scratch)?;
         let len = (self.scratch.len() - HEADER_LEN) as u64 + bulk.len() as u64;
         if len > self.limits.max_payload as u64 {
@@ -57,7 +55,8 @@ impl<W: Write> FrameWriter<W> {
                 max: self.limits.max_payload,
             });
         }
-        self.scratch[8..12].copy_from_slice(&(len as u32).to_le_bytes());
+        let header = FrameHeader::new(frame.kind(), len as u32, self.seq);
+        self.scratch[..HEADER_LEN].copy_from_slice(header.as_bytes());
         let mut crc = Crc::new();
         crc.update(&self.scratch);
         crc.update(bulk);
