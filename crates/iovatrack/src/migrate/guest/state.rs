@@ -2,9 +2,12 @@
 //!
 //! Layout: magic `b"IOVTGCPU"`, `u32` version, `u32` kind (1 = KVM, 2 = software), then
 //! the kind's fields (see `x86::VcpuState` and `soft::SoftState`). Every integer is little
-//! endian and fixed width, so the bytes are portable across hosts.
+//! endian and fixed width, so the bytes are portable across hosts. The encoding is the
+//! wire codec's own ([`le`]); this file adds the header and maps short input to
+//! [`GuestError::StateTruncated`].
 
 use super::GuestError;
+use crate::migrate::wire::le::{self, Cursor, PutLe};
 
 const MAGIC: &[u8; 8] = b"IOVTGCPU";
 /// Current layout version.
@@ -16,14 +19,8 @@ pub(crate) const KIND_SOFT: u32 = 2;
 
 /// The kind tag of saved state bytes (after checking magic and version).
 pub(crate) fn kind_of(bytes: &[u8]) -> Result<u32, GuestError> {
-    let mut r = Reader(bytes);
-    if r.take(8)? != MAGIC {
-        return Err(GuestError::StateBadMagic);
-    }
-    let version = r.u32()?;
-    if version != VERSION {
-        return Err(GuestError::StateVersion { found: version });
-    }
+    let mut r = Reader(Cursor::new(bytes));
+    r.header()?;
     match r.u32()? {
         k @ (KIND_KVM | KIND_SOFT) => Ok(k),
         found => Err(GuestError::StateKind {
@@ -45,16 +42,16 @@ impl Writer {
         w
     }
     pub(crate) fn u8(&mut self, v: u8) {
-        self.0.push(v);
+        self.0.put_u8(v);
     }
     pub(crate) fn u16(&mut self, v: u16) {
-        self.0.extend_from_slice(&v.to_le_bytes());
+        self.0.put_u16(v);
     }
     pub(crate) fn u32(&mut self, v: u32) {
-        self.0.extend_from_slice(&v.to_le_bytes());
+        self.0.put_u32(v);
     }
     pub(crate) fn u64(&mut self, v: u64) {
-        self.0.extend_from_slice(&v.to_le_bytes());
+        self.0.put_u64(v);
     }
     pub(crate) fn finish(self) -> Vec<u8> {
         self.0
@@ -62,19 +59,18 @@ impl Writer {
 }
 
 /// Reads fields written by [`Writer`]; every read is bounds checked.
-pub(crate) struct Reader<'a>(&'a [u8]);
+pub(crate) struct Reader<'a>(Cursor<'a>);
+
+/// Every short read of saved state is the same error: the bytes end before the layout does.
+fn truncated(_: le::Short) -> GuestError {
+    GuestError::StateTruncated
+}
 
 impl<'a> Reader<'a> {
     /// Check magic, version and kind; position after the header.
     pub(crate) fn new(bytes: &'a [u8], kind: u32) -> Result<Self, GuestError> {
-        let mut r = Self(bytes);
-        if r.take(8)? != MAGIC {
-            return Err(GuestError::StateBadMagic);
-        }
-        let version = r.u32()?;
-        if version != VERSION {
-            return Err(GuestError::StateVersion { found: version });
-        }
+        let mut r = Self(Cursor::new(bytes));
+        r.header()?;
         let found = r.u32()?;
         if found != kind {
             return Err(GuestError::StateKind {
@@ -84,39 +80,123 @@ impl<'a> Reader<'a> {
         }
         Ok(r)
     }
-    fn take(&mut self, n: usize) -> Result<&'a [u8], GuestError> {
-        if self.0.len() < n {
-            return Err(GuestError::StateTruncated);
+    /// Magic and version; the kind is left for the caller to read.
+    fn header(&mut self) -> Result<(), GuestError> {
+        if self.0.array::<8>().map_err(truncated)? != *MAGIC {
+            return Err(GuestError::StateBadMagic);
         }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Ok(a)
-    }
-    fn arr<const N: usize>(&mut self) -> Result<[u8; N], GuestError> {
-        let mut a = [0u8; N];
-        a.copy_from_slice(self.take(N)?);
-        Ok(a)
+        let version = self.u32()?;
+        if version != VERSION {
+            return Err(GuestError::StateVersion { found: version });
+        }
+        Ok(())
     }
     pub(crate) fn u8(&mut self) -> Result<u8, GuestError> {
-        Ok(self.take(1)?[0])
+        self.0.u8().map_err(truncated)
     }
     pub(crate) fn u16(&mut self) -> Result<u16, GuestError> {
-        Ok(u16::from_le_bytes(self.arr()?))
+        self.0.u16().map_err(truncated)
     }
     pub(crate) fn u32(&mut self) -> Result<u32, GuestError> {
-        Ok(u32::from_le_bytes(self.arr()?))
+        self.0.u32().map_err(truncated)
     }
     pub(crate) fn u64(&mut self) -> Result<u64, GuestError> {
-        Ok(u64::from_le_bytes(self.arr()?))
+        self.0.u64().map_err(truncated)
     }
     /// Fails unless every byte was consumed (catches layout mismatches).
     pub(crate) fn end(self) -> Result<(), GuestError> {
-        if self.0.is_empty() {
-            Ok(())
-        } else {
-            Err(GuestError::StateTrailing {
-                extra: self.0.len(),
+        match self.0.remaining() {
+            0 => Ok(()),
+            extra => Err(GuestError::StateTrailing { extra }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn header_checks_in_order() {
+        let w = Writer::new(KIND_SOFT);
+        let good = w.finish();
+        assert_eq!(good.len(), 16);
+        assert_eq!(kind_of(&good).unwrap(), KIND_SOFT);
+        assert!(Reader::new(&good, KIND_SOFT).unwrap().end().is_ok());
+        assert!(matches!(
+            Reader::new(&good, KIND_KVM),
+            Err(GuestError::StateKind {
+                expected: KIND_KVM,
+                found: KIND_SOFT
             })
+        ));
+        for cut in 0..good.len() {
+            assert!(
+                matches!(kind_of(&good[..cut]), Err(GuestError::StateTruncated)),
+                "cut at {cut}"
+            );
+        }
+        let mut bad = good.clone();
+        bad[0] ^= 1;
+        assert!(matches!(kind_of(&bad), Err(GuestError::StateBadMagic)));
+        let mut bad = good.clone();
+        bad[8] = 2;
+        assert!(matches!(
+            kind_of(&bad),
+            Err(GuestError::StateVersion { found: 2 })
+        ));
+        let mut bad = good;
+        bad[12] = 9;
+        assert!(matches!(
+            kind_of(&bad),
+            Err(GuestError::StateKind { found: 9, .. })
+        ));
+    }
+
+    #[test]
+    fn fields_round_trip_and_trailing_bytes_are_counted() {
+        let mut w = Writer::new(KIND_KVM);
+        w.u8(1);
+        w.u16(0x0203);
+        w.u32(0x0405_0607);
+        w.u64(u64::MAX);
+        w.u8(0xEE);
+        let bytes = w.finish();
+        let mut r = Reader::new(&bytes, KIND_KVM).unwrap();
+        assert_eq!(r.u8().unwrap(), 1);
+        assert_eq!(r.u16().unwrap(), 0x0203);
+        assert_eq!(r.u32().unwrap(), 0x0405_0607);
+        assert_eq!(r.u64().unwrap(), u64::MAX);
+        assert!(matches!(
+            r.end(),
+            Err(GuestError::StateTrailing { extra: 1 })
+        ));
+        let mut r = Reader::new(&bytes[..bytes.len() - 3], KIND_KVM).unwrap();
+        r.u8().unwrap();
+        r.u16().unwrap();
+        r.u32().unwrap();
+        assert!(matches!(r.u64(), Err(GuestError::StateTruncated)));
+    }
+
+    proptest! {
+        #[test]
+        fn hostile_state_bytes_never_panic(
+            bytes in proptest::collection::vec(any::<u8>(), 0..64),
+            reads in proptest::collection::vec(0u8..4, 0..16),
+        ) {
+            let _ = kind_of(&bytes);
+            if let Ok(mut r) = Reader::new(&bytes, KIND_KVM) {
+                for op in reads {
+                    let _ = match op {
+                        0 => r.u8().map(u64::from),
+                        1 => r.u16().map(u64::from),
+                        2 => r.u32().map(u64::from),
+                        _ => r.u64(),
+                    };
+                }
+                let _ = r.end();
+            }
         }
     }
 }

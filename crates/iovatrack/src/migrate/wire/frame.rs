@@ -1,0 +1,247 @@
+//! The protocol's frames: their header type codes and their decoded contents.
+
+use crate::range::IovaRange;
+use std::borrow::Cow;
+
+/// The type field of a frame header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum FrameKind {
+    /// Source → destination: protocol version and guest memory layout.
+    Hello = 1,
+    /// Destination → source: the layout matches, go ahead.
+    HelloAck = 2,
+    /// Source → destination: a pre-copy pass starts.
+    PassBegin = 3,
+    /// Source → destination: a run of contiguous guest pages.
+    Pages = 4,
+    /// Source → destination: a pass ends.
+    PassEnd = 5,
+    /// Source → destination: one device's migration state.
+    DeviceState = 6,
+    /// Source → destination: one vCPU's state.
+    VcpuState = 7,
+    /// Source → destination: all memory and state sent.
+    Complete = 8,
+    /// Source → destination: the source's memory hashes, to compare.
+    Verify = 9,
+    /// Destination → source: the comparison's outcome.
+    VerifyResult = 10,
+    /// Either way: the sender gives up.
+    Abort = 11,
+    /// Destination → source: a pass was received in full.
+    Ack = 12,
+    /// Source → destination: after a good verdict, the source hands the guest over and
+    /// will not run it again; only now may the destination resume it.
+    Commit = 13,
+}
+
+impl FrameKind {
+    /// The kind for a header's type field, if known.
+    pub fn from_u16(ty: u16) -> Option<Self> {
+        use FrameKind::*;
+        Some(match ty {
+            1 => Hello,
+            2 => HelloAck,
+            3 => PassBegin,
+            4 => Pages,
+            5 => PassEnd,
+            6 => DeviceState,
+            7 => VcpuState,
+            8 => Complete,
+            9 => Verify,
+            10 => VerifyResult,
+            11 => Abort,
+            12 => Ack,
+            13 => Commit,
+            _ => return None,
+        })
+    }
+}
+
+/// One protocol frame. Byte and string fields borrow when they can (page data written from
+/// guest memory, or read from a [`FrameReader`](super::FrameReader)'s buffer) and own otherwise;
+/// [`OwnedFrame`] is the `'static`, fully owned form.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame<'a> {
+    /// The source's protocol version and guest memory layout; the destination checks that it
+    /// matches its own memory exactly.
+    Hello {
+        /// The sender's [`PROTOCOL_VERSION`](super::PROTOCOL_VERSION).
+        version: u16,
+        /// What kind of guest (e.g. `"kvm"`, `"emulated"`); vCPU state only fits the same kind.
+        guest_kind: Cow<'a, str>,
+        /// Guest page size in bytes; every [`Frame::Pages`] is in these units.
+        page_size: u64,
+        /// Guest RAM regions (`iova` is the guest physical address), sorted and disjoint.
+        regions: Cow<'a, [IovaRange]>,
+        /// Sum of the regions' sizes in pages.
+        total_pages: u64,
+    },
+    /// The destination accepts the Hello.
+    HelloAck,
+    /// Pass `pass` (0, 1, 2, … in order) begins and will send exactly `pages` pages.
+    PassBegin {
+        /// Pass number.
+        pass: u32,
+        /// Pages this pass sends.
+        pages: u64,
+    },
+    /// `count` contiguous pages starting at guest physical address `gpa`.
+    Pages {
+        /// Guest physical address of the first page (page-aligned).
+        gpa: u64,
+        /// Number of pages (> 0).
+        count: u32,
+        /// Page contents: exactly `count * page_size` bytes.
+        data: Cow<'a, [u8]>,
+    },
+    /// Pass `pass` ends after sending `pages_sent` pages.
+    PassEnd {
+        /// Pass number, as in its [`Frame::PassBegin`].
+        pass: u32,
+        /// Pages sent in this pass.
+        pages_sent: u64,
+    },
+    /// Opaque migration state of the device `name`.
+    DeviceState {
+        /// Device name (at most 65535 bytes of UTF-8).
+        name: Cow<'a, str>,
+        /// The device's state blob.
+        bytes: Cow<'a, [u8]>,
+    },
+    /// Opaque state of vCPU `index`.
+    VcpuState {
+        /// vCPU index.
+        index: u32,
+        /// The vCPU's state blob.
+        bytes: Cow<'a, [u8]>,
+    },
+    /// Everything is sent.
+    Complete {
+        /// Pages sent over all passes.
+        total_pages: u64,
+        /// Digest of the source's whole guest memory at the end.
+        digest: u64,
+    },
+    /// The source's memory hashes, for the destination to compare with its own.
+    Verify {
+        /// Digest of the whole guest memory.
+        digest: u64,
+        /// One hash per region in [`Frame::Hello`] order, or one per page (regions in
+        /// order, pages ascending) for page-level verification.
+        region_hashes: Cow<'a, [u64]>,
+    },
+    /// The destination's verdict on a [`Frame::Verify`].
+    VerifyResult {
+        /// Whether everything matched.
+        ok: bool,
+        /// The destination's whole-memory digest.
+        digest: u64,
+        /// Indices (regions, or pages for page-level verification) whose hash differed.
+        mismatched_regions: Cow<'a, [u32]>,
+    },
+    /// The sender gives up; the migration is cancelled.
+    Abort {
+        /// Why, for logs.
+        reason: Cow<'a, str>,
+    },
+    /// The destination received pass `pass` in full.
+    Ack {
+        /// Pass number.
+        pass: u32,
+    },
+    /// The source hands the guest over (after a good [`Frame::VerifyResult`]).
+    Commit,
+}
+
+/// A frame that owns all its data (as returned by [`decode_all`](super::decode_all)).
+pub type OwnedFrame = Frame<'static>;
+
+fn owned<T: ToOwned + ?Sized>(c: Cow<'_, T>) -> Cow<'static, T> {
+    Cow::Owned(c.into_owned())
+}
+
+impl Frame<'_> {
+    /// The header type of this frame.
+    pub fn kind(&self) -> FrameKind {
+        match self {
+            Frame::Hello { .. } => FrameKind::Hello,
+            Frame::HelloAck => FrameKind::HelloAck,
+            Frame::Commit => FrameKind::Commit,
+            Frame::PassBegin { .. } => FrameKind::PassBegin,
+            Frame::Pages { .. } => FrameKind::Pages,
+            Frame::PassEnd { .. } => FrameKind::PassEnd,
+            Frame::DeviceState { .. } => FrameKind::DeviceState,
+            Frame::VcpuState { .. } => FrameKind::VcpuState,
+            Frame::Complete { .. } => FrameKind::Complete,
+            Frame::Verify { .. } => FrameKind::Verify,
+            Frame::VerifyResult { .. } => FrameKind::VerifyResult,
+            Frame::Abort { .. } => FrameKind::Abort,
+            Frame::Ack { .. } => FrameKind::Ack,
+        }
+    }
+
+    /// The same frame owning all its data.
+    pub fn into_owned(self) -> OwnedFrame {
+        match self {
+            Frame::Hello {
+                version,
+                guest_kind,
+                page_size,
+                regions,
+                total_pages,
+            } => Frame::Hello {
+                version,
+                guest_kind: owned(guest_kind),
+                page_size,
+                regions: owned(regions),
+                total_pages,
+            },
+            Frame::HelloAck => Frame::HelloAck,
+            Frame::Commit => Frame::Commit,
+            Frame::PassBegin { pass, pages } => Frame::PassBegin { pass, pages },
+            Frame::Pages { gpa, count, data } => Frame::Pages {
+                gpa,
+                count,
+                data: owned(data),
+            },
+            Frame::PassEnd { pass, pages_sent } => Frame::PassEnd { pass, pages_sent },
+            Frame::DeviceState { name, bytes } => Frame::DeviceState {
+                name: owned(name),
+                bytes: owned(bytes),
+            },
+            Frame::VcpuState { index, bytes } => Frame::VcpuState {
+                index,
+                bytes: owned(bytes),
+            },
+            Frame::Complete {
+                total_pages,
+                digest,
+            } => Frame::Complete {
+                total_pages,
+                digest,
+            },
+            Frame::Verify {
+                digest,
+                region_hashes,
+            } => Frame::Verify {
+                digest,
+                region_hashes: owned(region_hashes),
+            },
+            Frame::VerifyResult {
+                ok,
+                digest,
+                mismatched_regions,
+            } => Frame::VerifyResult {
+                ok,
+                digest,
+                mismatched_regions: owned(mismatched_regions),
+            },
+            Frame::Abort { reason } => Frame::Abort {
+                reason: owned(reason),
+            },
+            Frame::Ack { pass } => Frame::Ack { pass },
+        }
+    }
+}
