@@ -313,7 +313,7 @@ impl Destination {
                     b.clear();
                 }
             }
-            Frame::PassEnd { pass, .. } => {
+            Frame::PassEnd { pass, .. } | Frame::PassCut { pass, .. } => {
                 s.w.write_frame(&Frame::Ack { pass })?;
             }
             Frame::DeviceState { name, bytes } => self.device_state(s, &name, &bytes),

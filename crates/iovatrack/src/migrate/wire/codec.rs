@@ -77,7 +77,7 @@ pub(super) fn encode_parts<'f>(
             });
             data
         }
-        Frame::PassEnd { pass, pages_sent } => {
+        Frame::PassEnd { pass, pages_sent } | Frame::PassCut { pass, pages_sent } => {
             out.put(&pass_body(*pass, *pages_sent));
             &[]
         }
@@ -238,6 +238,13 @@ fn decode_payload(kind: FrameKind, payload: &[u8]) -> Result<Frame<'_>, WireErro
         FrameKind::PassEnd => {
             let b: PassBody = c.read()?;
             Frame::PassEnd {
+                pass: b.pass.get(),
+                pages_sent: b.pages.get(),
+            }
+        }
+        FrameKind::PassCut => {
+            let b: PassBody = c.read()?;
+            Frame::PassCut {
                 pass: b.pass.get(),
                 pages_sent: b.pages.get(),
             }

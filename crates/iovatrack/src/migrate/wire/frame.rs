@@ -34,6 +34,9 @@ pub enum FrameKind {
     /// Source → destination: after a good verdict, the source hands the guest over and
     /// will not run it again; only now may the destination resume it.
     Commit = 13,
+    /// Source → destination: a pass ends early (its deadline passed) after `pages_sent`
+    /// of the pages it announced; the rest is sent later.
+    PassCut = 14,
 }
 
 impl FrameKind {
@@ -54,6 +57,7 @@ impl FrameKind {
             11 => Abort,
             12 => Ack,
             13 => Commit,
+            14 => PassCut,
             _ => return None,
         })
     }
@@ -98,6 +102,13 @@ pub enum Frame<'a> {
     },
     /// Pass `pass` ends after sending `pages_sent` pages.
     PassEnd {
+        /// Pass number, as in its [`Frame::PassBegin`].
+        pass: u32,
+        /// Pages sent in this pass.
+        pages_sent: u64,
+    },
+    /// Pass `pass` ends early after `pages_sent` pages (fewer than announced).
+    PassCut {
         /// Pass number, as in its [`Frame::PassBegin`].
         pass: u32,
         /// Pages sent in this pass.
@@ -172,6 +183,7 @@ impl Frame<'_> {
             Frame::PassBegin { .. } => FrameKind::PassBegin,
             Frame::Pages { .. } => FrameKind::Pages,
             Frame::PassEnd { .. } => FrameKind::PassEnd,
+            Frame::PassCut { .. } => FrameKind::PassCut,
             Frame::DeviceState { .. } => FrameKind::DeviceState,
             Frame::VcpuState { .. } => FrameKind::VcpuState,
             Frame::Complete { .. } => FrameKind::Complete,
@@ -207,6 +219,7 @@ impl Frame<'_> {
                 data: owned(data),
             },
             Frame::PassEnd { pass, pages_sent } => Frame::PassEnd { pass, pages_sent },
+            Frame::PassCut { pass, pages_sent } => Frame::PassCut { pass, pages_sent },
             Frame::DeviceState { name, bytes } => Frame::DeviceState {
                 name: owned(name),
                 bytes: owned(bytes),

@@ -302,14 +302,19 @@ impl Validator {
                 self.received = received;
                 return Ok(Some(target));
             }
-            (InPass, Frame::PassEnd { pass, pages_sent }) => {
+            (
+                InPass,
+                f @ (Frame::PassEnd { pass, pages_sent } | Frame::PassCut { pass, pages_sent }),
+            ) => {
                 if *pass != self.next_pass {
                     return Err(WireError::PassOrder {
                         expected: self.next_pass,
                         got: *pass,
                     });
                 }
-                if *pages_sent != self.received || self.announced != self.received {
+                // A cut pass ends early, but still says exactly what it sent.
+                let whole = matches!(f, Frame::PassEnd { .. });
+                if *pages_sent != self.received || (whole && self.announced != self.received) {
                     return Err(WireError::PassCount {
                         pass: *pass,
                         announced: self.announced,

@@ -145,9 +145,16 @@ impl Source<'_, '_> {
             c.drop_link();
             return Err(AttemptEnd::Retry(AttemptError::Dropped { pass }));
         }
-        c.w.write_frame(&Frame::PassEnd {
-            pass,
-            pages_sent: sent,
+        c.w.write_frame(&if cut {
+            Frame::PassCut {
+                pass,
+                pages_sent: sent,
+            }
+        } else {
+            Frame::PassEnd {
+                pass,
+                pages_sent: sent,
+            }
         })?;
         c.w.flush()?;
         let secs = started.elapsed().as_secs_f64();

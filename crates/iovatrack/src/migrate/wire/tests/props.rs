@@ -29,6 +29,8 @@ fn arb_frame() -> impl Strategy<Value = OwnedFrame> {
         }),
         (any::<u32>(), any::<u64>())
             .prop_map(|(pass, pages_sent)| Frame::PassEnd { pass, pages_sent }),
+        (any::<u32>(), any::<u64>())
+            .prop_map(|(pass, pages_sent)| Frame::PassCut { pass, pages_sent }),
         (".{0,12}", bytes(64)).prop_map(|(n, d)| Frame::DeviceState {
             name: Cow::Owned(n),
             bytes: Cow::Owned(d)

@@ -494,3 +494,47 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn validator_takes_a_cut_pass_for_what_it_sent() {
+    let l = layout();
+    let hello = l.hello().into_owned();
+    let mut v = Validator::new(l);
+    let data = vec![0u8; 4 * PAGE as usize];
+    v.validate(&hello).unwrap();
+    v.validate(&Frame::PassBegin { pass: 0, pages: 3 }).unwrap();
+    v.validate(&pages(0, 2, &data)).unwrap();
+    // A PassEnd must match the announcement; a PassCut only what was received.
+    assert!(matches!(
+        v.clone().validate(&Frame::PassEnd {
+            pass: 0,
+            pages_sent: 2
+        }),
+        Err(WireError::PassCount { .. })
+    ));
+    assert!(matches!(
+        v.clone().validate(&Frame::PassCut {
+            pass: 0,
+            pages_sent: 3
+        }),
+        Err(WireError::PassCount { .. })
+    ));
+    v.validate(&Frame::PassCut {
+        pass: 0,
+        pages_sent: 2,
+    })
+    .unwrap();
+    // The next pass follows as usual.
+    v.validate(&Frame::PassBegin { pass: 1, pages: 1 }).unwrap();
+    v.validate(&pages(0x1_0000_0000, 1, &data)).unwrap();
+    v.validate(&Frame::PassEnd {
+        pass: 1,
+        pages_sent: 1,
+    })
+    .unwrap();
+    v.validate(&Frame::Complete {
+        total_pages: 3,
+        digest: 0,
+    })
+    .unwrap();
+}
