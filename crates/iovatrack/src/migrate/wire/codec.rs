@@ -1,7 +1,7 @@
 //! Frame payload encoding and decoding, and whole-stream decoding.
 //!
 //! Fixed parts are the `zerocopy` layouts of [`super::body`]; variable parts (strings,
-//! counted lists, bulk bytes) go through the shared [`le`](super::le) cursor, whose short
+//! counted lists, bulk bytes) go through the shared [`le`] cursor, whose short
 //! reads become [`Malformation::Short`] for the frame at hand.
 
 use super::body::{CompleteBody, HelloPrefix, PagesPrefix, PassBody, RegionEntry};

@@ -18,6 +18,12 @@
 //! layout, page runs inside one guest region, pass bookkeeping and frame order.
 //!
 //! Any error leaves the stream at an unknown position: the connection must be dropped.
+//!
+//! One concept a file, all re-exported here: `frame` (what a frame holds), `header` (the
+//! fixed header, its constants and [`Limits`]), `body` (fixed-size bodies), `le` (the
+//! little-endian cursor, shared with the saved vCPU state), `crc`, `codec` (payloads and
+//! [`decode_all`]), `writer`, `reader`, `error`, and `validator` (the destination's
+//! [`MemoryLayout`] and [`Validator`]).
 
 mod body;
 mod codec;

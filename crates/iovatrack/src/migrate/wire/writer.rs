@@ -55,6 +55,7 @@ impl<W: Write> FrameWriter<W> {
                 max: self.limits.max_payload,
             });
         }
+        // Lossless: len ≤ max_payload, a u32.
         let header = FrameHeader::new(frame.kind(), len as u32, self.seq);
         self.scratch[..HEADER_LEN].copy_from_slice(header.as_bytes());
         let mut crc = Crc::new();
