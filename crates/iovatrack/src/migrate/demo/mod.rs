@@ -225,9 +225,12 @@ pub fn run_source(
         devices: &mut devices,
         verifier: Some(&PageHashes),
     };
+    let migration_started = Instant::now();
     let report = engine::run_source(&cfg.engine, vm, &mut hooks, connect, events)?;
+    let migration_ms = migration_started.elapsed().as_secs_f64() * 1000.0;
     let mut summary = Summary::from_engine(report, guest.kind(), cfg.devices.len());
     summary.downtime_budget_ms = cfg.engine.downtime_ms;
+    summary.migration_ms = migration_ms;
     summary.faults = cfg.faults.iter().map(|f| f.to_string()).collect();
     summary.faults_fired = hooks.fired.iter().map(|f| f.to_string()).collect();
     summary.dma_writes = demo.iter().map(|d| d.workload().writes()).sum();

@@ -82,7 +82,9 @@ pub struct Summary {
     pub source_resumed: bool,
     /// The source guest still ran after an abort.
     pub source_running_after_abort: Option<bool>,
-    /// Wall time, ms.
+    /// Migration start (tracking started) to the handover or the give-up, ms.
+    pub migration_ms: f64,
+    /// Wall time, ms (guest setup and warm-up included).
     pub total_ms: f64,
 }
 
