@@ -53,7 +53,7 @@ pub(super) fn per_section(set: &DmaSet, page: u64) -> Result<Vec<IovaRange>, Pla
     out.into_iter().map(|(s, e)| to_range(s, e)).collect()
 }
 
-/// QEMU master's `vfio_dirty_tracking_update_range` buckets, emitted as
+/// QEMU's `vfio_dirty_tracking_update_range` buckets, emitted as
 /// `vfio_device_feature_dma_logging_start_create` does: 32, 64, pci64, each present iff its
 /// max is non-zero. Quirks kept: pci64 tests `iova >= 0xFFFFFFFF` while 32-bit tests
 /// `end <= 0xFFFFFFFF`, and a section straddling 4 GiB goes to the 64-bit bucket.
