@@ -345,7 +345,11 @@ impl Planner {
     /// The effective range cap of `optimal`.
     pub fn effective_max_ranges(&self) -> u32 {
         match self.device {
-            Some(d) => self.max_ranges.min(d.max_ranges).min(d.core_max_ranges),
+            // A pds device with no regions still gets a one-range plan, which it refuses.
+            Some(d) => self
+                .max_ranges
+                .min(d.tracked_max_ranges().max(1))
+                .min(d.core_max_ranges),
             None => self.max_ranges,
         }
     }
