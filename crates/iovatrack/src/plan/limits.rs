@@ -348,7 +348,7 @@ pub fn pds_regions(
         }
         if limits.driver == DriverKind::Pds {
             offset_bytes += region.bmp_bytes();
-            if offset_bytes % 8 != 0 {
+            if !offset_bytes.is_multiple_of(8) {
                 return Err(StartRefusal::DeviceBitmapOffset {
                     index,
                     offset: offset_bytes,

@@ -191,7 +191,7 @@ pub(super) fn iommu_windows(
             if a >= b {
                 continue;
             }
-            let p = if a % page as u128 == 0 && b % page as u128 == 0 {
+            let p = if a.is_multiple_of(page as u128) && b.is_multiple_of(page as u128) {
                 page
             } else {
                 IOMMU_PAGE
