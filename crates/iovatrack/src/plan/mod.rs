@@ -392,11 +392,13 @@ impl Planner {
                 );
                 (strategy::qemu(layout, &q), host, q)
             }
-            Strategy::Optimal => (
-                strategy::optimal(&set, page, self.effective_max_ranges() as usize)?,
-                page,
-                set,
-            ),
+            Strategy::Optimal => {
+                let mut v = strategy::optimal(&set, page, self.effective_max_ranges() as usize)?;
+                if let Some(d) = self.device.filter(|d| d.driver.is_pds()) {
+                    v = strategy::pds_room(v, page, u64::from(d.page_count_align.max(1)));
+                }
+                (v, page, set)
+            }
             Strategy::PerSection => (strategy::per_section(&set, page)?, page, set),
             Strategy::Single => (strategy::optimal(&set, page, 1)?, page, set),
         };

@@ -543,3 +543,36 @@ proptest! {
         }
     }
 }
+
+/// Planning for pds leaves each region room for the firmware's whole-word page count, so
+/// the 6.8 driver (`pds_vfio_dirty_enable`) accepts the plan; without the device the same
+/// layout's optimal plan is refused.
+#[test]
+fn pds_vfio_dirty_enable_accepts_planned_regions() {
+    use crate::range::IovaRange as R;
+    // 48 pages, an 8-page hole, then more RAM: rounding the first region to 64 pages
+    // would reach into the second.
+    let l = Layout::new(
+        "memory",
+        vec![
+            Section::new(0, 0x2_ffff, SectionKind::Ram, "a"),
+            Section::new(0x3_8000, 0x9_ffff, SectionKind::Ram, "b"),
+            Section::new(0x10_0000, 0x7f_ffff, SectionKind::Ram, "c"),
+        ],
+    )
+    .unwrap();
+    let bare = Planner::new().plan(&l).unwrap();
+    assert_eq!(bare.ranges.len(), 3);
+    let refused = DeviceView::new(DeviceLimits::pds(), 4096, &bare.ranges);
+    assert!(matches!(
+        refused.outcome,
+        DeviceOutcome::Refused {
+            errno: "EINVAL",
+            ..
+        }
+    ));
+    let p = Planner::new().device(DeviceLimits::pds()).plan(&l).unwrap();
+    assert!(p.device.as_ref().unwrap().accepted(), "{:?}", p.device);
+    assert_eq!(p.ranges[0], R::new(0, 0xa_0000));
+    check_sound(&p, 8).unwrap();
+}
