@@ -66,7 +66,7 @@ fn mlx5(addr_max: u8) -> Arc<EmulatedDevice> {
 /// mlx5's bound is on the sum of the merged lengths, gaps included: fewer ranges only
 /// add bytes, so the tracker falls back at the first EOPNOTSUPP instead of halving.
 #[test]
-fn eopnotsupp_on_address_space_falls_back_at_once() {
+fn mlx5vf_create_tracker_eopnotsupp_falls_back_at_once() {
     let regions = five();
     // 5 MiB of RAM, merged by the device to 4 ranges: 6 MiB, over a 2 MiB bound.
     let d = mlx5(21);
@@ -88,7 +88,7 @@ fn eopnotsupp_on_address_space_falls_back_at_once() {
 
 /// pds with `max_regions == 0` never takes any range: no re-plan, whatever the cap.
 #[test]
-fn eopnotsupp_without_regions_falls_back_at_once() {
+fn pds_vfio_dirty_enable_without_regions_falls_back_at_once() {
     let regions = five();
     let d = Arc::new(EmulatedDevice::new(DeviceLimits {
         max_ranges: 0,
