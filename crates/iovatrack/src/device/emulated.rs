@@ -9,7 +9,7 @@
 //! holds: its state (double START, pds' EEXIST when someone else tracks), its own refusals
 //! (zero length, unusable page size, log memory) and fault injection.
 //!
-//! REPORT is as harsh as the drivers ([`report`] has the rules and where each comes from):
+//! REPORT is as harsh as the drivers (the `report` module has the rules and their sources):
 //! whole device pages are acknowledged and the core's `iova_bitmap_set` drops what falls
 //! outside the caller's range; pds acknowledges whole 64-page words; an mlx5 REPORT error
 //! sticks until STOP and START. [`DmaLogger::report_granule`] says how to query so that

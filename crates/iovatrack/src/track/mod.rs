@@ -22,9 +22,9 @@
 //!
 //! [`Tracker::force_mode`] skips the choice: a forced mode that cannot run fails `start`.
 //!
-//! Reading never loses what a source acknowledged ([`collect`] has the rules): a device is
-//! queried in the granules it states ([`crate::device::ReportGranule`]), an IOMMU per
-//! mapped run, never across a hole.
+//! Reading never loses what a source acknowledged (the `collect` module has the rules): a
+//! device is queried in the granules it states ([`crate::device::ReportGranule`]), an
+//! IOMMU per mapped run, never across a hole.
 //!
 //! Failure rules: a failed REPORT means the device's log can no longer be trusted (the
 //! uAPI says so, and mlx5 fails every later REPORT until STOP and START). The tracker reads
