@@ -8,6 +8,7 @@ use iovatrack::migrate::engine::{self, Event, TimeoutAction};
 use iovatrack::migrate::scale_ram;
 use iovatrack::plan::limits::DeviceProfile;
 use iovatrack::range::human_bytes;
+use iovatrack::track::ModeChoice;
 use std::io::IsTerminal;
 use std::net::TcpListener;
 use std::process::ExitCode;
@@ -58,7 +59,20 @@ enum PatternArg {
 enum DeviceArg {
     Generic,
     Mlx5,
+    /// pds on 6.8+ kernels (several regions).
     Pds,
+    /// pds on 6.6 kernels (one region).
+    #[value(name = "pds-6.6")]
+    Pds66,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TrackingArg {
+    /// Device logging, else IOMMU tracking, else all dirty.
+    Auto,
+    Device,
+    Iommu,
+    AllDirty,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -103,6 +117,9 @@ struct Common {
     /// container plans its ranges for its strictest device.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     containers: u32,
+    /// Force a tracking mode (a mode that cannot run is an error).
+    #[arg(long, value_enum, default_value = "auto")]
+    tracking: TrackingArg,
     /// Most ranges the planner may give the device.
     #[arg(long, default_value_t = 256)]
     max_ranges: u32,
@@ -196,12 +213,19 @@ fn config(c: &Common) -> Result<MigrateConfig, BoxError> {
                 DeviceArg::Generic => DeviceProfile::Generic,
                 DeviceArg::Mlx5 => DeviceProfile::Mlx5,
                 DeviceArg::Pds => DeviceProfile::Pds,
+                DeviceArg::Pds66 => DeviceProfile::Pds66,
             }
             .limits()
         })
         .collect();
     cfg.containers = c.containers as usize;
     cfg.device_tracking = !c.no_device_tracking;
+    cfg.tracking = match c.tracking {
+        TrackingArg::Auto => ModeChoice::Auto,
+        TrackingArg::Device => ModeChoice::Device,
+        TrackingArg::Iommu => ModeChoice::Iommu,
+        TrackingArg::AllDirty => ModeChoice::AllDirty,
+    };
     cfg.max_ranges = c.max_ranges;
     cfg.engine.downtime_ms = c.downtime_ms;
     cfg.engine.max_iterations = c.max_iterations;

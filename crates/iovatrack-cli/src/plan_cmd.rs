@@ -14,7 +14,10 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[derive(Clone, Copy, ValueEnum)]
 enum StrategyArg {
     Optimal,
+    /// QEMU 8.0 to 10.x as released (read-only RAM kept).
     Qemu,
+    /// QEMU with the readonly-bypass patch (read-only sections skipped).
+    QemuBypassRo,
     PerSection,
     Single,
 }
@@ -24,6 +27,7 @@ impl From<StrategyArg> for Strategy {
         match s {
             StrategyArg::Optimal => Strategy::Optimal,
             StrategyArg::Qemu => Strategy::Qemu,
+            StrategyArg::QemuBypassRo => Strategy::QemuBypassRo,
             StrategyArg::PerSection => Strategy::PerSection,
             StrategyArg::Single => Strategy::Single,
         }

@@ -1,13 +1,19 @@
-//! A software device that logs its DMA writes the way a VFIO driver does.
+//! A software device that logs its DMA writes the way a VFIO driver does, as harshly.
 //!
 //! START is judged by [`check_start`], the same rule engine the planner predicts with: the
 //! vfio core's checks (drivers/vfio/vfio_main.c) in the kernel's order, so the first
 //! offending range decides the errno, then the driver rules of its [`DeviceLimits`]: mlx5
 //! (page size floored and clamped, smallest-gap merge to the device's range count,
-//! EOPNOTSUPP on the total size) or pds (merge to its regions). The device adds only what
-//! a driver holds: its state (double START), its own refusals (zero length, unusable page
-//! size, log memory) and fault injection. REPORT/STOP follow the core and the drivers too
-//! (pds: a REPORT must stay inside one region).
+//! EOPNOTSUPP on the total size) or pds (no regions: EOPNOTSUPP; merge to its regions, one
+//! on 6.6; `u32` page counts the firmware rounds up). The device adds only what a driver
+//! holds: its state (double START, pds' EEXIST when someone else tracks), its own refusals
+//! (zero length, unusable page size, log memory) and fault injection.
+//!
+//! REPORT is as harsh as the drivers (the `report` module has the rules and their sources):
+//! whole device pages are acknowledged and the core's `iova_bitmap_set` drops what falls
+//! outside the caller's range; pds acknowledges whole 64-page words; an mlx5 REPORT error
+//! sticks until STOP and START. [`DmaLogger::report_granule`] says how to query so that
+//! nothing is dropped.
 //!
 //! DMA writes arrive through [`EmulatedDevice::dma_write`] from any number of threads. The
 //! tracked set is fixed at START, so the hot path takes only a shared read lock (no writer
@@ -15,20 +21,20 @@
 //! bits with one atomic OR per word. A write outside every tracked range is what a real
 //! device silently loses; it is counted instead.
 
+mod report;
+
 use super::migration::{MigFlags, MigrationDevice};
-use super::{DeviceError, DeviceOp, DmaLogger, Errno, Rule};
+use super::{DeviceError, DeviceOp, DmaLogger, Errno, ReportGranule, ReportRegion, Rule};
 // The tests compare tracked ranges with the planner's merge.
 #[cfg(test)]
 use crate::plan::combine::combine;
 use crate::plan::limits::{
-    check_start, Accepted, DeviceLimits, DeviceProfile, DriverKind, StartRefusal,
+    check_start, pds_regions, Accepted, DeviceLimits, DeviceProfile, DriverKind, PdsRegion,
+    StartRefusal,
 };
 use crate::range::{is_pow2, IovaRange};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
-
-/// The smallest REPORT page size the core accepts (`SZ_4K`, not the kernel's PAGE_SIZE).
-const MIN_REPORT_PAGE: u64 = 4096;
 
 /// Default cap on the log's memory (bits at the tracking page size): 256 MiB, i.e. 8 TiB
 /// tracked at 4 KiB.
@@ -44,6 +50,8 @@ pub struct EmulatedDevice {
     untracked_writes: AtomicU64,
     untracked_pages: AtomicU64,
     faults: Mutex<Faults>,
+    /// pds: the device reports `num_regions != 0` (someone else started tracking).
+    busy: AtomicBool,
     migration: Mutex<MigrationDevice>,
 }
 
@@ -51,6 +59,8 @@ pub struct EmulatedDevice {
 struct Session {
     shift: u32,
     regions: Vec<Region>,
+    /// mlx5 `tracker->is_err`: a REPORT failed; every later one is EIO until STOP.
+    is_err: AtomicBool,
 }
 
 /// One tracked region: a bit per device page from `first_page` on.
@@ -59,6 +69,8 @@ struct Region {
     first_page: u64,
     npages: u64,
     bits: Box<[AtomicU64]>,
+    /// pds: the driver's view of the region (REPORT bounds and bitmap size).
+    pds: Option<PdsRegion>,
 }
 
 #[derive(Default)]
@@ -76,6 +88,7 @@ impl EmulatedDevice {
             DriverKind::Generic => "emulated-generic",
             DriverKind::Mlx5 => "emulated-mlx5",
             DriverKind::Pds => "emulated-pds",
+            DriverKind::Pds66 => "emulated-pds-6.6",
         };
         Self {
             name: name.to_string(),
@@ -86,6 +99,7 @@ impl EmulatedDevice {
             untracked_writes: AtomicU64::new(0),
             untracked_pages: AtomicU64::new(0),
             faults: Mutex::new(Faults::default()),
+            busy: AtomicBool::new(false),
             migration: Mutex::new(MigrationDevice::new(MigFlags::ALL)),
         }
     }
@@ -157,7 +171,8 @@ impl EmulatedDevice {
         self.untracked_pages.load(Ordering::Relaxed)
     }
 
-    /// Fail the `nth` REPORT from now (1 = the next one) with `errno`.
+    /// Fail the `nth` REPORT from now (1 = the next one) with `errno`. On mlx5 the failure
+    /// sticks (`tracker->is_err`): every later REPORT is EIO until STOP and START.
     pub fn fail_report(&self, nth: u64, errno: Errno) {
         self.faults
             .lock()
@@ -172,6 +187,12 @@ impl EmulatedDevice {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .start = Some((errno, above));
+    }
+
+    /// pds: the device says it already tracks (`num_regions != 0`), as when another user
+    /// started logging on it; START is EEXIST until this is cleared.
+    pub fn set_tracking_elsewhere(&self, on: bool) {
+        self.busy.store(on, Ordering::SeqCst);
     }
 
     /// Remove injected faults.
@@ -235,9 +256,9 @@ impl EmulatedDevice {
     }
 
     /// The driver's `log_start` after the core's checks and the state check, in the
-    /// kernel drivers' order: injected refusal, this device's own refusals (zero length,
-    /// unusable page size), then `verdict`'s driver rules (merge, mlx5 address space), then
-    /// the log allocation.
+    /// kernel drivers' order: injected refusal, pds' device status (EEXIST), this device's
+    /// own refusals (zero length, unusable page size), then `verdict`'s driver rules
+    /// (merge, mlx5 address space, pds regions), then the log allocation.
     fn driver_start(
         &self,
         page_size: u64,
@@ -255,6 +276,10 @@ impl EmulatedDevice {
                 return Err(e(errno, Rule::Injected));
             }
         }
+        // pds_vfio_dirty_enable asks the device's status before anything else.
+        if self.limits.driver.is_pds() && self.busy.load(Ordering::SeqCst) {
+            return Err(e(Errno::EEXIST, Rule::DeviceBusy));
+        }
         // Beyond the kernel: a zero length wraps in the core and no tracker can size it.
         if let Some(index) = ranges.iter().position(|r| r.length == 0) {
             return Err(e(Errno::EINVAL, Rule::ZeroLength { index }));
@@ -263,9 +288,25 @@ impl EmulatedDevice {
         if !is_pow2(ps) {
             return Err(e(Errno::EINVAL, Rule::UnusablePageSize { page_size: ps }));
         }
-        let accepted = verdict.map_err(|r| start_error(&r))?;
+        let accepted = verdict.map_err(DeviceError::start)?;
         debug_assert_eq!(accepted.page_size, ps);
         let merged = accepted.ranges;
+        // pds: the driver's region table for the same merge (check_start accepted it).
+        let pds: Vec<Option<PdsRegion>> = if self.limits.driver.is_pds() {
+            let mut given: Vec<IovaRange> = ranges.to_vec();
+            given.sort_unstable();
+            let target = self.limits.tracked_max_ranges() as usize;
+            if given.len() > target {
+                given = crate::plan::combine::combine(&given, target);
+            }
+            pds_regions(&self.limits, ps, &given)
+                .map_err(DeviceError::start)?
+                .into_iter()
+                .map(Some)
+                .collect()
+        } else {
+            vec![None; merged.len()]
+        };
         let shift = ps.trailing_zeros();
         let mut words_total: u128 = 0;
         let mut spans = Vec::with_capacity(merged.len());
@@ -287,7 +328,7 @@ impl EmulatedDevice {
             ));
         }
         let mut regions = Vec::with_capacity(merged.len());
-        for (r, (first_page, npages)) in merged.into_iter().zip(spans) {
+        for ((r, (first_page, npages)), pds) in merged.into_iter().zip(spans).zip(pds) {
             let words = npages.div_ceil(64) as usize;
             let mut bits = Vec::new();
             bits.try_reserve_exact(words).map_err(|_| {
@@ -305,9 +346,14 @@ impl EmulatedDevice {
                 first_page,
                 npages,
                 bits: bits.into_boxed_slice(),
+                pds,
             });
         }
-        Ok(Session { shift, regions })
+        Ok(Session {
+            shift,
+            regions,
+            is_err: AtomicBool::new(false),
+        })
     }
 
     fn take_report_fault(&self) -> Option<Errno> {
@@ -324,60 +370,6 @@ impl EmulatedDevice {
             None => None,
         }
     }
-}
-
-/// Whether the vfio core (rather than the driver's `log_start`) makes this refusal.
-fn is_core_refusal(r: &StartRefusal) -> bool {
-    match r {
-        StartRefusal::NoRanges
-        | StartRefusal::TooManyRanges { .. }
-        | StartRefusal::Misaligned { .. }
-        | StartRefusal::Overflow { .. }
-        | StartRefusal::Overlap { .. } => true,
-        StartRefusal::AddressSpace { .. } => false,
-    }
-}
-
-/// A START refusal as the device error, with the same errno.
-fn start_error(r: &StartRefusal) -> DeviceError {
-    let rule = match *r {
-        StartRefusal::NoRanges => Rule::NoRanges,
-        StartRefusal::TooManyRanges { count, max } => Rule::TooManyRanges {
-            count,
-            max: u32::try_from(max).unwrap_or(u32::MAX),
-        },
-        StartRefusal::Misaligned {
-            index,
-            range,
-            page_size,
-        } => Rule::Misaligned {
-            index,
-            range,
-            page_size,
-        },
-        StartRefusal::Overflow { index, range } => Rule::RangeOverflow { index, range },
-        StartRefusal::Overlap {
-            index,
-            range,
-            other,
-        } => Rule::Overlap {
-            index,
-            range,
-            other,
-        },
-        StartRefusal::AddressSpace {
-            total,
-            log2,
-            min,
-            max,
-        } => Rule::AddressSpace {
-            total,
-            log2,
-            min,
-            max,
-        },
-    };
-    DeviceError::new(DeviceOp::Start, Errno(r.errno()), rule)
 }
 
 /// Counts device pages of untracked bytes, each page once per write.
@@ -411,6 +403,26 @@ impl Region {
             self.bits[w].fetch_or(mask, Ordering::SeqCst);
         });
     }
+
+    /// Read and clear the bits of region pages `k0..=k1` (clipped to the region), calling
+    /// `f` with the absolute device page of each dirty one: the device acknowledges them.
+    fn take(&self, k0: u64, k1: u64, mut f: impl FnMut(u64)) {
+        if self.npages == 0 || k0 >= self.npages {
+            return;
+        }
+        let k1 = k1.min(self.npages - 1);
+        if k0 > k1 {
+            return;
+        }
+        for_word_masks(k0, k1, |w, mask| {
+            let mut dirty = self.bits[w].fetch_and(!mask, Ordering::SeqCst) & mask;
+            while dirty != 0 {
+                let k = w as u64 * 64 + u64::from(dirty.trailing_zeros());
+                dirty &= dirty - 1;
+                f(self.first_page + k);
+            }
+        });
+    }
 }
 
 /// Calls `f(word, mask)` for the words covering bits `k0..=k1`.
@@ -422,11 +434,6 @@ fn for_word_masks(k0: u64, k1: u64, mut f: impl FnMut(usize, u64)) {
         let mask = (u64::MAX >> (63 - hi)) & (u64::MAX << lo);
         f(w as usize, mask);
     }
-}
-
-/// OR bits `k0..=k1` into a caller bitmap (sized by the caller's check).
-fn set_bits(bitmap: &mut [u64], k0: u64, k1: u64) {
-    for_word_masks(k0, k1, |w, mask| bitmap[w] |= mask);
 }
 
 impl DmaLogger for EmulatedDevice {
@@ -444,8 +451,8 @@ impl DmaLogger for EmulatedDevice {
         // before the driver sees the request; the driver's come after its state check.
         let verdict = check_start(&self.limits, page_size, ranges);
         if let Err(refusal) = &verdict {
-            if is_core_refusal(refusal) {
-                return Err(start_error(refusal));
+            if refusal.is_core() {
+                return Err(DeviceError::start(refusal.clone()));
             }
         }
         let mut session = self.session.write().unwrap_or_else(PoisonError::into_inner);
@@ -468,90 +475,9 @@ impl DmaLogger for EmulatedDevice {
         page_size: u64,
         bitmap: &mut [u64],
     ) -> Result<(), DeviceError> {
-        let e = |errno, rule| Self::err(DeviceOp::Report, errno, rule);
         self.check_supported(DeviceOp::Report)?;
-        if page_size < MIN_REPORT_PAGE || !is_pow2(page_size) {
-            return Err(e(Errno::EINVAL, Rule::ReportPageSize { page_size }));
-        }
-        if !range.fits_u64() {
-            return Err(e(Errno::EOVERFLOW, Rule::ReportOverflow { range }));
-        }
         let guard = self.session.read().unwrap_or_else(PoisonError::into_inner);
-        let Some(s) = guard.as_ref() else {
-            return Err(e(Errno::EINVAL, Rule::NotStarted));
-        };
-        if let Some(errno) = self.take_report_fault() {
-            return Err(e(errno, Rule::Injected));
-        }
-        if self.limits.driver == DriverKind::Pds {
-            let i = s
-                .regions
-                .partition_point(|r| r.range.end() <= range.iova as u128);
-            let region = match s.regions.get(i) {
-                Some(r) if r.range.contains(range.iova) => r.range,
-                _ => return Err(e(Errno::EINVAL, Rule::OutsideRegions { range })),
-            };
-            if range.length == 0 || range.end() > region.end() {
-                return Err(e(Errno::EINVAL, Rule::CrossesRegion { range, region }));
-            }
-        }
-        super::check_bitmap(DeviceOp::Report, range, page_size, bitmap)?;
-        let Some(last) = range.last() else {
-            return Ok(());
-        };
-        let (rstart, rend) = (range.iova as u128, range.end());
-        let rshift = page_size.trailing_zeros();
-        let shift = s.shift;
-        // Whole device pages are the unit (a region's first and last page may stick out of
-        // it when the driver clamped the page size up), so select regions by page span.
-        let span_end = |r: &Region| ((r.first_page + r.npages) as u128) << shift;
-        let first = s.regions.partition_point(|r| span_end(r) <= rstart);
-        for r in s.regions[first..]
-            .iter()
-            .take_while(|r| ((r.first_page as u128) << shift) < rend)
-        {
-            // Device pages of this region touching the report range.
-            let r_last_page = r.first_page + r.npages - 1;
-            let p_lo = (range.iova >> shift).max(r.first_page);
-            let p_hi = (last >> shift).min(r_last_page);
-            if p_lo > p_hi {
-                continue;
-            }
-            // Only pages wholly inside the range are cleared: a partly queried page keeps
-            // its bit for the query of its other part (reported twice, never lost).
-            let whole =
-                |p: u64| (p as u128) << shift >= rstart && ((p as u128 + 1) << shift) <= rend;
-            let keep = |p: u64, base: u64| {
-                if !whole(p) && p >= base && p - base < 64 {
-                    1u64 << (p - base)
-                } else {
-                    0
-                }
-            };
-            for_word_masks(p_lo - r.first_page, p_hi - r.first_page, |w, mask| {
-                let base = r.first_page + w as u64 * 64;
-                let clear = mask & !keep(p_lo, base) & !keep(p_hi, base);
-                let old = if clear == 0 {
-                    r.bits[w].load(Ordering::SeqCst)
-                } else {
-                    r.bits[w].fetch_and(!clear, Ordering::SeqCst)
-                };
-                let mut dirty = old & mask;
-                while dirty != 0 {
-                    let p = base + dirty.trailing_zeros() as u64;
-                    dirty &= dirty - 1;
-                    // iova_bitmap_set(addr = page start, len = device page), clamped.
-                    let a = ((p as u128) << shift).max(rstart);
-                    let b = (((p as u128) + 1) << shift).min(rend) - 1;
-                    set_bits(
-                        bitmap,
-                        ((a - rstart) >> rshift) as u64,
-                        ((b - rstart) >> rshift) as u64,
-                    );
-                }
-            });
-        }
-        Ok(())
+        report::report(self, guard.as_ref(), range, page_size, bitmap)
     }
 
     fn stop(&self) -> Result<(), DeviceError> {
@@ -559,8 +485,30 @@ impl DmaLogger for EmulatedDevice {
         *self.session.write().unwrap_or_else(PoisonError::into_inner) = None;
         Ok(())
     }
+
+    fn report_granule(&self) -> ReportGranule {
+        let guard = self.session.read().unwrap_or_else(PoisonError::into_inner);
+        match guard.as_ref() {
+            Some(s) if self.limits.driver.is_pds() => ReportGranule::RegionWords {
+                word_pages: 64,
+                regions: s
+                    .regions
+                    .iter()
+                    .filter_map(|r| r.pds)
+                    .map(|g| ReportRegion {
+                        range: IovaRange::new(g.start, g.size),
+                        page_size: 1 << s.shift,
+                        max_pages: u64::from(g.page_count) / 64 * 64,
+                    })
+                    .collect(),
+            },
+            _ => ReportGranule::DevicePage,
+        }
+    }
 }
 
+#[cfg(test)]
+mod pds_tests;
 #[cfg(test)]
 mod tests;
 
@@ -575,7 +523,12 @@ mod check_start_agreement {
         let driver = prop_oneof![
             Just(DeviceLimits::generic()),
             Just(DeviceLimits::mlx5()),
-            Just(DeviceLimits::pds())
+            Just(DeviceLimits::pds()),
+            Just(DeviceLimits::pds_6_6()),
+            Just(DeviceLimits {
+                page_count_align: 1,
+                ..DeviceLimits::pds()
+            })
         ];
         (
             driver,
@@ -632,15 +585,15 @@ mod check_start_agreement {
             let got = d.start(ps, &v);
             let want = check_start(&l, ps, &v);
             match (&want, &got) {
-                // Only mlx5's address-space check belongs to the driver.
-                (Err(r), Err(e)) if !matches!(r, StartRefusal::AddressSpace { .. }) => prop_assert_eq!(e, &start_error(r)),
+                // The core's refusals come first, whatever the device.
+                (Err(r), Err(e)) if r.is_core() => prop_assert_eq!(e, &DeviceError::start(r.clone())),
                 (_, Err(e)) if v.iter().any(|r| r.length == 0) => {
                     prop_assert!(matches!(e.rule, Rule::ZeroLength { .. }), "{e}")
                 }
                 (_, Err(e)) if !is_pow2(l.negotiate_page_size(ps)) => {
                     prop_assert!(matches!(e.rule, Rule::UnusablePageSize { .. }), "{e}")
                 }
-                (Err(r), Err(e)) => prop_assert_eq!(e, &start_error(r)),
+                (Err(r), Err(e)) => prop_assert_eq!(e, &DeviceError::start(r.clone())),
                 (Ok(a), Ok(p)) => {
                     prop_assert_eq!(*p, a.page_size);
                     prop_assert_eq!(d.tracked_ranges().unwrap(), a.ranges.clone());

@@ -1,5 +1,17 @@
 //! A software IOMMU with dirty tracking, following iommufd's HWPT rules
-//! (`IOMMU_HWPT_SET_DIRTY_TRACKING`, `IOMMU_HWPT_GET_DIRTY_BITMAP`, linux-kernel.md §5).
+//! (`IOMMU_HWPT_SET_DIRTY_TRACKING`, `IOMMU_HWPT_GET_DIRTY_BITMAP`, linux-kernel.md §5),
+//! as harshly as the kernel:
+//!
+//! * `iommufd_check_iova_range`: `iova + length - 1` overflowing is EOVERFLOW (so length 0
+//!   at a non-zero iova is too); iova and end must be multiples of the IOMMU page and of
+//!   the bitmap page size, tested as masks (a page size that is not a power of two passes
+//!   when the mask test does, and `iova_bitmap` then uses its lowest set bit).
+//! * `iopt_area_contig_init` / `iopt_area_contig_next`: the read walks mapped areas from
+//!   the one holding `iova` while they are contiguous; at the first hole it stops, and
+//!   `iommu_read_and_clear_dirty` discards the error: the ioctl returns 0 and nothing after
+//!   the hole is reported or cleared (nothing at all when `iova` is unmapped).
+//! * With tracking disabled the driver's `read_and_clear_dirty` fails, the error is
+//!   discarded: 0, no bits, nothing cleared.
 //!
 //! The IOMMU sees every DMA write to a mapped page, whatever the device, so there are no
 //! ranges to choose. A write to an unmapped IOVA is blocked by the IOMMU (an IOMMU fault):
@@ -8,7 +20,7 @@
 //! kernel drops the PTEs (hence "query before unmap").
 
 use super::{check_bitmap, DeviceError, DeviceOp, Errno, IommuDirtyTracker, Rule};
-use crate::range::{is_pow2, IovaRange};
+use crate::range::IovaRange;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError, RwLock};
 
@@ -252,10 +264,10 @@ impl IommuDirtyTracker for EmulatedIommu {
         Ok(())
     }
 
-    /// `IOMMU_HWPT_GET_DIRTY_BITMAP`'s checks in the kernel's order; holes in the mapping
-    /// are skipped silently (the kernel discards the walk's error). Deviations, both
-    /// refusals where the kernel's behaviour is undefined: length 0 and a page size that is
-    /// not a power of two give EINVAL.
+    /// `IOMMU_HWPT_GET_DIRTY_BITMAP`: `iommufd_check_iova_range` in the kernel's order,
+    /// then the contiguous-area walk, which stops at the first hole. One refusal where the
+    /// kernel would walk the whole address space with an empty bitmap: length 0 at iova 0
+    /// is EINVAL.
     fn read_dirty(
         &self,
         range: IovaRange,
@@ -263,69 +275,62 @@ impl IommuDirtyTracker for EmulatedIommu {
         bitmap: &mut [u64],
         clear: bool,
     ) -> Result<(), DeviceError> {
-        let e = |errno| {
-            DeviceError::new(
-                DeviceOp::ReadDirty,
-                errno,
-                Rule::Unsupported {
-                    what: "dirty bitmap range",
-                },
-            )
-        };
+        let e = |errno, rule| DeviceError::new(DeviceOp::ReadDirty, errno, rule);
+        // check_add_overflow(iova, length - 1): length 0 wraps to 2^64 - 1.
+        if range
+            .iova
+            .checked_add(range.length.wrapping_sub(1))
+            .is_none()
+        {
+            return Err(e(Errno::EOVERFLOW, Rule::ReportOverflow { range }));
+        }
         if range.length == 0 {
-            return Err(e(Errno::EINVAL));
-        }
-        // last = iova + length - 1 must fit a u64 (last == u64::MAX is fine).
-        if range.end() > 1u128 << 64 {
-            return Err(DeviceError::new(
-                DeviceOp::ReadDirty,
-                Errno::EOVERFLOW,
-                Rule::ReportOverflow { range },
-            ));
-        }
-        if !range.is_aligned(IOMMU_PAGE) {
-            return Err(DeviceError::new(
-                DeviceOp::ReadDirty,
+            return Err(e(
                 Errno::EINVAL,
-                Rule::Misaligned {
-                    index: 0,
+                Rule::IovaRange {
                     range,
                     page_size: IOMMU_PAGE,
                 },
             ));
         }
-        if !is_pow2(page_size) {
-            return Err(DeviceError::new(
-                DeviceOp::ReadDirty,
+        // `last + 1` wraps to 0 at the top of the space, which every mask passes.
+        let end = range.iova.wrapping_add(range.length);
+        let misaligned =
+            |g: u64| range.iova & g.wrapping_sub(1) != 0 || end & g.wrapping_sub(1) != 0;
+        if misaligned(IOMMU_PAGE) {
+            return Err(e(
                 Errno::EINVAL,
-                Rule::ReportPageSize { page_size },
-            ));
-        }
-        if !range.is_aligned(page_size) {
-            return Err(DeviceError::new(
-                DeviceOp::ReadDirty,
-                Errno::EINVAL,
-                Rule::Misaligned {
-                    index: 0,
+                Rule::IovaRange {
                     range,
-                    page_size,
+                    page_size: IOMMU_PAGE,
                 },
             ));
         }
-        check_bitmap(DeviceOp::ReadDirty, range, page_size, bitmap)?;
-        if let Some(errno) = self.take_read_fault() {
-            return Err(DeviceError::new(DeviceOp::ReadDirty, errno, Rule::Injected));
+        if page_size == 0 || misaligned(page_size) {
+            return Err(e(Errno::EINVAL, Rule::IovaRange { range, page_size }));
         }
+        // iova_bitmap_alloc: pgshift = __ffs(page_size).
         let ps = page_size.trailing_zeros();
+        check_bitmap(DeviceOp::ReadDirty, range, 1 << ps, bitmap)?;
+        if let Some(errno) = self.take_read_fault() {
+            return Err(e(errno, Rule::Injected));
+        }
+        if !self.is_tracking() {
+            // The driver refuses, iommu_read_and_clear_dirty drops the error.
+            return Ok(());
+        }
         let (rs, re) = (range.iova as u128, range.end());
         let areas = self.areas.read().unwrap_or_else(PoisonError::into_inner);
-        let first = areas.partition_point(|a| a.range.end() <= rs);
-        for a in areas[first..]
-            .iter()
-            .take_while(|a| (a.range.iova as u128) < re)
-        {
+        // iopt_area_contig_init: the area holding iova, or nothing at all.
+        let mut i = areas.partition_point(|a| a.range.end() <= rs);
+        let mut cur = rs;
+        while cur < re {
+            let Some(a) = areas.get(i).filter(|a| a.range.contains(cur as u64)) else {
+                // iopt_area_contig_next found a hole: stop, error discarded.
+                break;
+            };
             let s = a.range.iova as u128;
-            let k0 = ((rs.max(s) - s) >> SHIFT) as u64;
+            let k0 = ((cur - s) >> SHIFT) as u64;
             let k1 = ((re.min(a.range.end()) - 1 - s) >> SHIFT) as u64;
             for_masks(k0, k1, |w, mask| {
                 let old = if clear {
@@ -343,8 +348,14 @@ impl IommuDirtyTracker for EmulatedIommu {
                     for_masks(b0, b1, |bw, m| bitmap[bw] |= m);
                 }
             });
+            cur = a.range.end();
+            i += 1;
         }
         Ok(())
+    }
+
+    fn mapped_areas(&self) -> Option<Vec<IovaRange>> {
+        Some(self.mapped())
     }
 }
 
@@ -434,12 +445,73 @@ mod tests {
         m.set_tracking(true).unwrap();
         m.dma_write(u64::MAX, 1);
         assert_eq!(read(&m, top, K4, true), [1]);
-        // Holes are skipped, not errors.
+        // An unmapped iova reads nothing, and is no error.
         assert_eq!(read(&m, r(1 << 40, K4), K4, true), [0]);
         m.fail_read(1, Errno::EIO);
         assert_eq!(errno(r(0, K4), K4, &mut bm), Errno::EIO);
         m.fail_set_tracking(Some(Errno::EOPNOTSUPP));
         assert_eq!(m.set_tracking(true).unwrap_err().errno, Errno::EOPNOTSUPP);
+    }
+
+    /// `iopt_area_contig_init` / `iopt_area_contig_next`: the walk stops at the first
+    /// unmapped hole; the error is discarded (`iommu_read_and_clear_dirty`), the read
+    /// returns 0, and nothing after the hole is reported or cleared.
+    #[test]
+    fn iopt_area_contig_next_stops_at_hole() {
+        // Two touching areas (contiguous: one walk), a hole, a third area.
+        let m = EmulatedIommu::new(&[r(0, 4 * K4), r(4 * K4, 4 * K4), r(16 * K4, 4 * K4)]).unwrap();
+        m.set_tracking(true).unwrap();
+        for p in [1, 5, 17] {
+            m.dma_write(p * K4, 1);
+        }
+        assert_eq!(read(&m, r(0, 20 * K4), K4, true), [0b10_0010]);
+        assert_eq!(
+            m.dirty_pages(),
+            1,
+            "page 17, after the hole, neither read nor cleared"
+        );
+        // Read from the far side, the page is there.
+        assert_eq!(read(&m, r(16 * K4, 4 * K4), K4, true), [0b10]);
+        // A read starting in the hole reads nothing at all.
+        m.dma_write(17 * K4, 1);
+        assert_eq!(read(&m, r(12 * K4, 8 * K4), K4, true), [0]);
+        assert_eq!(m.dirty_pages(), 1);
+    }
+
+    /// `iommufd_check_iova_range`: EOVERFLOW from `check_add_overflow(iova, length - 1)`,
+    /// so length 0 at a non-zero iova; the page size is checked as a mask, not as a power
+    /// of two, and the bitmap then counts in its lowest set bit (`__ffs`).
+    #[test]
+    fn iommufd_check_iova_range_masks_and_overflow() {
+        let m = EmulatedIommu::new(&[r(0, 64 * K4)]).unwrap();
+        m.set_tracking(true).unwrap();
+        let mut bm = [0u64; 4];
+        let errno =
+            |range, ps, bm: &mut [u64]| m.read_dirty(range, ps, bm, true).map_err(|e| e.errno);
+        assert_eq!(errno(r(K4, 0), K4, &mut bm), Err(Errno::EOVERFLOW));
+        assert_eq!(errno(r(0, 0), K4, &mut bm), Err(Errno::EINVAL));
+        // 12 KiB = 0x3000: the mask 0x2fff (bits 0-11 and 13) refuses iova 0x2000,
+        // passes 0x4000..0x10000.
+        assert_eq!(
+            errno(r(2 * K4, 3 * K4), 3 * K4, &mut bm),
+            Err(Errno::EINVAL)
+        );
+        m.dma_write(5 * K4, 1);
+        let mut bm = [0u64; 1];
+        assert_eq!(errno(r(4 * K4, 12 * K4), 3 * K4, &mut bm), Ok(()));
+        assert_eq!(bm, [0b10], "4 KiB bits: __ffs(0x3000) = 12");
+    }
+
+    /// With tracking disabled the driver's `read_and_clear_dirty` fails and iommufd drops
+    /// the error: 0, no bits, nothing cleared.
+    #[test]
+    fn read_and_clear_dirty_after_disable_reads_nothing() {
+        let m = EmulatedIommu::new(&[r(0, 64 * K4)]).unwrap();
+        m.set_tracking(true).unwrap();
+        m.dma_write(3 * K4, 1);
+        m.set_tracking(false).unwrap();
+        assert_eq!(read(&m, r(0, 64 * K4), K4, true), [0]);
+        assert_eq!(m.dirty_pages(), 1, "not cleared either");
     }
 
     proptest! {
@@ -467,7 +539,10 @@ mod tests {
                 let range = r(first * K4, n * ps);
                 let got = read(&m, range, ps, clear);
                 let mut want = vec![0u64; got.len()];
-                let np = range.length / K4;
+                // The walk covers the mapped pages from `first` up to the first hole.
+                let np = (first..first + range.length / K4)
+                    .take_while(|&q| mapped(q))
+                    .count() as u64;
                 for q in first..first + np {
                     if oracle.contains(&q) {
                         let b = (q - first) * K4 / ps;

@@ -15,6 +15,7 @@
 //! Every failure is a [`DeviceError`]: the operation, the errno a kernel would return and
 //! the [`Rule`] that fired.
 
+use crate::plan::limits::StartRefusal;
 use crate::range::IovaRange;
 use std::fmt;
 
@@ -56,6 +57,50 @@ pub trait DmaLogger: Send + Sync {
     ) -> Result<(), DeviceError>;
     /// Stop logging. Succeeds even if logging was not started.
     fn stop(&self) -> Result<(), DeviceError>;
+    /// What a REPORT reads and acknowledges around the range it is given, while logging.
+    /// A caller that queries in these units never has an acknowledged bit dropped. The
+    /// default, [`ReportGranule::DevicePage`], is what the vfio core and mlx5 do; a backend
+    /// that knows its driver is pds must say so.
+    fn report_granule(&self) -> ReportGranule {
+        ReportGranule::DevicePage
+    }
+}
+
+/// What a device's REPORT reads and acknowledges (clears) around the range it is given.
+///
+/// The core's rule (bits OR-ed for the range, log cleared for the range) is what a driver
+/// promises; what it does is coarser, and bits the core's `iova_bitmap_set` cannot place
+/// inside the caller's range are dropped after the device has forgotten them. Query in
+/// these units and nothing is lost.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReportGranule {
+    /// Every dirty device page (the page size START chose) that the range touches is read
+    /// and acknowledged; `iova_bitmap_set` drops one that starts below the range's iova,
+    /// and the part of one past the range's end. Query windows aligned to the device page
+    /// (mlx5 `mlx5vf_tracker_read_and_clear`, the vfio core).
+    DevicePage,
+    /// pds (`pds_vfio_dirty_sync`): a REPORT must stay inside one region; it reads and
+    /// acknowledges whole words of `word_pages` device pages counted from the region's
+    /// start (offset rounded up to a byte, length to whole words). Query whole words from
+    /// each region's start, at most [`ReportRegion::max_pages`] pages per REPORT.
+    RegionWords {
+        /// Device pages per acknowledged word (64).
+        word_pages: u64,
+        /// The regions the device tracks, ascending.
+        regions: Vec<ReportRegion>,
+    },
+}
+
+/// One region of a [`ReportGranule::RegionWords`] device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReportRegion {
+    /// Where a REPORT may go: `[dma_base, dma_base + region size)`.
+    pub range: IovaRange,
+    /// The region's page size.
+    pub page_size: u64,
+    /// The most pages one REPORT may cover (`bmp_bytes` must not exceed the region's
+    /// bitmap, `page_count / 8` bytes): whole words of the region's page count.
+    pub max_pages: u64,
 }
 
 /// Dirty tracking done by the IOMMU on its page tables (iommufd HWPT, type1 container).
@@ -73,11 +118,41 @@ pub trait IommuDirtyTracker: Send + Sync {
         bitmap: &mut [u64],
         clear: bool,
     ) -> Result<(), DeviceError>;
+    /// The mapped areas, sorted, if the backend knows them. iommufd's read stops at the
+    /// first unmapped hole (`iopt_area_contig_next`), so a reader must never span one; a
+    /// backend that cannot list its mappings returns `None` and the caller reads per
+    /// DMA-able range.
+    fn mapped_areas(&self) -> Option<Vec<IovaRange>> {
+        None
+    }
 }
 
 /// An errno value as the kernel returns it (positive).
+///
+/// The value vocabulary of this crate's device errors: unlike
+/// [`vmm_sys_util::errno::Error`] (which system calls here are read through, and which it
+/// converts to and from losslessly) it has named constants and symbolic names, which the
+/// emulated backends and error texts need.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Errno(pub i32);
+
+impl From<vmm_sys_util::errno::Error> for Errno {
+    fn from(e: vmm_sys_util::errno::Error) -> Self {
+        Errno(e.errno())
+    }
+}
+
+impl From<Errno> for vmm_sys_util::errno::Error {
+    fn from(e: Errno) -> Self {
+        vmm_sys_util::errno::Error::new(e.0)
+    }
+}
+
+impl From<DeviceError> for vmm_sys_util::errno::Error {
+    fn from(e: DeviceError) -> Self {
+        e.errno.into()
+    }
+}
 
 impl Errno {
     /// Operation not permitted.
@@ -135,11 +210,7 @@ impl Errno {
 
     /// The errno of the last failed system call on this thread.
     pub fn last() -> Errno {
-        Errno(
-            std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO),
-        )
+        vmm_sys_util::errno::Error::last().into()
     }
 }
 
@@ -203,40 +274,10 @@ impl fmt::Display for DeviceOp {
 pub enum Rule {
     /// The device has no DMA-logging support (`log_ops` absent).
     NoLoggingSupport,
-    /// START with `num_ranges == 0` (core).
-    NoRanges,
-    /// START with more ranges than the core's `LOG_MAX_RANGES` (core).
-    TooManyRanges {
-        /// Ranges given.
-        count: usize,
-        /// The core's cap.
-        max: u32,
-    },
-    /// A START range not aligned to the page size (core, mask test).
-    Misaligned {
-        /// Index in the caller's order.
-        index: usize,
-        /// The range.
-        range: IovaRange,
-        /// START page size.
-        page_size: u64,
-    },
-    /// A START range whose `iova + length` reaches 2^64 (core).
-    RangeOverflow {
-        /// Index in the caller's order.
-        index: usize,
-        /// The range.
-        range: IovaRange,
-    },
-    /// A START range sharing a byte with an earlier one (core).
-    Overlap {
-        /// Index in the caller's order.
-        index: usize,
-        /// The range.
-        range: IovaRange,
-        /// Index of the earlier range it overlaps.
-        other: usize,
-    },
+    /// The START rule engine ([`crate::plan::limits::check_start`]) refused: one of the
+    /// vfio core's checks or a driver's, with its errno ([`StartRefusal::errno`]). The one
+    /// vocabulary the planner predicts with and the devices enforce.
+    Start(StartRefusal),
     /// A zero-length START range (the core lets it wrap; this device refuses it).
     ZeroLength {
         /// Index in the caller's order.
@@ -268,16 +309,30 @@ pub enum Rule {
         /// The range.
         range: IovaRange,
     },
-    /// mlx5: `ilog2(roundup_pow_of_two(total))` outside the device's address-space bounds.
-    AddressSpace {
-        /// Sum of the merged range lengths.
-        total: u128,
-        /// `ilog2(roundup_pow_of_two(total))`.
-        log2: u32,
-        /// Device minimum (log2).
-        min: u8,
-        /// Device maximum (log2).
-        max: u8,
+    /// pds: the device already tracks (`num_regions != 0`, EEXIST): someone else started
+    /// logging on it.
+    DeviceBusy,
+    /// mlx5: an earlier REPORT failed (`tracker->is_err`); every REPORT is EIO until STOP
+    /// and a new START.
+    TrackerError,
+    /// pds: the REPORT's bitmap in whole words exceeds the region's bitmap (`bmp_bytes >
+    /// region->bmp_bytes`), or the floor and ceiling page counts disagree on it.
+    ReportBitmap {
+        /// The report range.
+        range: IovaRange,
+        /// `bmp_bytes` of the REPORT.
+        bytes: u64,
+        /// The region's `bmp_bytes` (or the ceiling count's, when they disagree).
+        max: u64,
+    },
+    /// iommufd `iommufd_check_iova_range`: iova or end not a multiple of the IOMMU page or
+    /// of the bitmap page (mask test), a zero page size, or (a refusal where the kernel
+    /// walks the whole space) a zero length at iova 0.
+    IovaRange {
+        /// The range.
+        range: IovaRange,
+        /// The granule it failed (IOMMU page or bitmap page size).
+        page_size: u64,
     },
     /// pds: a REPORT whose start lies in no region.
     OutsideRegions {
@@ -340,32 +395,7 @@ impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Rule::NoLoggingSupport => write!(f, "device has no DMA logging support"),
-            Rule::NoRanges => write!(f, "no ranges (num_ranges == 0)"),
-            Rule::TooManyRanges { count, max } => {
-                write!(f, "{count} ranges exceed the core limit of {max}")
-            }
-            Rule::Misaligned {
-                index,
-                range,
-                page_size,
-            } => {
-                write!(
-                    f,
-                    "range {index} {range} not aligned to page size {page_size:#x}"
-                )
-            }
-            Rule::RangeOverflow { index, range } => write!(
-                f,
-                "range {index} iova {:#x} + length {:#x} overflows 2^64",
-                range.iova, range.length
-            ),
-            Rule::Overlap {
-                index,
-                range,
-                other,
-            } => {
-                write!(f, "range {index} {range} overlaps range {other}")
-            }
+            Rule::Start(r) => start_text(f, r),
             Rule::ZeroLength { index } => write!(f, "range {index} has zero length"),
             Rule::UnusablePageSize { page_size } => {
                 write!(f, "device cannot track at page size {page_size:#x}")
@@ -384,15 +414,18 @@ impl fmt::Display for Rule {
                 "report iova {:#x} + length {:#x} overflows 2^64",
                 range.iova, range.length
             ),
-            Rule::AddressSpace {
-                total,
-                log2,
-                min,
-                max,
-            } => write!(
+            Rule::DeviceBusy => write!(f, "device already tracks dirty pages"),
+            Rule::TrackerError => write!(
                 f,
-                "tracked total {total:#x} bytes (log2 {log2}) outside device bounds [{min}, {max}]"
+                "tracker in error after a failed report (STOP and START again)"
             ),
+            Rule::ReportBitmap { range, bytes, max } => write!(
+                f,
+                "report range {range} needs {bytes} bitmap bytes in whole words, region has {max}"
+            ),
+            Rule::IovaRange { range, page_size } => {
+                write!(f, "range {range} not aligned to {page_size:#x}")
+            }
             Rule::OutsideRegions { range } => {
                 write!(
                     f,
@@ -424,6 +457,50 @@ impl fmt::Display for Rule {
     }
 }
 
+/// A START refusal in the device's words (the planner's text carries the errno, which a
+/// [`DeviceError`] prints already).
+fn start_text(f: &mut fmt::Formatter<'_>, r: &StartRefusal) -> fmt::Result {
+    match r {
+        StartRefusal::NoRanges => write!(f, "no ranges (num_ranges == 0)"),
+        StartRefusal::TooManyRanges { count, max } => {
+            write!(f, "{count} ranges exceed the core limit of {max}")
+        }
+        StartRefusal::Misaligned {
+            index,
+            range,
+            page_size,
+        } => write!(
+            f,
+            "range {index} {range} not aligned to page size {page_size:#x}"
+        ),
+        StartRefusal::Overflow { index, range } => write!(
+            f,
+            "range {index} iova {:#x} + length {:#x} overflows 2^64",
+            range.iova, range.length
+        ),
+        StartRefusal::Overlap {
+            index,
+            range,
+            other,
+        } => write!(f, "range {index} {range} overlaps range {other}"),
+        StartRefusal::AddressSpace {
+            total,
+            log2,
+            min,
+            max,
+        } => write!(
+            f,
+            "tracked total {total:#x} bytes (log2 {log2}) outside device bounds [{min}, {max}]"
+        ),
+        // The planner's own words, without its errno prefix.
+        other => {
+            let text = other.to_string();
+            let rest = text.split_once(": ").map_or(text.as_str(), |(_, t)| t);
+            f.write_str(rest)
+        }
+    }
+}
+
 /// A device operation failed: what, the errno, and the rule that fired.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{op}: {errno}: {rule}")]
@@ -440,6 +517,15 @@ impl DeviceError {
     /// A new error.
     pub fn new(op: DeviceOp, errno: Errno, rule: Rule) -> Self {
         Self { op, errno, rule }
+    }
+
+    /// A refused START: the rule engine's verdict and its errno.
+    pub fn start(refusal: StartRefusal) -> Self {
+        Self::new(
+            DeviceOp::Start,
+            Errno(refusal.errno()),
+            Rule::Start(refusal),
+        )
     }
 
     /// The errno of the last failed ioctl `request`.
@@ -485,21 +571,28 @@ mod tests {
 
     #[test]
     fn error_text_names_rule_and_errno() {
-        let e = DeviceError::new(
-            DeviceOp::Start,
-            Errno::EINVAL,
-            Rule::Misaligned {
-                index: 3,
-                range: IovaRange::new(0x1800, 0x1000),
-                page_size: 0x1000,
-            },
-        );
+        let e = DeviceError::start(StartRefusal::Misaligned {
+            index: 3,
+            range: IovaRange::new(0x1800, 0x1000),
+            page_size: 0x1000,
+        });
         assert_eq!(
             e.to_string(),
             "DMA_LOGGING_START: EINVAL: range 3 [0x1800, 0x27ff] not aligned to page size 0x1000"
         );
+        assert_eq!(e.errno, Errno::EINVAL);
         assert_eq!(Errno(9999).to_string(), "errno 9999");
         assert_eq!(Errno::ENOTTY.name(), Some("ENOTTY"));
+        // One errno, whichever type carries it.
+        let v: vmm_sys_util::errno::Error = e.into();
+        assert_eq!(v.errno(), libc::EINVAL);
+        assert_eq!(Errno::from(v), Errno::EINVAL);
+        let e = DeviceError::start(StartRefusal::NoRegions);
+        assert_eq!(e.errno, Errno::EOPNOTSUPP);
+        assert_eq!(
+            e.to_string(),
+            "DMA_LOGGING_START: EOPNOTSUPP: the device tracks no regions (max_regions == 0)"
+        );
     }
 
     #[test]

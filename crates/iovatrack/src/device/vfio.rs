@@ -7,6 +7,7 @@
 //! with the feature buffer on the stack.
 
 use super::{check_bitmap, DeviceError, DeviceOp, DmaLogger, Errno, Rule};
+use crate::plan::limits::StartRefusal;
 use crate::range::IovaRange;
 use std::fs::File;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
@@ -198,14 +199,10 @@ impl DmaLogger for VfioDmaLogger {
 
     fn start(&self, page_size: u64, ranges: &[IovaRange]) -> Result<u64, DeviceError> {
         if u32::try_from(ranges.len()).is_err() {
-            return Err(DeviceError::new(
-                DeviceOp::Start,
-                Errno::E2BIG,
-                Rule::TooManyRanges {
-                    count: ranges.len(),
-                    max: u32::MAX,
-                },
-            ));
+            return Err(DeviceError::start(StartRefusal::TooManyRanges {
+                count: ranges.len(),
+                max: u32::MAX as usize,
+            }));
         }
         let mut array = Vec::new();
         let mut buf = encode_start(page_size, ranges, &mut array);

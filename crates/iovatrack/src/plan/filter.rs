@@ -17,7 +17,8 @@ pub struct FilterOptions {
     pub host_page_size: u64,
     /// Keep `ram_device` sections (P2P targets). QEMU does; the default does not.
     pub include_ram_device: bool,
-    /// Keep read-only sections. QEMU master does not (the IOMMU maps them read-only).
+    /// Keep read-only sections. Released QEMU does; the readonly-bypass patch and the
+    /// default do not (the IOMMU maps them read-only).
     pub include_readonly: bool,
     /// Keep IOMMU sections whole (only meaningful once the vIOMMU blocker is waived).
     pub include_iommu: bool,
@@ -35,13 +36,23 @@ impl Default for FilterOptions {
 }
 
 impl FilterOptions {
-    /// QEMU master's rules: ram_device kept, read-only skipped.
+    /// Released QEMU's rules (8.0 to 10.x, `vfio_listener_valid_section(section,
+    /// "tracking_update")`): ram_device kept, read-only RAM (ROM) kept, since
+    /// `memory_region_is_ram` is true for it.
     pub fn qemu(host_page_size: u64) -> Self {
         FilterOptions {
             host_page_size,
             include_ram_device: true,
-            include_readonly: false,
+            include_readonly: true,
             include_iommu: true,
+        }
+    }
+
+    /// QEMU with the readonly-bypass patch (`5c9da3d65d`): read-only sections skipped.
+    pub fn qemu_bypass_ro(host_page_size: u64) -> Self {
+        FilterOptions {
+            include_readonly: false,
+            ..Self::qemu(host_page_size)
         }
     }
 }

@@ -35,8 +35,19 @@ pub enum DriverKind {
     Generic,
     /// `mlx5_vfio_pci`: merge to max ranges, total-size check (EOPNOTSUPP), page clamp.
     Mlx5,
-    /// `pds_vfio_pci`: merge to max regions; a REPORT must stay inside one region.
+    /// `pds_vfio_pci` 6.8+: merge to the device's `max_regions`; a REPORT must stay inside
+    /// one region and acknowledges whole 64-page words of it.
     Pds,
+    /// `pds_vfio_pci` 6.6: as [`DriverKind::Pds`], but the driver forces one region (it
+    /// merges everything into one span) and keeps the merged length as the region size.
+    Pds66,
+}
+
+impl DriverKind {
+    /// Either pds variant.
+    pub fn is_pds(self) -> bool {
+        matches!(self, DriverKind::Pds | DriverKind::Pds66)
+    }
 }
 
 /// A device's DMA-logging limits.
@@ -52,6 +63,11 @@ pub struct DeviceLimits {
     pub page_size: PageSizePolicy,
     /// mlx5: bounds on `ilog2(roundup_pow_of_two(sum of lengths))` after merging.
     pub addr_space_log2: Option<(u8, u8)>,
+    /// pds: the firmware rounds each region's `page_count` up to a multiple of this (1: it
+    /// keeps the driver's count). The driver says the device "might adjust" it; 6.8+
+    /// refuses a device bitmap offset that is not whole u64 words, so a device that can
+    /// take more than one region must round to 64, the default.
+    pub page_count_align: u32,
 }
 
 impl DeviceLimits {
@@ -63,6 +79,7 @@ impl DeviceLimits {
             max_ranges: kernel_max_ranges(4096),
             page_size: PageSizePolicy::AsIs,
             addr_space_log2: None,
+            page_count_align: 1,
         }
     }
 
@@ -81,11 +98,12 @@ impl DeviceLimits {
                 max_log2: 30,
             },
             addr_space_log2: Some((12, 42)),
+            page_count_align: 1,
         }
     }
 
-    /// An AMD/Pensando pds VF (6.8+ multi-region). Default 8 regions: `max_regions` is a
-    /// device-reported u8; 6.6 kernels force 1 (set `max_ranges = 1` to model those).
+    /// An AMD/Pensando pds VF on a 6.8+ kernel (multi-region). Default 8 regions:
+    /// `max_regions` is a device-reported u8 (0: no dirty tracking, EOPNOTSUPP).
     pub const fn pds() -> Self {
         Self {
             driver: DriverKind::Pds,
@@ -93,6 +111,24 @@ impl DeviceLimits {
             max_ranges: 8,
             page_size: PageSizePolicy::AsIs,
             addr_space_log2: None,
+            page_count_align: 64,
+        }
+    }
+
+    /// The same pds VF on a 6.6 kernel: the driver forces one region whatever the device
+    /// reports (`max_ranges` is still the device's `max_regions`; 0 is still EOPNOTSUPP).
+    pub const fn pds_6_6() -> Self {
+        Self {
+            driver: DriverKind::Pds66,
+            ..Self::pds()
+        }
+    }
+
+    /// How many ranges the driver ends up tracking at most (pds on 6.6: one).
+    pub fn tracked_max_ranges(&self) -> u32 {
+        match self.driver {
+            DriverKind::Pds66 => self.max_ranges.min(1),
+            _ => self.max_ranges,
         }
     }
 
@@ -101,8 +137,10 @@ impl DeviceLimits {
         match self.page_size {
             PageSizePolicy::AsIs => requested,
             PageSizePolicy::FloorClamp { min_log2, max_log2 } => {
+                // `ilog2(0)` is -1, which the driver's unsigned clamp takes as huge: the
+                // maximum page.
                 let log = if requested == 0 {
-                    0
+                    u8::MAX
                 } else {
                     63 - requested.leading_zeros() as u8
                 };
@@ -120,8 +158,10 @@ pub enum DeviceProfile {
     Generic,
     /// [`DeviceLimits::mlx5`].
     Mlx5,
-    /// [`DeviceLimits::pds`].
+    /// [`DeviceLimits::pds`] (6.8+, multi-region).
     Pds,
+    /// [`DeviceLimits::pds_6_6`] (6.6, one region).
+    Pds66,
 }
 
 impl DeviceProfile {
@@ -131,6 +171,7 @@ impl DeviceProfile {
             DeviceProfile::Generic => DeviceLimits::generic(),
             DeviceProfile::Mlx5 => DeviceLimits::mlx5(),
             DeviceProfile::Pds => DeviceLimits::pds(),
+            DeviceProfile::Pds66 => DeviceLimits::pds_6_6(),
         }
     }
 }
@@ -192,6 +233,26 @@ pub enum StartRefusal {
         /// Upper bound (log2).
         max: u8,
     },
+    /// pds: the device reports `max_regions == 0`, no dirty tracking (EOPNOTSUPP). No plan
+    /// helps.
+    #[error("EOPNOTSUPP: the device tracks no regions (max_regions == 0)")]
+    NoRegions,
+    /// pds: a region's host bitmap would be empty (`page_count / 8 == 0`, ENOMEM).
+    #[error("ENOMEM: region {index} has {page_count} pages, an empty bitmap")]
+    RegionBitmap {
+        /// Region index, ascending.
+        index: usize,
+        /// Its page count after the device's adjustment.
+        page_count: u32,
+    },
+    /// pds 6.8+: a region's device bitmap ends off a u64 word (EINVAL).
+    #[error("EINVAL: device bitmap offset {offset} after region {index} is not whole u64 words")]
+    DeviceBitmapOffset {
+        /// Region index, ascending.
+        index: usize,
+        /// Bytes of device bitmap after it.
+        offset: u64,
+    },
 }
 
 impl StartRefusal {
@@ -200,7 +261,8 @@ impl StartRefusal {
         match self {
             StartRefusal::TooManyRanges { .. } => libc::E2BIG,
             StartRefusal::Overflow { .. } => libc::EOVERFLOW,
-            StartRefusal::AddressSpace { .. } => libc::EOPNOTSUPP,
+            StartRefusal::AddressSpace { .. } | StartRefusal::NoRegions => libc::EOPNOTSUPP,
+            StartRefusal::RegionBitmap { .. } => libc::ENOMEM,
             _ => libc::EINVAL,
         }
     }
@@ -211,9 +273,109 @@ impl StartRefusal {
             libc::E2BIG => "E2BIG",
             libc::EOVERFLOW => "EOVERFLOW",
             libc::EOPNOTSUPP => "EOPNOTSUPP",
+            libc::ENOMEM => "ENOMEM",
             _ => "EINVAL",
         }
     }
+
+    /// Whether the vfio core makes this refusal, before the driver sees the request.
+    pub fn is_core(&self) -> bool {
+        matches!(
+            self,
+            StartRefusal::NoRanges
+                | StartRefusal::TooManyRanges { .. }
+                | StartRefusal::Misaligned { .. }
+                | StartRefusal::Overflow { .. }
+                | StartRefusal::Overlap { .. }
+        )
+    }
+}
+
+/// One pds region as `pds_vfio_dirty_enable` sets it up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct PdsRegion {
+    /// `dma_base`: the merged range's start.
+    pub start: u64,
+    /// Pages the device tracks: `DIV_ROUND_UP(len, page_size)` stored in a `u32` (it
+    /// wraps past 2^32 pages), then rounded up by the firmware.
+    pub page_count: u32,
+    /// Where a REPORT may go from `start`: 6.6 keeps the merged length, 6.8+ uses
+    /// `page_count * page_size`.
+    pub size: u64,
+}
+
+impl PdsRegion {
+    /// The region's host bitmap, `page_count / 8` bytes: no REPORT may need more.
+    pub fn bmp_bytes(&self) -> u64 {
+        u64::from(self.page_count) / 8
+    }
+}
+
+/// pds's per-region setup for merged, sorted `ranges` at `page_size` (a power of two):
+/// the wrapped `u32` page count, the firmware's rounding, the empty-bitmap allocation
+/// (`vzalloc(0)` fails: ENOMEM) and 6.8's whole-word device bitmap offsets (EINVAL).
+pub fn pds_regions(
+    limits: &DeviceLimits,
+    page_size: u64,
+    ranges: &[IovaRange],
+) -> Result<Vec<PdsRegion>, StartRefusal> {
+    let align = limits.page_count_align.max(1);
+    let mut offset_bytes = 0u64;
+    let mut out = Vec::with_capacity(ranges.len());
+    for (index, r) in ranges.iter().enumerate() {
+        let pages = r.length.div_ceil(page_size.max(1));
+        // The driver's `u32 page_count = DIV_ROUND_UP(...)` keeps the low 32 bits.
+        let wrapped = pages as u32;
+        // The firmware rounds up, but (this model's choice: the real rule is not public)
+        // never into the next region, so no page is tracked twice; a region then left off
+        // a whole word fails 6.8's offset check below.
+        let room = ranges
+            .get(index + 1)
+            .map_or(u64::MAX, |next| (next.iova - r.iova) / page_size.max(1));
+        let rounded = u64::from(wrapped.div_ceil(align).saturating_mul(align));
+        let page_count = rounded.min(room.max(u64::from(wrapped))) as u32;
+        let region = PdsRegion {
+            start: r.iova,
+            page_count,
+            size: if limits.driver == DriverKind::Pds66 {
+                r.length
+            } else {
+                u64::from(page_count) * page_size
+            },
+        };
+        if region.bmp_bytes() == 0 {
+            return Err(StartRefusal::RegionBitmap { index, page_count });
+        }
+        if limits.driver == DriverKind::Pds {
+            offset_bytes += region.bmp_bytes();
+            if !offset_bytes.is_multiple_of(8) {
+                return Err(StartRefusal::DeviceBitmapOffset {
+                    index,
+                    offset: offset_bytes,
+                });
+            }
+        }
+        out.push(region);
+    }
+    Ok(out)
+}
+
+/// What a pds device logs for each region: `page_count` pages from its start, cut at the
+/// next region's start (a rounded-up region may reach into the next; a page is logged
+/// once).
+pub fn pds_logged(regions: &[PdsRegion], page_size: u64) -> Vec<IovaRange> {
+    regions
+        .iter()
+        .enumerate()
+        .map(|(i, g)| {
+            let mut end = g.start as u128 + u128::from(g.page_count) * page_size as u128;
+            end = end.min(u64::MAX as u128);
+            if let Some(next) = regions.get(i + 1) {
+                end = end.min(next.start as u128);
+            }
+            IovaRange::new(g.start, (end - g.start as u128) as u64)
+        })
+        .collect()
 }
 
 /// What a device tracks once it accepted a START.
@@ -282,14 +444,23 @@ pub fn check_start(
         nodes.push((start, last));
     }
     let chosen = limits.negotiate_page_size(page_size);
+    // pds asks the device first: no regions at all is EOPNOTSUPP, whatever the ranges.
+    if limits.driver.is_pds() && limits.max_ranges == 0 {
+        return Err(StartRefusal::NoRegions);
+    }
     let mut sorted: Vec<IovaRange> = ranges.to_vec();
     sorted.sort_unstable();
-    let merged = sorted.len() > limits.max_ranges as usize && limits.driver != DriverKind::Generic;
-    let tracked = if merged {
-        combine(&sorted, limits.max_ranges as usize)
+    let target = limits.tracked_max_ranges() as usize;
+    let merged = sorted.len() > target && limits.driver != DriverKind::Generic;
+    let mut tracked = if merged {
+        combine(&sorted, target)
     } else {
         sorted
     };
+    // pds tracks what its regions' page counts say, which may differ from the ranges.
+    if limits.driver.is_pds() && chosen.is_power_of_two() {
+        tracked = pds_logged(&pds_regions(limits, chosen, &tracked)?, chosen);
+    }
     if let Some((min, max)) = limits.addr_space_log2 {
         let total: u128 = tracked.iter().map(|r| r.length as u128).sum();
         let log2 = total.next_power_of_two().trailing_zeros();

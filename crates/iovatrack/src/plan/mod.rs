@@ -33,9 +33,14 @@ pub enum Strategy {
     /// smallest gaps (ties: lowest address) until at most `max_ranges` remain.
     #[default]
     Optimal,
-    /// QEMU master's buckets: 32-bit, 64-bit, and pci64 for vfio-pci BARs above 4 GiB.
-    /// Includes `ram_device`, skips read-only, ignores the range cap; may overlap.
+    /// QEMU's buckets as released (8.2 to 10.x): 32-bit, 64-bit, and pci64 for vfio-pci
+    /// BARs above 4 GiB. `vfio_listener_valid_section(section, "tracking_update")` keeps
+    /// read-only RAM, so a BIOS ROM at the top of 4 GiB stretches the 32-bit bucket to
+    /// `0xffffffff`. Includes `ram_device`, ignores the range cap; may overlap.
     Qemu,
+    /// [`Strategy::Qemu`] with the later readonly-bypass patch (`5c9da3d65d`, posted for
+    /// 11.0): read-only sections are left out of the buckets.
+    QemuBypassRo,
     /// Cloud Hypervisor's one range per RAM region; no cap.
     PerSection,
     /// One hull over everything.
@@ -44,18 +49,26 @@ pub enum Strategy {
 
 impl Strategy {
     /// Every strategy, in display order.
-    pub const ALL: [Strategy; 4] = [
+    pub const ALL: [Strategy; 5] = [
         Strategy::Optimal,
         Strategy::Qemu,
+        Strategy::QemuBypassRo,
         Strategy::PerSection,
         Strategy::Single,
     ];
+
+    /// Whether this is one of QEMU's bucket strategies (QEMU's filter, fixed bucket order,
+    /// possibly overlapping).
+    pub fn is_qemu(self) -> bool {
+        matches!(self, Strategy::Qemu | Strategy::QemuBypassRo)
+    }
 
     /// The CLI name.
     pub fn as_str(self) -> &'static str {
         match self {
             Strategy::Optimal => "optimal",
             Strategy::Qemu => "qemu",
+            Strategy::QemuBypassRo => "qemu-bypass-ro",
             Strategy::PerSection => "per-section",
             Strategy::Single => "single",
         }
@@ -332,7 +345,11 @@ impl Planner {
     /// The effective range cap of `optimal`.
     pub fn effective_max_ranges(&self) -> u32 {
         match self.device {
-            Some(d) => self.max_ranges.min(d.max_ranges).min(d.core_max_ranges),
+            // A pds device with no regions still gets a one-range plan, which it refuses.
+            Some(d) => self
+                .max_ranges
+                .min(d.tracked_max_ranges().max(1))
+                .min(d.core_max_ranges),
             None => self.max_ranges,
         }
     }
@@ -360,21 +377,28 @@ impl Planner {
         let set = filter::dma_able(layout, &filter);
         // QEMU's buckets use QEMU's own filter and the host page, whatever our flags say.
         let (ranges, page_size, basis) = match self.strategy {
-            Strategy::Qemu => {
+            Strategy::Qemu | Strategy::QemuBypassRo => {
+                let rules = if self.strategy == Strategy::Qemu {
+                    FilterOptions::qemu(host)
+                } else {
+                    FilterOptions::qemu_bypass_ro(host)
+                };
                 let q = filter::dma_able(
                     layout,
                     &FilterOptions {
                         include_iommu: self.allow_viommu,
-                        ..FilterOptions::qemu(host)
+                        ..rules
                     },
                 );
                 (strategy::qemu(layout, &q), host, q)
             }
-            Strategy::Optimal => (
-                strategy::optimal(&set, page, self.effective_max_ranges() as usize)?,
-                page,
-                set,
-            ),
+            Strategy::Optimal => {
+                let mut v = strategy::optimal(&set, page, self.effective_max_ranges() as usize)?;
+                if let Some(d) = self.device.filter(|d| d.driver.is_pds()) {
+                    v = strategy::pds_room(v, page, u64::from(d.page_count_align.max(1)));
+                }
+                (v, page, set)
+            }
             Strategy::PerSection => (strategy::per_section(&set, page)?, page, set),
             Strategy::Single => (strategy::optimal(&set, page, 1)?, page, set),
         };
@@ -382,7 +406,7 @@ impl Planner {
             return Err(PlanError::NothingToTrack(layout.sections().len()));
         }
         let overlapping = ranges.windows(2).any(|w| w[0].overlaps(&w[1]))
-            || (self.strategy == Strategy::Qemu && has_overlap(&ranges));
+            || (self.strategy.is_qemu() && has_overlap(&ranges));
         let mut sorted = ranges.clone();
         sorted.sort_unstable();
         let dma = strategy::merge_touching(basis.ranges.iter().map(|r| r.1), host)?;
@@ -392,7 +416,7 @@ impl Planner {
             page_size,
             strategy: self.strategy,
             tracked_bytes: ranges.iter().map(|r| r.length as u128).sum(),
-            ranges: if self.strategy == Strategy::Qemu {
+            ranges: if self.strategy.is_qemu() {
                 ranges
             } else {
                 sorted

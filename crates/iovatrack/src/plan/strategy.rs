@@ -39,6 +39,26 @@ pub(super) fn optimal(set: &DmaSet, page: u64, max: usize) -> Result<Vec<IovaRan
     Ok(combine(&merged, max))
 }
 
+/// pds: the firmware rounds each region's page count up to whole words of `align` pages
+/// but never into the next region (`limits::pds_regions`), and 6.8 refuses a region left
+/// off a word. Close every gap narrower than that rounding: the device would track those
+/// pages anyway, and START then succeeds. Only ever merges (the count can only drop).
+pub(super) fn pds_room(ranges: Vec<IovaRange>, page: u64, align: u64) -> Vec<IovaRange> {
+    let mut out: Vec<IovaRange> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        if let Some(last) = out.last_mut() {
+            let rounded = last.length.div_ceil(page).div_ceil(align) * align;
+            if (r.iova as u128) < last.iova as u128 + rounded as u128 * page as u128 {
+                let end = r.end().max(last.end());
+                *last = IovaRange::new(last.iova, (end - last.iova as u128) as u64);
+                continue;
+            }
+        }
+        out.push(r);
+    }
+    out
+}
+
 /// One range per DMA-able section, aligned outward to the tracking page (sections that
 /// then overlap are merged so the kernel accepts them).
 pub(super) fn per_section(set: &DmaSet, page: u64) -> Result<Vec<IovaRange>, PlanError> {
@@ -53,7 +73,7 @@ pub(super) fn per_section(set: &DmaSet, page: u64) -> Result<Vec<IovaRange>, Pla
     out.into_iter().map(|(s, e)| to_range(s, e)).collect()
 }
 
-/// QEMU master's `vfio_dirty_tracking_update_range` buckets, emitted as
+/// QEMU's `vfio_dirty_tracking_update_range` buckets, emitted as
 /// `vfio_device_feature_dma_logging_start_create` does: 32, 64, pci64, each present iff its
 /// max is non-zero. Quirks kept: pci64 tests `iova >= 0xFFFFFFFF` while 32-bit tests
 /// `end <= 0xFFFFFFFF`, and a section straddling 4 GiB goes to the 64-bit bucket.

@@ -156,16 +156,22 @@ fn coverage_check_fails_on_a_plan_missing_one_page() {
     assert_ne!(plan.tracked_bytes + 8192, brute_min(&truth, 4));
 }
 
-fn qemu_ranges(name: &str) -> Vec<(u64, u64)> {
+fn qemu_ranges_with(name: &str, strategy: Strategy) -> Vec<(u64, u64)> {
     let l = presets::get(name).unwrap();
-    let p = Planner::new().strategy(Strategy::Qemu).plan(&l).unwrap();
+    let p = Planner::new().strategy(strategy).plan(&l).unwrap();
     p.ranges
         .iter()
         .map(|r| (r.iova, r.last().unwrap()))
         .collect()
 }
 
-/// QEMU master's buckets, worked out by hand from each layout's AS "memory" view.
+/// QEMU's buckets with the readonly-bypass patch.
+fn qemu_ranges(name: &str) -> Vec<(u64, u64)> {
+    qemu_ranges_with(name, Strategy::QemuBypassRo)
+}
+
+/// QEMU's buckets with the readonly-bypass patch, worked out by hand from each layout's
+/// AS "memory" view.
 #[test]
 fn qemu_buckets_on_real_layouts() {
     // pc.ram below 2 GiB and vga.vram at 0xfd000000 fill the 32-bit bucket; ROMs are skipped.
@@ -191,7 +197,7 @@ fn qemu_buckets_on_real_layouts() {
     );
     for name in ["pc-4g", "amd-1t"] {
         let l = presets::get(name).unwrap();
-        let set = filter::dma_able(&l, &FilterOptions::qemu(4096));
+        let set = filter::dma_able(&l, &FilterOptions::qemu_bypass_ro(4096));
         let lo = set
             .ranges
             .iter()
@@ -218,6 +224,44 @@ fn qemu_buckets_on_real_layouts() {
         0x100_0000_0000,
         "AMD 1 TiB relocation"
     );
+}
+
+/// QEMU 8.0 to 10.x as released: `vfio_listener_valid_section(section, "tracking_update")`
+/// keeps read-only RAM, so the SeaBIOS ROM `pc.bios` at `0xfffc0000..=0xffffffff`
+/// stretches the 32-bit bucket to the top of 4 GiB; the 64-bit bucket is unchanged.
+#[test]
+fn vfio_listener_valid_section_keeps_readonly_ram() {
+    for name in [
+        "q35-16g",
+        "q35-16g-kvm",
+        "q35-2g",
+        "q35-dimms",
+        "q35-virtio-mem",
+        "pc-4g",
+    ] {
+        let released = qemu_ranges_with(name, Strategy::Qemu);
+        let bypass = qemu_ranges(name);
+        assert_eq!(released[0], (0, 0xffff_ffff), "{name}");
+        assert_eq!(released[1..], bypass[1..], "{name}");
+    }
+    // q35-16g: the bypass stops at vga.vram, 32 MiB below the BIOS ROM.
+    assert_eq!(qemu_ranges("q35-16g")[0], (0, 0xfdff_ffff));
+    let l = presets::get("q35-16g").unwrap();
+    let p = Planner::new().strategy(Strategy::Qemu).plan(&l).unwrap();
+    assert_eq!(p.strategy.as_str(), "qemu");
+    assert!(p
+        .skipped
+        .iter()
+        .all(|s| s.reason != filter::SkipReason::Readonly));
+    let p = Planner::new()
+        .strategy(Strategy::QemuBypassRo)
+        .plan(&l)
+        .unwrap();
+    assert_eq!(p.strategy.as_str(), "qemu-bypass-ro");
+    assert!(p
+        .skipped
+        .iter()
+        .any(|s| s.reason == filter::SkipReason::Readonly));
 }
 
 /// qemu-upstream.md §2.6: the q35 + OVMF guest with a passed-through GPU.
@@ -498,4 +542,37 @@ proptest! {
             }
         }
     }
+}
+
+/// Planning for pds leaves each region room for the firmware's whole-word page count, so
+/// the 6.8 driver (`pds_vfio_dirty_enable`) accepts the plan; without the device the same
+/// layout's optimal plan is refused.
+#[test]
+fn pds_vfio_dirty_enable_accepts_planned_regions() {
+    use crate::range::IovaRange as R;
+    // 48 pages, an 8-page hole, then more RAM: rounding the first region to 64 pages
+    // would reach into the second.
+    let l = Layout::new(
+        "memory",
+        vec![
+            Section::new(0, 0x2_ffff, SectionKind::Ram, "a"),
+            Section::new(0x3_8000, 0x9_ffff, SectionKind::Ram, "b"),
+            Section::new(0x10_0000, 0x7f_ffff, SectionKind::Ram, "c"),
+        ],
+    )
+    .unwrap();
+    let bare = Planner::new().plan(&l).unwrap();
+    assert_eq!(bare.ranges.len(), 3);
+    let refused = DeviceView::new(DeviceLimits::pds(), 4096, &bare.ranges);
+    assert!(matches!(
+        refused.outcome,
+        DeviceOutcome::Refused {
+            errno: "EINVAL",
+            ..
+        }
+    ));
+    let p = Planner::new().device(DeviceLimits::pds()).plan(&l).unwrap();
+    assert!(p.device.as_ref().unwrap().accepted(), "{:?}", p.device);
+    assert_eq!(p.ranges[0], R::new(0, 0xa_0000));
+    check_sound(&p, 8).unwrap();
 }

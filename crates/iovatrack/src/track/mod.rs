@@ -4,9 +4,12 @@
 //! Mode choice (QEMU master's, reference/qemu-upstream.md §3 and §5):
 //! 1. **Device DMA logging** when every device of the container supports it. The ranges
 //!    come from the [`Planner`]; every device gets the same ones. A START refused with
-//!    `E2BIG` or `EOPNOTSUPP` re-plans with half as many ranges (optimal strategy), down to
-//!    one; any other refusal, or one range refused, falls back. When one device fails, the
-//!    devices already started are stopped.
+//!    `E2BIG` (too many ranges) re-plans with half as many ranges (optimal strategy), down
+//!    to one. One refused with `EOPNOTSUPP` (too many tracked bytes: mlx5's bound is on
+//!    the sum of the merged lengths, gaps included, so fewer ranges only make it worse;
+//!    pds with no regions never takes any) re-plans only if the optimal plan for the same
+//!    range cap tracks fewer bytes, and otherwise falls back at once. Any other refusal
+//!    falls back. When one device fails, the devices already started are stopped.
 //! 2. **IOMMU dirty tracking** (iommufd HWPT, type1) when the container has it.
 //! 3. **All dirty**: every DMA-able page is marked pending on every collect (never
 //!    converges for a busy guest, but loses nothing).
@@ -17,10 +20,22 @@
 //! (QEMU master blocks in exactly that case). A container with no devices has nothing
 //! that DMA-writes: it runs in device mode with no ranges and `collect` does nothing.
 //!
-//! Failure rules: a failed REPORT (or IOMMU read) marks the whole tracked range pending and
-//! collection carries on. Dirt read from a source is cleared there, so it stays in the
-//! ledger until the caller acknowledges the pass ([`DirtLedger::ack`]). Before a range is
-//! unmapped while logging, [`Tracker::unmap`] reads its dirt.
+//! [`Tracker::force_mode`] skips the choice: a forced mode that cannot run fails `start`.
+//!
+//! Reading never loses what a source acknowledged (the `collect` module has the rules): a
+//! device is queried in the granules it states ([`crate::device::ReportGranule`]), an
+//! IOMMU per mapped run, never across a hole.
+//!
+//! Failure rules: a failed REPORT means the device's log can no longer be trusted (the
+//! uAPI says so, and mlx5 fails every later REPORT until STOP and START). The tracker reads
+//! what the other devices still report, then **re-arms** the failed device: STOP, START
+//! with the same ranges, and marks the whole tracked set pending, which covers both the
+//! lost log and the STOP→START window. If re-arming is refused it falls back to IOMMU
+//! tracking (or all dirty) and says so ([`CollectStats::rearms`], [`CollectStats::fallbacks`],
+//! [`Tracker::mode`]). A failed IOMMU read marks its window pending. Dirt read from a
+//! source is cleared there, so it stays in the ledger until the caller acknowledges the
+//! pass ([`DirtLedger::ack`]). Before a range is unmapped while logging,
+//! [`Tracker::unmap`] reads its dirt.
 //!
 //! Note: STOP discards a device's uncollected log, and nothing logs between a STOP and the
 //! next START. Call [`Tracker::collect`] (or use [`Tracker::finish`]) before stopping, and
@@ -52,280 +67,30 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod collect;
+#[cfg(test)]
+mod harsh_tests;
 mod ledger;
+mod mode;
+mod rearm;
 #[cfg(test)]
 mod tests;
 
+pub use collect::CollectStats;
 pub use ledger::{DirtLedger, RegionProblem};
+pub use mode::{Container, FallbackReason, ModeChoice, TrackingMode};
 
-use crate::bitmap::{BitmapError, Geometry};
-use crate::device::{DeviceError, DmaLogger, Errno, IommuDirtyTracker};
+use crate::bitmap::BitmapError;
+use crate::device::{DeviceError, Errno};
 use crate::layout::Layout;
 use crate::plan::{Plan, PlanError, Planner, Strategy};
-use crate::range::{align_down, align_up, human_bytes, is_pow2, IovaRange};
+use crate::range::{is_pow2, IovaRange};
+use collect::{iommu_windows, read_chunk, Source};
 use std::fmt;
-use std::sync::Arc;
 
 /// Bits per REPORT (or IOMMU read) by default: 8 Mi bits = a 1 MiB scratch bitmap, 32 GiB
 /// of IOVA at 4 KiB.
 pub const REPORT_CHUNK_BITS: u64 = 8 << 20;
-
-/// One VFIO container: the devices attached to it and its IOMMU's dirty tracking, if any.
-#[derive(Clone)]
-pub struct Container {
-    /// A name for messages.
-    pub name: String,
-    /// The devices (each may or may not support DMA logging).
-    pub devices: Vec<Arc<dyn DmaLogger>>,
-    /// IOMMU dirty tracking of the container, if the IOMMU has it.
-    pub iommu: Option<Arc<dyn IommuDirtyTracker>>,
-}
-
-impl Container {
-    /// A container with no devices and no IOMMU tracking.
-    pub fn new(name: impl Into<String>) -> Self {
-        Self {
-            name: name.into(),
-            devices: Vec::new(),
-            iommu: None,
-        }
-    }
-
-    /// Add a device.
-    pub fn device(mut self, device: Arc<dyn DmaLogger>) -> Self {
-        self.devices.push(device);
-        self
-    }
-
-    /// Set the IOMMU dirty tracker.
-    pub fn iommu(mut self, iommu: Arc<dyn IommuDirtyTracker>) -> Self {
-        self.iommu = Some(iommu);
-        self
-    }
-}
-
-impl fmt::Debug for Container {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Container")
-            .field("name", &self.name)
-            .field(
-                "devices",
-                &self.devices.iter().map(|d| d.name()).collect::<Vec<_>>(),
-            )
-            .field("iommu", &self.iommu.as_ref().map(|i| i.name()))
-            .finish()
-    }
-}
-
-/// Why device DMA logging is not used.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum FallbackReason {
-    /// A device has no DMA logging (its probe failed).
-    NoDeviceLogging {
-        /// The device.
-        device: String,
-        /// The probe's error.
-        error: DeviceError,
-    },
-    /// A device refused START, even after re-planning (or with an errno re-planning
-    /// cannot help).
-    StartRefused {
-        /// The device.
-        device: String,
-        /// Its last START error.
-        error: DeviceError,
-        /// Ranges in the last attempt.
-        ranges: usize,
-        /// Re-plans tried.
-        replans: u32,
-    },
-    /// The container is behind a vIOMMU: device logging cannot cover dynamic mappings.
-    Viommu {
-        /// The translated address space.
-        address_space: String,
-    },
-}
-
-impl fmt::Display for FallbackReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            FallbackReason::NoDeviceLogging { device, error } => {
-                write!(f, "device {device} has no DMA logging ({error})")
-            }
-            FallbackReason::StartRefused {
-                device,
-                error,
-                ranges,
-                replans,
-            } => write!(
-                f,
-                "device {device} refused DMA logging of {ranges} range(s) after {replans} re-plan(s) ({error})"
-            ),
-            FallbackReason::Viommu { address_space } => write!(
-                f,
-                "address space {address_space:?} is behind a vIOMMU, whose mappings no fixed device range set covers"
-            ),
-        }
-    }
-}
-
-/// The tracking mode in force, and why.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum TrackingMode {
-    /// Every device logs its own DMA writes in `ranges`.
-    Device {
-        /// The page size requested at START.
-        page_size: u64,
-        /// The ranges every device was given (empty: no devices, nothing to track).
-        ranges: Vec<IovaRange>,
-        /// The page size each device chose, in the container's device order.
-        device_page_sizes: Vec<u64>,
-        /// Re-plans with fewer ranges before START succeeded.
-        replans: u32,
-    },
-    /// The IOMMU tracks dirt on its page tables.
-    Iommu {
-        /// The page size of the reads.
-        page_size: u64,
-        /// The DMA-able ranges read each collect.
-        ranges: Vec<IovaRange>,
-        /// Why device logging is not used.
-        reason: FallbackReason,
-    },
-    /// No tracking: every DMA-able page is pending after every collect.
-    AllDirty {
-        /// The DMA-able ranges marked each collect.
-        ranges: Vec<IovaRange>,
-        /// Why device logging is not used.
-        reason: FallbackReason,
-        /// Why IOMMU tracking is not used: its error, or `None` when there is none.
-        iommu_error: Option<DeviceError>,
-    },
-}
-
-impl TrackingMode {
-    /// A short name: `device`, `iommu` or `all-dirty`.
-    pub fn name(&self) -> &'static str {
-        match self {
-            TrackingMode::Device { .. } => "device",
-            TrackingMode::Iommu { .. } => "iommu",
-            TrackingMode::AllDirty { .. } => "all-dirty",
-        }
-    }
-
-    /// Why device logging is not used (`None` in device mode).
-    pub fn reason(&self) -> Option<&FallbackReason> {
-        match self {
-            TrackingMode::Device { .. } => None,
-            TrackingMode::Iommu { reason, .. } | TrackingMode::AllDirty { reason, .. } => {
-                Some(reason)
-            }
-        }
-    }
-
-    /// The ranges tracked (device mode) or read/marked (other modes).
-    pub fn ranges(&self) -> &[IovaRange] {
-        match self {
-            TrackingMode::Device { ranges, .. }
-            | TrackingMode::Iommu { ranges, .. }
-            | TrackingMode::AllDirty { ranges, .. } => ranges,
-        }
-    }
-}
-
-fn bytes(ranges: &[IovaRange]) -> String {
-    human_bytes(ranges.iter().map(|r| r.length as u128).sum())
-}
-
-impl fmt::Display for TrackingMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            TrackingMode::Device {
-                ranges,
-                device_page_sizes,
-                ..
-            } if device_page_sizes.is_empty() => {
-                let _ = ranges;
-                write!(f, "device DMA logging: no devices, nothing to track")
-            }
-            TrackingMode::Device {
-                page_size,
-                ranges,
-                device_page_sizes,
-                replans,
-            } => {
-                write!(
-                    f,
-                    "device DMA logging: {} device(s), {} range(s) ({}) at {}",
-                    device_page_sizes.len(),
-                    ranges.len(),
-                    bytes(ranges),
-                    human_bytes(*page_size as u128)
-                )?;
-                if device_page_sizes.iter().any(|p| p != page_size) {
-                    let ps: Vec<String> = device_page_sizes
-                        .iter()
-                        .map(|&p| human_bytes(p as u128))
-                        .collect();
-                    write!(f, ", device pages {}", ps.join(", "))?;
-                }
-                if *replans > 0 {
-                    write!(f, ", after {replans} re-plan(s)")?;
-                }
-                Ok(())
-            }
-            TrackingMode::Iommu {
-                page_size,
-                ranges,
-                reason,
-            } => write!(
-                f,
-                "IOMMU dirty tracking: {} range(s) ({}) at {}, because {reason}",
-                ranges.len(),
-                bytes(ranges),
-                human_bytes(*page_size as u128)
-            ),
-            TrackingMode::AllDirty {
-                ranges,
-                reason,
-                iommu_error,
-            } => {
-                write!(
-                    f,
-                    "all dirty: every DMA-able page ({}) re-sent each pass, because {reason}",
-                    bytes(ranges)
-                )?;
-                match iommu_error {
-                    Some(e) => write!(f, ", and IOMMU dirty tracking failed ({e})"),
-                    None => write!(f, ", and the container has no IOMMU dirty tracking"),
-                }
-            }
-        }
-    }
-}
-
-/// What a collect (or unmap query) did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CollectStats {
-    /// Successful REPORTs / IOMMU reads.
-    pub reports: u64,
-    /// Failed ones (each marked its whole range pending).
-    pub report_errors: u64,
-    /// Pages newly pending in the ledger.
-    pub newly_pending: u64,
-    /// Bits set in the reports, at the sources' page sizes.
-    pub device_bits: u64,
-}
-
-impl CollectStats {
-    /// Add another's counts.
-    pub fn add(&mut self, other: &CollectStats) {
-        self.reports += other.reports;
-        self.report_errors += other.report_errors;
-        self.newly_pending += other.newly_pending;
-        self.device_bits += other.device_bits;
-    }
-}
 
 /// Why tracking failed.
 #[derive(Debug, thiserror::Error)]
@@ -348,6 +113,14 @@ pub enum TrackError {
     /// A bitmap was refused.
     #[error("{0}")]
     Bitmap(#[from] BitmapError),
+    /// A forced mode ([`Tracker::force_mode`]) cannot run.
+    #[error("tracking mode {mode} was forced but cannot run: {reason}")]
+    ModeUnavailable {
+        /// The forced mode.
+        mode: &'static str,
+        /// Why not.
+        reason: String,
+    },
     /// Collect or unmap before start.
     #[error("dirty tracking is not started")]
     NotStarted,
@@ -401,6 +174,7 @@ pub struct Tracker {
     container: Container,
     planner: Planner,
     chunk_bits: u64,
+    force: ModeChoice,
     active: Option<Active>,
 }
 
@@ -408,86 +182,10 @@ impl fmt::Debug for Tracker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Tracker")
             .field("container", &self.container)
+            .field("force", &self.force)
             .field("mode", &self.mode())
             .finish()
     }
-}
-
-/// A source of dirt.
-#[derive(Clone, Copy)]
-enum Source<'a> {
-    Device(&'a dyn DmaLogger),
-    Iommu(&'a dyn IommuDirtyTracker, bool),
-}
-
-impl Source<'_> {
-    fn read(&self, range: IovaRange, page: u64, bm: &mut [u64]) -> Result<(), DeviceError> {
-        match *self {
-            Source::Device(d) => d.report(range, page, bm),
-            Source::Iommu(i, clear) => i.read_dirty(range, page, bm, clear),
-        }
-    }
-
-    fn name(&self) -> &str {
-        match self {
-            Source::Device(d) => d.name(),
-            Source::Iommu(i, _) => i.name(),
-        }
-    }
-}
-
-/// Bytes `[lo, hi)` of `part` (inside `within`), widened to `page` and clipped to `within`.
-fn widen(lo: u128, hi: u128, page: u64, within: IovaRange) -> IovaRange {
-    let a = align_down(lo, page).max(within.iova as u128);
-    let b = align_up(hi, page).min(within.end());
-    IovaRange::new(a as u64, (b - a) as u64)
-}
-
-/// Read `range` from `src` at `page` in chunks of at most `chunk_bits` into the ledger. On
-/// an error, `on_error` is marked pending whole and the rest of `range` is skipped.
-#[allow(clippy::too_many_arguments)]
-fn read_range(
-    src: Source<'_>,
-    range: IovaRange,
-    page: u64,
-    chunk_bits: u64,
-    on_error: IovaRange,
-    scratch: &mut [u64],
-    ledger: &mut DirtLedger,
-    stats: &mut CollectStats,
-) -> Result<(), TrackError> {
-    let chunk_bytes = (chunk_bits as u128 * page as u128).min(u64::MAX as u128) as u64;
-    let mut off = 0u64;
-    while off < range.length {
-        let n = (range.length - off).min(chunk_bytes);
-        let chunk = IovaRange::new(range.iova + off, n);
-        let bits = n.div_ceil(page);
-        let words = bits.div_ceil(64) as usize;
-        let bm = &mut scratch[..words];
-        // The sources only OR into the buffer.
-        bm.fill(0);
-        if let Err(e) = src.read(chunk, page, bm) {
-            log::warn!(
-                "{}: reading {chunk} failed ({e}): marking {on_error} dirty",
-                src.name()
-            );
-            stats.report_errors += 1;
-            stats.newly_pending += ledger.mark_range(on_error);
-            return Ok(());
-        }
-        stats.reports += 1;
-        let set: u64 = bm.iter().map(|w| u64::from(w.count_ones())).sum();
-        stats.device_bits += set;
-        if set > 0 {
-            match Geometry::new(chunk.iova, page, bits) {
-                Ok(geo) => stats.newly_pending += ledger.or_report(bm, &geo)?,
-                // The last page sticks out past 2^64: mark the chunk whole (conservative).
-                Err(_) => stats.newly_pending += ledger.mark_range(chunk),
-            }
-        }
-        off += n;
-    }
-    Ok(())
 }
 
 impl Tracker {
@@ -498,6 +196,7 @@ impl Tracker {
             container,
             planner,
             chunk_bits: REPORT_CHUNK_BITS,
+            force: ModeChoice::Auto,
             active: None,
         }
     }
@@ -512,6 +211,19 @@ impl Tracker {
     /// The planner its ranges come from.
     pub fn planner(&self) -> &Planner {
         &self.planner
+    }
+
+    /// Run `choice` instead of choosing by the rules (default [`ModeChoice::Auto`]). A
+    /// forced mode that cannot run makes [`Tracker::start`] fail with
+    /// [`TrackError::ModeUnavailable`]. Takes effect at the next start.
+    pub fn force_mode(mut self, choice: ModeChoice) -> Self {
+        self.force = choice;
+        self
+    }
+
+    /// The forced mode, or [`ModeChoice::Auto`].
+    pub fn mode_choice(&self) -> ModeChoice {
+        self.force
     }
 
     /// The container.
@@ -533,8 +245,21 @@ impl Tracker {
         self.planner.filter().host_page_size
     }
 
+    fn unavailable(&self, reason: impl ToString) -> TrackError {
+        TrackError::ModeUnavailable {
+            mode: self.force.name(),
+            reason: reason.to_string(),
+        }
+    }
+
     fn choose(&self, layout: &Layout) -> Result<Active, TrackError> {
         let c = &self.container;
+        match self.force {
+            ModeChoice::Iommu | ModeChoice::AllDirty => {
+                return self.fallback(layout, FallbackReason::Forced)
+            }
+            ModeChoice::Auto | ModeChoice::Device => {}
+        }
         if c.devices.is_empty() {
             return Ok(Active {
                 mode: TrackingMode::Device {
@@ -559,7 +284,7 @@ impl Tracker {
         let reason = match no_logging {
             Some(r) => r,
             None if layout.viommu() => {
-                if c.iommu.is_none() {
+                if c.iommu.is_none() || self.force == ModeChoice::Device {
                     return Err(TrackError::Viommu {
                         container: c.name.clone(),
                         address_space: layout.address_space().to_string(),
@@ -574,22 +299,26 @@ impl Tracker {
                 Err(reason) => reason,
             },
         };
+        if self.force == ModeChoice::Device {
+            return Err(self.unavailable(reason));
+        }
         self.fallback(layout, reason)
     }
 
-    /// START every device with the same plan, re-planning on E2BIG/EOPNOTSUPP.
-    /// `Ok(Err(reason))`: every attempt refused, nothing left started.
+    /// START every device with the same plan, re-planning on E2BIG (fewer ranges) and
+    /// EOPNOTSUPP (fewer tracked bytes, if any plan has them). `Ok(Err(reason))`: every
+    /// attempt refused, nothing left started.
     fn start_devices(&self, layout: &Layout) -> Result<Result<Active, FallbackReason>, TrackError> {
         let mut plan = self.planner.plan(layout)?;
         let mut replans = 0u32;
+        let mut cap = plan.ranges.len().max(1) as u32;
         loop {
-            match self.start_all(&plan) {
+            let (device, error) = match self.start_all(&plan) {
                 Ok(device_page_sizes) => {
                     let report_pages: Vec<u64> = device_page_sizes
                         .iter()
                         .map(|&p| report_page(p, plan.page_size))
                         .collect();
-                    let scratch = self.scratch_for(&plan.ranges, &report_pages);
                     return Ok(Ok(Active {
                         mode: TrackingMode::Device {
                             page_size: plan.page_size,
@@ -599,42 +328,56 @@ impl Tracker {
                         },
                         plan: Some(plan),
                         report_pages,
-                        scratch,
+                        scratch: Vec::new(),
                     }));
                 }
-                Err((device, error)) => {
-                    let retry = matches!(error.errno, Errno::E2BIG | Errno::EOPNOTSUPP)
-                        && plan.ranges.len() > 1;
-                    log::warn!(
-                        "container {}: {device} refused START with {} range(s): {error}{}",
-                        self.container.name,
-                        plan.ranges.len(),
-                        if retry {
-                            "; re-planning with fewer"
-                        } else {
-                            ""
-                        }
-                    );
-                    if !retry {
-                        return Ok(Err(FallbackReason::StartRefused {
-                            device,
-                            error,
-                            ranges: plan.ranges.len(),
-                            replans,
-                        }));
-                    }
-                    let cap = (plan.ranges.len() / 2).max(1) as u32;
-                    // Only `optimal` honours a cap; the others ignore it.
-                    plan = self
-                        .planner
-                        .clone()
-                        .strategy(Strategy::Optimal)
-                        .max_ranges(cap)
-                        .plan(layout)?;
-                    replans += 1;
+                Err(refused) => refused,
+            };
+            // The next plan, if one can help: E2BIG is about the count, EOPNOTSUPP about
+            // the bytes (fewer ranges only add gaps to them).
+            let next = match error.errno {
+                Errno::E2BIG if plan.ranges.len() > 1 => {
+                    cap = (plan.ranges.len() / 2).max(1) as u32;
+                    Some(self.optimal(layout, cap)?)
                 }
-            }
+                Errno::EOPNOTSUPP => {
+                    let p = self.optimal(layout, cap)?;
+                    (p.tracked_bytes < plan.tracked_bytes).then_some(p)
+                }
+                _ => None,
+            };
+            log::warn!(
+                "container {}: {device} refused START with {} range(s) ({}): {error}{}",
+                self.container.name,
+                plan.ranges.len(),
+                crate::range::human_bytes(plan.tracked_bytes),
+                if next.is_some() {
+                    "; re-planning"
+                } else {
+                    "; no plan can help"
+                }
+            );
+            let Some(next) = next else {
+                return Ok(Err(FallbackReason::StartRefused {
+                    device,
+                    error,
+                    ranges: plan.ranges.len(),
+                    replans,
+                }));
+            };
+            plan = next;
+            replans += 1;
         }
+    }
+
+    /// The minimum-bytes plan for at most `cap` ranges (only `optimal` honours a cap).
+    fn optimal(&self, layout: &Layout, cap: u32) -> Result<Plan, TrackError> {
+        Ok(self
+            .planner
+            .clone()
+            .strategy(Strategy::Optimal)
+            .max_ranges(cap)
+            .plan(layout)?)
     }
 
     /// START each device in order; on a refusal stop the ones started and say who refused.
@@ -656,50 +399,24 @@ impl Tracker {
         Ok(sizes)
     }
 
-    fn scratch_for(&self, ranges: &[IovaRange], pages: &[u64]) -> Vec<u64> {
-        let max_len = ranges.iter().map(|r| r.length).max().unwrap_or(0);
-        let bits = pages
-            .iter()
-            .map(|&p| max_len.div_ceil(p.max(1)).min(self.chunk_bits))
-            .max()
-            .unwrap_or(0);
-        vec![0; bits.div_ceil(64) as usize]
-    }
-
     fn fallback(&self, layout: &Layout, reason: FallbackReason) -> Result<Active, TrackError> {
         // The DMA-able set; behind a vIOMMU its IOMMU regions count whole.
         let plan = self.planner.clone().allow_viommu(true).plan(layout)?;
-        let ranges = plan.dma;
-        let iommu_error = match &self.container.iommu {
-            None => None,
-            Some(iommu) => match iommu.set_tracking(true) {
-                Ok(()) => {
-                    let page = self.host_page();
-                    let scratch = self.scratch_for(&ranges, &[page]);
-                    return Ok(Active {
-                        mode: TrackingMode::Iommu {
-                            page_size: page,
-                            ranges,
-                            reason,
-                        },
-                        plan: None,
-                        report_pages: Vec::new(),
-                        scratch,
-                    });
-                }
-                Err(e) => Some(e),
-            },
-        };
-        Ok(Active {
-            mode: TrackingMode::AllDirty {
-                ranges,
-                reason,
-                iommu_error,
-            },
-            plan: None,
-            report_pages: Vec::new(),
-            scratch: Vec::new(),
-        })
+        let active = iommu_or_all_dirty(
+            &self.container,
+            self.force,
+            plan.dma,
+            self.host_page(),
+            reason,
+        );
+        match (&active.mode, self.force) {
+            (TrackingMode::AllDirty { iommu_error, .. }, ModeChoice::Iommu) => Err(self
+                .unavailable(match iommu_error {
+                    Some(e) => e.to_string(),
+                    None => "the container has no IOMMU dirty tracking".to_string(),
+                })),
+            _ => Ok(active),
+        }
     }
 
     /// The mode in force, if started.
@@ -713,7 +430,8 @@ impl Tracker {
     }
 
     /// Read the dirt logged since the last collect into `ledger`'s pending pages. A failed
-    /// read marks its whole range pending and collection goes on.
+    /// read marks its whole range pending and collection goes on; a device whose REPORT
+    /// failed is re-armed (see the module documentation).
     pub fn collect(&mut self, ledger: &mut DirtLedger) -> Result<CollectStats, TrackError> {
         self.query(None, ledger)
     }
@@ -740,39 +458,19 @@ impl Tracker {
         ledger: &mut DirtLedger,
     ) -> Result<CollectStats, TrackError> {
         let chunk_bits = self.chunk_bits;
+        let ctx = rearm::Ctx {
+            container: &self.container,
+            force: self.force,
+            host_page: self.planner.filter().host_page_size,
+            chunk_bits,
+        };
         let Some(a) = self.active.as_mut() else {
             return Err(TrackError::NotStarted);
         };
         let mut stats = CollectStats::default();
-        // The parts of `r` to read at `page`: all of it, or its overlap with `only`.
-        let part = |r: IovaRange, page: u64| match only {
-            None => Some(r),
-            Some(u) if u.overlaps(&r) => Some(widen(
-                (u.iova as u128).max(r.iova as u128),
-                u.end().min(r.end()),
-                page,
-                r,
-            )),
-            Some(_) => None,
-        };
         match &a.mode {
-            TrackingMode::Device { ranges, .. } => {
-                for (d, &page) in self.container.devices.iter().zip(&a.report_pages) {
-                    for &r in ranges {
-                        let Some(p) = part(r, page) else { continue };
-                        let src = Source::Device(d.as_ref());
-                        read_range(
-                            src,
-                            p,
-                            page,
-                            chunk_bits,
-                            r,
-                            &mut a.scratch,
-                            ledger,
-                            &mut stats,
-                        )?;
-                    }
-                }
+            TrackingMode::Device { .. } => {
+                rearm::query_devices(&ctx, a, only, ledger, &mut stats)?;
             }
             TrackingMode::Iommu {
                 page_size, ranges, ..
@@ -787,28 +485,32 @@ impl Tracker {
                 } else {
                     &[true]
                 };
-                for &r in ranges {
-                    let Some(p) = part(r, *page_size) else {
-                        continue;
-                    };
+                let mapped = iommu.mapped_areas();
+                for (w, page) in
+                    iommu_windows(mapped.as_deref(), ranges, *page_size, chunk_bits, only)
+                {
                     for &clear in passes {
                         let src = Source::Iommu(iommu.as_ref(), clear);
-                        read_range(
-                            src,
-                            p,
-                            *page_size,
-                            chunk_bits,
-                            r,
-                            &mut a.scratch,
-                            ledger,
-                            &mut stats,
-                        )?;
+                        if let Err(e) =
+                            read_chunk(src, w, page, &mut a.scratch, ledger, &mut stats)?
+                        {
+                            log::warn!(
+                                "{}: reading {w} failed ({e}): marking it dirty",
+                                src.name()
+                            );
+                            stats.newly_pending += ledger.mark_range(w);
+                            break;
+                        }
                     }
                 }
             }
             TrackingMode::AllDirty { ranges, .. } => {
                 for &r in ranges {
-                    if let Some(p) = part(r, 1) {
+                    let part = match only {
+                        None => Some(r),
+                        Some(u) => span_of(r, u),
+                    };
+                    if let Some(p) = part {
                         stats.newly_pending += ledger.mark_range(p);
                     }
                 }
@@ -828,23 +530,7 @@ impl Tracker {
     /// is discarded by STOP: collect first.
     pub fn stop(&mut self) {
         let Some(a) = self.active.take() else { return };
-        match a.mode {
-            TrackingMode::Device { .. } => {
-                for d in &self.container.devices {
-                    if let Err(e) = d.stop() {
-                        log::warn!("{}: STOP failed: {e}", d.name());
-                    }
-                }
-            }
-            TrackingMode::Iommu { .. } => {
-                if let Some(i) = &self.container.iommu {
-                    if let Err(e) = i.set_tracking(false) {
-                        log::warn!("{}: disabling dirty tracking failed: {e}", i.name());
-                    }
-                }
-            }
-            TrackingMode::AllDirty { .. } => {}
-        }
+        stop_mode(&self.container, &a.mode);
         log::info!("container {}: dirty tracking stopped", self.container.name);
     }
 
@@ -853,6 +539,74 @@ impl Tracker {
     pub fn restart(&mut self, layout: &Layout) -> Result<&TrackingMode, TrackError> {
         self.stop();
         self.start(layout)
+    }
+}
+
+/// The overlap of `r` and `u`, if any.
+fn span_of(r: IovaRange, u: IovaRange) -> Option<IovaRange> {
+    let a = (r.iova as u128).max(u.iova as u128);
+    let b = r.end().min(u.end());
+    (a < b).then(|| IovaRange::new(a as u64, (b - a) as u64))
+}
+
+/// Stop what `mode` runs on the container.
+fn stop_mode(c: &Container, mode: &TrackingMode) {
+    match mode {
+        TrackingMode::Device { .. } => {
+            for d in &c.devices {
+                if let Err(e) = d.stop() {
+                    log::warn!("{}: STOP failed: {e}", d.name());
+                }
+            }
+        }
+        TrackingMode::Iommu { .. } => {
+            if let Some(i) = &c.iommu {
+                if let Err(e) = i.set_tracking(false) {
+                    log::warn!("{}: disabling dirty tracking failed: {e}", i.name());
+                }
+            }
+        }
+        TrackingMode::AllDirty { .. } => {}
+    }
+}
+
+/// IOMMU tracking over `dma` if the container has it (and device mode is not forced),
+/// else all dirty.
+fn iommu_or_all_dirty(
+    c: &Container,
+    force: ModeChoice,
+    dma: Vec<IovaRange>,
+    page: u64,
+    reason: FallbackReason,
+) -> Active {
+    let use_iommu = matches!(force, ModeChoice::Auto | ModeChoice::Iommu);
+    let iommu_error = match &c.iommu {
+        Some(iommu) if use_iommu => match iommu.set_tracking(true) {
+            Ok(()) => {
+                return Active {
+                    mode: TrackingMode::Iommu {
+                        page_size: page,
+                        ranges: dma,
+                        reason,
+                    },
+                    plan: None,
+                    report_pages: Vec::new(),
+                    scratch: Vec::new(),
+                };
+            }
+            Err(e) => Some(e),
+        },
+        _ => None,
+    };
+    Active {
+        mode: TrackingMode::AllDirty {
+            ranges: dma,
+            reason,
+            iommu_error,
+        },
+        plan: None,
+        report_pages: Vec::new(),
+        scratch: Vec::new(),
     }
 }
 

@@ -1,6 +1,6 @@
 use super::*;
 use crate::device::MigState;
-use crate::plan::limits::PageSizePolicy;
+use crate::plan::limits::{pds_logged, PageSizePolicy};
 use proptest::prelude::*;
 use std::collections::BTreeSet;
 
@@ -340,19 +340,36 @@ fn kernel_rules_table() {
             Op::Report(r(K4, 15 * K4), K4),
             None,
         ),
+        // 6.8+: the region is `page_count * page_size`, and the firmware rounds the 16
+        // pages up to a word: regions [0, 64) and [64, 128) pages.
         (
             "pds: report outside any region",
             DeviceLimits::pds(),
             started(),
-            Op::Report(r(32 * K4, K4), K4),
+            Op::Report(r(128 * K4, K4), K4),
             Some(Errno::EINVAL),
         ),
         (
             "pds: report crossing a region",
             DeviceLimits::pds(),
             started(),
-            Op::Report(r(0, 17 * K4), K4),
+            Op::Report(r(0, 65 * K4), K4),
             Some(Errno::EINVAL),
+        ),
+        // 6.6 merges into one region and keeps its length, 80 pages, as the size.
+        (
+            "pds 6.6: report crossing a region",
+            DeviceLimits::pds_6_6(),
+            started(),
+            Op::Report(r(0, 81 * K4), K4),
+            Some(Errno::EINVAL),
+        ),
+        (
+            "pds 6.6: report inside the merged gap",
+            DeviceLimits::pds_6_6(),
+            started(),
+            Op::Report(r(32 * K4, K4), K4),
+            None,
         ),
         (
             "pds: report zero length",
@@ -407,11 +424,11 @@ fn rule_details_name_the_offender() {
         .unwrap_err();
     assert_eq!(
         e.rule,
-        Rule::Misaligned {
+        Rule::Start(StartRefusal::Misaligned {
             index: 2,
             range: r(0x3800, K4),
             page_size: K4
-        }
+        })
     );
     assert_eq!(
         e.to_string(),
@@ -422,14 +439,17 @@ fn rule_details_name_the_offender() {
         .unwrap_err();
     assert_eq!(
         e.rule,
-        Rule::Overlap {
+        Rule::Start(StartRefusal::Overlap {
             index: 2,
             range: r(3 * K4, K4),
             other: 0
-        }
+        })
     );
     let e = d.start(K4, &[]).unwrap_err();
-    assert_eq!((e.op, e.rule), (DeviceOp::Start, Rule::NoRanges));
+    assert_eq!(
+        (e.op, e.rule),
+        (DeviceOp::Start, Rule::Start(StartRefusal::NoRanges))
+    );
 }
 
 #[test]
@@ -451,12 +471,20 @@ fn mlx5_page_size_merge_and_write_back() {
     assert_eq!(d.start(1 << 40, &[r(0, 1 << 40)]).unwrap(), 1 << 30);
     d.stop().unwrap();
     // pds keeps the page size and merges to its regions.
-    let p = EmulatedDevice::new(DeviceLimits {
+    let limits = DeviceLimits {
         max_ranges: 2,
         ..DeviceLimits::pds()
-    });
+    };
+    let p = EmulatedDevice::new(limits);
     assert_eq!(p.start(8192, &ranges).unwrap(), 8192);
-    assert_eq!(p.tracked_ranges().unwrap(), combine(&ranges, 2));
+    // Each region is as many pages as the firmware rounds its page count up to.
+    let merged = combine(&ranges, 2);
+    let regions = pds_regions(&limits, 8192, &merged).unwrap();
+    let logged = p.tracked_ranges().unwrap();
+    assert_eq!(logged, pds_logged(&regions, 8192));
+    for (l, m) in logged.iter().zip(&merged) {
+        assert!(l.iova == m.iova && l.end() >= m.end(), "{l} covers {m}");
+    }
 }
 
 #[test]
@@ -538,13 +566,70 @@ fn report_bits_fold_replicate_clamp_and_or() {
         .filter(|k| bm[*k as usize / 64] >> (k % 64) & 1 == 1)
         .collect();
     assert_eq!(set, (255..512).collect::<Vec<_>>());
-    // The device page was only partly queried: kept, reported again by the rest.
-    let mut bm = vec![0u64; 8];
-    big.report(r(2 << 20, 2 << 20), K4, &mut bm).unwrap();
-    assert!(bm.iter().all(|w| *w == u64::MAX));
+    // The device page was only partly queried, yet acknowledged whole: the part past
+    // the report's end is gone (mlx5 reports device pages, not bytes).
     let mut bm = vec![0u64; 8];
     big.report(r(2 << 20, 2 << 20), K4, &mut bm).unwrap();
     assert!(bm.iter().all(|w| *w == 0));
+}
+
+/// `iova_bitmap_set` cannot index a dirty span that starts below the REPORT's iova: the
+/// device has acknowledged the page, the core drops it. mlx5 rounds the page size up, so a
+/// range's start need not be a device page's; querying from there loses the page.
+#[test]
+fn iova_bitmap_set_drops_pages_below_report_iova() {
+    let m2 = 2u64 << 20;
+    let d = EmulatedDevice::new(DeviceLimits {
+        page_size: PageSizePolicy::FloorClamp {
+            min_log2: 21,
+            max_log2: 21,
+        },
+        ..DeviceLimits::mlx5()
+    });
+    assert_eq!(d.start(K4, &[r(0, 2 * m2)]).unwrap(), m2);
+    // A write at the very end of the first device page, a report from its middle.
+    d.dma_write(m2 - 1, 1);
+    let mut bm = vec![0u64; 4];
+    d.report(r(m2 / 2, m2 / 2), K4, &mut bm).unwrap();
+    assert!(bm.iter().all(|w| *w == 0), "dropped: starts below the iova");
+    let mut bm = vec![0u64; 8];
+    d.report(r(0, m2), K4, &mut bm).unwrap();
+    assert!(
+        bm.iter().all(|w| *w == 0),
+        "and acknowledged: lost for good"
+    );
+    // Queried from its start, the same write is reported.
+    d.dma_write(m2 - 1, 1);
+    let mut bm = vec![0u64; 8];
+    d.report(r(0, m2), K4, &mut bm).unwrap();
+    assert_eq!(bm.iter().map(|w| w.count_ones()).sum::<u32>(), 512);
+}
+
+/// `mlx5vf_tracker_read_and_clear`: once a REPORT failed (`tracker->is_err`), every
+/// REPORT is EIO until STOP and a new START; the injected failure sticks on mlx5 only.
+#[test]
+fn mlx5vf_tracker_read_and_clear_error_sticks() {
+    let d = EmulatedDevice::with_profile(DeviceProfile::Mlx5);
+    d.start(K4, &[r(0, 64 * K4)]).unwrap();
+    d.fail_report(1, Errno::ENOMEM);
+    let mut bm = [0u64; 1];
+    let e = d.report(r(0, 64 * K4), K4, &mut bm).unwrap_err();
+    assert_eq!((e.errno, e.rule), (Errno::ENOMEM, Rule::Injected));
+    for _ in 0..3 {
+        let e = d.report(r(0, 64 * K4), K4, &mut bm).unwrap_err();
+        assert_eq!((e.errno, e.rule), (Errno::EIO, Rule::TrackerError));
+    }
+    d.stop().unwrap();
+    d.start(K4, &[r(0, 64 * K4)]).unwrap();
+    d.dma_write(0, 1);
+    d.report(r(0, 64 * K4), K4, &mut bm).unwrap();
+    assert_eq!(bm, [1]);
+    // The generic device's injected failure is one-shot.
+    let g = EmulatedDevice::new(DeviceLimits::generic());
+    g.start(K4, &[r(0, 64 * K4)]).unwrap();
+    g.fail_report(1, Errno::EIO);
+    assert!(g.report(r(0, 64 * K4), K4, &mut bm).is_err());
+    assert!(g.report(r(0, 64 * K4), K4, &mut bm).is_ok());
 }
 
 /// The DMA-able regions of a small guest, and the writes a device makes into them.
@@ -634,13 +719,16 @@ impl Model {
             if ue <= rs || us >= re {
                 continue;
             }
-            let k0 = (us.max(rs) - rs) / ps as u128;
+            // Every touched device page is acknowledged; iova_bitmap_set drops one that
+            // starts below the report.
+            cleared.push(p);
+            if us < rs {
+                continue;
+            }
+            let k0 = (us - rs) / ps as u128;
             let k1 = (ue.min(re) - 1 - rs) / ps as u128;
             for k in k0..=k1 {
                 bm[(k / 64) as usize] |= 1 << (k % 64);
-            }
-            if us >= rs && ue <= re {
-                cleared.push(p);
             }
         }
         for p in cleared {

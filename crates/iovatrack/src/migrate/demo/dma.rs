@@ -6,7 +6,7 @@
 //! a page be sent once more than needed.
 
 use super::guest::GuestMemory;
-use crate::device::EmulatedDevice;
+use crate::device::{EmulatedDevice, EmulatedIommu};
 use crate::range::IovaRange;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
@@ -22,6 +22,12 @@ pub trait DmaSink: Send + Sync {
 impl DmaSink for EmulatedDevice {
     fn dma_write(&self, iova: u64, len: u64) {
         EmulatedDevice::dma_write(self, iova, len);
+    }
+}
+
+impl DmaSink for EmulatedIommu {
+    fn dma_write(&self, iova: u64, len: u64) {
+        EmulatedIommu::dma_write(self, iova, len);
     }
 }
 

@@ -1,8 +1,9 @@
 //! Injected faults, fired through the engine's hooks (the engine itself knows none).
 
 use super::devices::DemoDevice;
-use crate::device::{EmulatedDevice, Errno};
+use crate::device::{DeviceError, EmulatedDevice, EmulatedIommu, Errno, IommuDirtyTracker};
 use crate::migrate::engine::{Checkpoint, Control, SourceHooks};
+use crate::range::IovaRange;
 use std::sync::Arc;
 
 /// An injected fault.
@@ -19,12 +20,15 @@ pub enum Fault {
     /// The connection drops after a good verdict, before the source's Commit (first
     /// attempt): the destination must not resume, the source resumes and retries.
     DropBeforeCommit,
+    /// Negative control: the tracker is not told the IOMMU's mappings, so in IOMMU mode it
+    /// reads whole ranges across unmapped holes, where iommufd stops reading.
+    IommuAcrossHoles,
 }
 
 impl Fault {
     /// Every fault's syntax, for help and errors.
     pub const SYNTAX: &'static str =
-        "report-fail@N, start-e2big, drop@N, cancel@N, drop-before-commit";
+        "report-fail@N, start-e2big, drop@N, cancel@N, drop-before-commit, iommu-across-holes";
 }
 
 impl std::str::FromStr for Fault {
@@ -40,6 +44,7 @@ impl std::str::FromStr for Fault {
             Some(("cancel", p)) => Ok(Fault::CancelAt(at(p)?)),
             None if s == "start-e2big" => Ok(Fault::StartE2big),
             None if s == "drop-before-commit" => Ok(Fault::DropBeforeCommit),
+            None if s == "iommu-across-holes" => Ok(Fault::IommuAcrossHoles),
             _ => Err(format!("unknown fault {s:?} ({})", Fault::SYNTAX)),
         }
     }
@@ -53,7 +58,30 @@ impl std::fmt::Display for Fault {
             Fault::DropAt(n) => write!(f, "drop@{n}"),
             Fault::CancelAt(n) => write!(f, "cancel@{n}"),
             Fault::DropBeforeCommit => write!(f, "drop-before-commit"),
+            Fault::IommuAcrossHoles => write!(f, "iommu-across-holes"),
         }
+    }
+}
+
+/// An IOMMU whose mappings the tracker is not told (the naive reader): every other call
+/// goes to the IOMMU.
+pub struct HideMappings(pub Arc<EmulatedIommu>);
+
+impl IommuDirtyTracker for HideMappings {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+    fn set_tracking(&self, on: bool) -> Result<(), DeviceError> {
+        self.0.set_tracking(on)
+    }
+    fn read_dirty(
+        &self,
+        range: IovaRange,
+        page_size: u64,
+        bitmap: &mut [u64],
+        clear: bool,
+    ) -> Result<(), DeviceError> {
+        self.0.read_dirty(range, page_size, bitmap, clear)
     }
 }
 

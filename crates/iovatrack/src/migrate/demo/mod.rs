@@ -7,6 +7,7 @@ pub mod devices;
 pub mod dma;
 pub mod faults;
 mod summary;
+pub mod targets;
 pub mod verify;
 
 pub use devices::{DemoDevice, DemoMigration};
@@ -14,7 +15,7 @@ pub use dma::{DmaConfig, DmaPattern};
 pub use faults::{Fault, FaultInjector};
 pub use summary::{merge_destination, Summary};
 
-use crate::device::{DmaLogger, EmulatedDevice};
+use crate::device::{DmaLogger, EmulatedDevice, EmulatedIommu, IommuDirtyTracker};
 use crate::layout::Layout;
 use crate::migrate::engine::{
     self, DestReport, Destination, EngineConfig, Event, MigrateError, SourceVm, TimeoutAction,
@@ -22,11 +23,9 @@ use crate::migrate::engine::{
 use crate::migrate::guest::{self, GuestConfig, GuestMemory};
 use crate::migrate::guest_regions;
 use crate::migrate::seams::{DeviceMigration, EmulatedMigration};
-use crate::plan::filter::{dma_able, FilterOptions};
 use crate::plan::limits::DeviceLimits;
 use crate::plan::Planner;
-use crate::range::IovaRange;
-use crate::track::{Container, Tracker};
+use crate::track::{Container, ModeChoice, Tracker};
 use std::io;
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::Ordering::SeqCst;
@@ -51,6 +50,8 @@ pub struct MigrateConfig {
     pub containers: usize,
     /// Track device dirt (false: the negative control; DMA writes go unlogged).
     pub device_tracking: bool,
+    /// The tracking mode every container runs (default: the fallback chain).
+    pub tracking: ModeChoice,
     /// Range cap for the planner.
     pub max_ranges: u32,
     /// Convergence, link and retry policy.
@@ -72,6 +73,7 @@ impl MigrateConfig {
             devices: vec![DeviceLimits::mlx5()],
             containers: 1,
             device_tracking: true,
+            tracking: ModeChoice::Auto,
             max_ranges: 256,
             engine: EngineConfig::default(),
             faults: Vec::new(),
@@ -91,30 +93,6 @@ impl MigrateConfig {
     pub fn timeout_action(&self) -> TimeoutAction {
         self.engine.timeout_action
     }
-}
-
-/// The device's DMA-able memory: the planner's filter over the layout, minus the guest's
-/// reserved setup area, inside guest RAM.
-fn dma_targets(layout: &Layout, regions: &[IovaRange], reserved: IovaRange) -> Vec<IovaRange> {
-    let set = dma_able(layout, &FilterOptions::default());
-    let mut out = Vec::new();
-    for (_, r) in set.ranges {
-        let mut a = r.iova as u128;
-        let z = r.end();
-        // The reserved area starts the first region, which starts at 0 (checked).
-        if a < reserved.end() {
-            a = reserved.end();
-        }
-        for g in regions {
-            let (ga, gz) = (g.iova as u128, g.end());
-            let (lo, hi) = (a.max(ga), z.min(gz));
-            if lo < hi {
-                out.push(IovaRange::new(lo as u64, (hi - lo) as u64));
-            }
-        }
-    }
-    out.sort_unstable();
-    out
 }
 
 /// The strictest of several devices' limits: the same ranges go to every device of a
@@ -160,8 +138,17 @@ pub fn run_source(
         ..GuestConfig::default()
     };
     let guest = guest::start_guest(memory.clone(), &gcfg, cfg.use_kvm)?;
-    let targets = dma_targets(&cfg.layout, memory.regions(), reserved);
+    let targets = targets::dma_targets(&cfg.layout, memory.regions(), reserved);
     let n_containers = cfg.containers.clamp(1, cfg.devices.len().max(1));
+    // Each container's IOMMU maps what its devices can reach and logs their writes too
+    // (dirty bits in its page tables), for IOMMU tracking mode.
+    let iommus = (0..n_containers)
+        .map(|c| {
+            EmulatedIommu::new(&targets)
+                .map(|i| Arc::new(i.named(format!("iommu{c}"))))
+                .map_err(|e| MigrateError::Layout(format!("IOMMU mappings: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let mut demo = Vec::new();
     let mut emulated = Vec::new();
     for (i, limits) in cfg.devices.iter().enumerate() {
@@ -175,7 +162,10 @@ pub fn run_source(
         };
         let workload = dma::DmaWorkload::start(
             memory.clone(),
-            vec![device.clone() as Arc<dyn dma::DmaSink>],
+            vec![
+                device.clone() as Arc<dyn dma::DmaSink>,
+                iommus[i % n_containers].clone() as Arc<dyn dma::DmaSink>,
+            ],
             targets.clone(),
             dma,
         );
@@ -193,12 +183,17 @@ pub fn run_source(
                 let planner = Planner::new()
                     .max_ranges(cfg.max_ranges.min(strict.max_ranges))
                     .device(strict);
-                let container = members
-                    .iter()
-                    .fold(Container::new(format!("container{c}")), |k, &i| {
-                        k.device(emulated[i].clone() as Arc<dyn DmaLogger>)
-                    });
-                Tracker::new(container, planner)
+                let iommu: Arc<dyn IommuDirtyTracker> =
+                    if cfg.faults.contains(&Fault::IommuAcrossHoles) {
+                        Arc::new(faults::HideMappings(iommus[c].clone()))
+                    } else {
+                        iommus[c].clone()
+                    };
+                let container = members.iter().fold(
+                    Container::new(format!("container{c}")).iommu(iommu),
+                    |k, &i| k.device(emulated[i].clone() as Arc<dyn DmaLogger>),
+                );
+                Tracker::new(container, planner).force_mode(cfg.tracking)
             })
             .collect()
     } else {
@@ -235,7 +230,14 @@ pub fn run_source(
     summary.faults_fired = hooks.fired.iter().map(|f| f.to_string()).collect();
     summary.dma_writes = demo.iter().map(|d| d.workload().writes()).sum();
     summary.guest_pages_written = guest.progress().pages_written;
-    summary.untracked_dma_writes = emulated.iter().map(|d| d.untracked_writes()).sum::<u64>()
+    // Writes nobody logged: outside the devices' ranges in device mode; the IOMMU sees
+    // every DMA in IOMMU mode, and all-dirty mode needs no log.
+    let outside = if summary.mode == "device" {
+        emulated.iter().map(|d| d.untracked_writes()).sum::<u64>()
+    } else {
+        0
+    };
+    summary.untracked_dma_writes = outside
         + demo
             .iter()
             .map(|d| d.workload().unlogged_writes())

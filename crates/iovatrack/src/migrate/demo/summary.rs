@@ -71,6 +71,11 @@ pub struct Summary {
     pub ranges: Vec<IovaRange>,
     /// REPORT failures turned into "whole range dirty".
     pub report_errors: u64,
+    /// Devices re-armed (STOP, START the same ranges, tracked set marked dirty) after a
+    /// failed REPORT.
+    pub rearms: u64,
+    /// Containers that fell back to a weaker tracking mode during the migration.
+    pub fallbacks: u64,
     /// Faults requested.
     pub faults: Vec<String>,
     /// Faults that fired, in order.
@@ -114,6 +119,8 @@ impl Summary {
             device_reports: r.devices,
             ranges: r.ranges,
             report_errors: r.report_errors,
+            rearms: r.rearms,
+            fallbacks: r.fallbacks,
             aborted: r.aborted,
             source_resumed: r.source_resumed,
             ..Summary::default()

@@ -322,6 +322,10 @@ pub struct SourceReport {
     pub ranges: Vec<IovaRange>,
     /// REPORT failures turned into "whole range dirty".
     pub report_errors: u64,
+    /// Devices re-armed (STOP, START the same ranges) after a failed REPORT.
+    pub rearms: u64,
+    /// Containers that fell back to a weaker mode during the migration.
+    pub fallbacks: u64,
     /// Attempts made.
     pub attempts: u32,
     /// The migrating devices.

@@ -243,6 +243,15 @@ impl<'a, 'h> Source<'a, 'h> {
             let st = tracker.collect(&mut self.ledger)?;
             dev += st.device_bits;
             self.report.report_errors += st.report_errors;
+            self.report.rearms += st.rearms;
+            self.report.fallbacks += st.fallbacks;
+        }
+        if self.vm.containers.iter().any(|t| t.mode().is_some()) {
+            // A failed re-arm may have changed a container's mode.
+            self.report_devices();
+            if let Some(m) = self.vm.containers.first().and_then(Tracker::mode) {
+                self.report.mode = m.name().to_string();
+            }
         }
         self.report.cpu_dirty_pages += cpu;
         self.report.device_dirty_pages += dev;
