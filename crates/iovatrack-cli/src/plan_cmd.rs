@@ -1,15 +1,28 @@
-//! `iovatrack plan`.
+//! `iovatrack plan`: arguments in, the library's [`PlanReport`] out as a table, JSON or SVG.
 
 use clap::{Args, ValueEnum};
-use iovatrack::device::{DmaLogger, EmulatedDevice};
-use iovatrack::layout::{self, presets, Layout};
+use iovatrack::layout::{self, parse_size, presets, Layout};
 use iovatrack::plan::limits::{DeviceLimits, DeviceProfile};
-use iovatrack::plan::{Plan, Planner, Strategy};
-use iovatrack::range::{human_bytes, IovaRange};
-use serde_json::json;
+use iovatrack::plan::report::{DeviceResult, PlanReport};
+use iovatrack::plan::{Planner, Strategy};
+use iovatrack::range::human_bytes;
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::process::ExitCode;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Exit status when the device refuses START: the plan was printed, but cannot be used.
+const EXIT_START_REFUSED: u8 = 3;
+/// Exit status when standard output is closed before everything was written (`| head`):
+/// what a shell reports for a process killed by SIGPIPE, 128 + 13.
+const EXIT_BROKEN_PIPE: u8 = 141;
+
+/// `--help` text on exit statuses.
+pub const EXIT_STATUS_HELP: &str =
+    "Exit status: 0 plan printed (and, with --device, START accepted); \
+2 bad input or arguments; 3 the device refused START (the plan and the refusal are still \
+printed); 141 standard output was closed early (e.g. piped into head).";
 
 #[derive(Clone, Copy, ValueEnum)]
 enum StrategyArg {
@@ -41,11 +54,22 @@ enum DeviceArg {
     Pds,
 }
 
+impl DeviceArg {
+    fn profile(self) -> (DeviceProfile, &'static str) {
+        match self {
+            DeviceArg::Generic => (DeviceProfile::Generic, "emulated generic"),
+            DeviceArg::Mlx5 => (DeviceProfile::Mlx5, "emulated mlx5"),
+            DeviceArg::Pds => (DeviceProfile::Pds, "emulated pds"),
+        }
+    }
+}
+
 /// Arguments of `iovatrack plan`.
 #[derive(Args)]
+#[command(after_help = EXIT_STATUS_HELP)]
 pub struct PlanArgs {
-    /// Layout file: QEMU `info mtree -f` text or JSON (`-` reads standard input). Default:
-    /// the embedded q35 16 GiB preset.
+    /// Layout file: QEMU `info mtree -f` text or JSON (`-` reads standard input; a `.json`
+    /// file is always read as JSON). Default: the embedded q35 16 GiB preset.
     layout: Option<String>,
     /// Query a live QEMU over its QMP UNIX socket instead of reading a file.
     #[arg(long, value_name = "PATH", conflicts_with_all = ["layout", "preset"])]
@@ -63,9 +87,10 @@ pub struct PlanArgs {
     #[arg(long, value_enum, default_value = "optimal")]
     strategy: StrategyArg,
     /// Most ranges the optimal plan may use (the kernel takes 256 on 4 KiB hosts).
-    #[arg(long, default_value_t = 256, value_name = "N")]
+    #[arg(long, default_value_t = 256, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
     max_ranges: u32,
-    /// Tracking page size in bytes (default: the host page size).
+    /// Tracking page size in bytes, e.g. 4096, 2M, 0x200000 (default: the host page size).
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     page_size: Option<u64>,
     /// Host page size: sections are aligned inward to it.
@@ -74,11 +99,13 @@ pub struct PlanArgs {
     /// Plan for a device profile and show what the emulated device does with the plan.
     #[arg(long, value_enum)]
     device: Option<DeviceArg>,
-    /// Override the device's own range maximum.
-    #[arg(long, value_name = "N", requires = "device")]
+    /// Override the device's own range maximum (at least 1).
+    #[arg(long, value_name = "N", requires = "device",
+          value_parser = clap::value_parser!(u32).range(1..))]
     device_max_ranges: Option<u32>,
-    /// Override mlx5's tracked-total ceiling, as log2 bytes (default 42).
-    #[arg(long, value_name = "LOG2", requires = "device")]
+    /// Override mlx5's tracked-total ceiling, as log2 bytes, 12..=64 (default 42).
+    #[arg(long, value_name = "LOG2", requires = "device",
+          value_parser = clap::value_parser!(u8).range(12..=64))]
     device_max_span_log2: Option<u8>,
     /// Track ram_device sections (P2P targets, other devices' BARs).
     #[arg(long)]
@@ -92,27 +119,10 @@ pub struct PlanArgs {
     /// Print the plan as JSON.
     #[arg(long)]
     json: bool,
-    /// Also draw the address space, sections and tracked ranges as SVG.
+    /// Also draw the address space, sections, every strategy's ranges and (with --device)
+    /// what the device tracks, as SVG (`-`: to standard output instead of the plan).
     #[arg(long, value_name = "FILE")]
     svg: Option<String>,
-}
-
-/// Sizes as plain bytes, hex, or with a K/M/G suffix (binary).
-fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (num, mul) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
-        Some('K') => (&t[..t.len() - 1], 1u64 << 10),
-        Some('M') => (&t[..t.len() - 1], 1 << 20),
-        Some('G') => (&t[..t.len() - 1], 1 << 30),
-        _ => (t, 1),
-    };
-    let v = match num.strip_prefix("0x") {
-        Some(h) => u64::from_str_radix(h, 16),
-        None => num.parse(),
-    }
-    .map_err(|_| format!("{s:?} is not a size (bytes, 0x hex, or with K/M/G)"))?;
-    v.checked_mul(mul)
-        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 fn load(a: &PlanArgs) -> Result<(Layout, String), BoxError> {
@@ -129,43 +139,50 @@ fn load(a: &PlanArgs) -> Result<(Layout, String), BoxError> {
     Ok((l, format!("preset:{name}")))
 }
 
-fn limits(a: &PlanArgs) -> Option<DeviceLimits> {
-    let mut l = match a.device? {
-        DeviceArg::Generic => DeviceProfile::Generic.limits(),
-        DeviceArg::Mlx5 => DeviceProfile::Mlx5.limits(),
-        DeviceArg::Pds => DeviceProfile::Pds.limits(),
+/// The device's limits with the overrides applied, and its display name.
+fn device(a: &PlanArgs) -> Result<Option<(DeviceLimits, &'static str)>, BoxError> {
+    let Some(arg) = a.device else {
+        return Ok(None);
     };
+    let (profile, name) = arg.profile();
+    let mut l = profile.limits();
     if let Some(n) = a.device_max_ranges {
         l.max_ranges = n;
     }
-    if let (Some(m), Some((lo, _))) = (a.device_max_span_log2, l.addr_space_log2) {
+    if let Some(m) = a.device_max_span_log2 {
+        let Some((lo, _)) = l.addr_space_log2 else {
+            return Err(format!(
+                "--device-max-span-log2: the {name} profile has no tracked-total ceiling (only mlx5 has one)"
+            )
+            .into());
+        };
         l.addr_space_log2 = Some((lo, m));
     }
-    Some(l)
+    Ok(Some((l, name)))
 }
 
-/// What the emulated device does at START with the plan's ranges.
-struct DeviceRun {
-    name: &'static str,
-    result: Result<(u64, Vec<IovaRange>), iovatrack::device::DeviceError>,
-}
-
-fn run_device(l: DeviceLimits, plan: &Plan, name: &'static str) -> DeviceRun {
-    let dev = EmulatedDevice::new(l).named(name);
-    let result = dev
-        .start(plan.page_size, &plan.ranges)
-        .map(|ps| (ps, dev.tracked_ranges().unwrap_or_default()));
-    let _ = dev.stop();
-    DeviceRun { name, result }
+/// Write `text` to standard output. `Ok(false)` when the reader went away (EPIPE): not an
+/// error worth a message, since `| head` does that on purpose.
+fn emit(text: &str) -> Result<bool, BoxError> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(format!("cannot write to standard output: {e}").into()),
+    }
 }
 
 /// Run `iovatrack plan`.
 pub fn run(a: PlanArgs) -> Result<ExitCode, BoxError> {
+    let mut out = String::new();
     if a.list_presets {
         for (n, d) in presets::list() {
-            println!("{n:16} {d}");
+            let _ = writeln!(out, "{n:16} {d}");
         }
-        return Ok(ExitCode::SUCCESS);
+        return Ok(match emit(&out)? {
+            true => ExitCode::SUCCESS,
+            false => ExitCode::from(EXIT_BROKEN_PIPE),
+        });
     }
     let (layout, source) = load(&a)?;
     let mut planner = Planner::new()
@@ -178,139 +195,66 @@ pub fn run(a: PlanArgs) -> Result<ExitCode, BoxError> {
     if let Some(p) = a.page_size {
         planner = planner.page_size(p);
     }
-    let dev_limits = limits(&a);
-    if let Some(l) = dev_limits {
-        planner = planner.device(l);
+    let report = PlanReport::new(&layout, &source, &planner, device(&a)?)?;
+    // `--svg -` puts the picture on standard output in place of the plan.
+    match a.svg.as_deref() {
+        Some("-") => out.push_str(&crate::svg::render(&layout, &report)),
+        Some(path) => std::fs::write(path, crate::svg::render(&layout, &report))
+            .map_err(|e| format!("cannot write {path}: {e}"))?,
+        None => {}
     }
-    let plan = planner.plan(&layout)?;
-    let compare: Vec<Plan> = Strategy::ALL
-        .iter()
-        .filter_map(|s| planner.clone().strategy(*s).plan(&layout).ok())
-        .collect();
-    let device = dev_limits.map(|l| {
-        let name = match a.device {
-            Some(DeviceArg::Mlx5) => "emulated mlx5",
-            Some(DeviceArg::Pds) => "emulated pds",
-            _ => "emulated generic",
-        };
-        run_device(l, &plan, name)
-    });
-    if let Some(path) = &a.svg {
-        let doc = crate::svg::render(&layout, &plan, &compare, &source);
-        std::fs::write(path, doc).map_err(|e| format!("cannot write {path}: {e}"))?;
+    if a.svg.as_deref() != Some("-") {
+        if a.json {
+            out.push_str(&serde_json::to_string_pretty(&report)?);
+            out.push('\n');
+        } else {
+            print_table(&mut out, &report);
+        }
     }
-    if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&to_json(
-                &plan,
-                &compare,
-                device.as_ref(),
-                &layout,
-                &source,
-                planner.effective_max_ranges()
-            ))?
-        );
+    if !emit(&out)? {
+        return Ok(ExitCode::from(EXIT_BROKEN_PIPE));
+    }
+    Ok(if report.start_refused() {
+        ExitCode::from(EXIT_START_REFUSED)
     } else {
-        print_table(
-            &plan,
-            &compare,
-            device.as_ref(),
-            &layout,
-            &source,
-            planner.effective_max_ranges(),
-        );
-    }
-    Ok(ExitCode::SUCCESS)
+        ExitCode::SUCCESS
+    })
 }
 
-fn ranges_json(r: &[IovaRange]) -> serde_json::Value {
-    r.iter()
-        .map(|r| json!({ "iova": r.iova, "length": r.length }))
-        .collect()
-}
-
-fn to_json(
-    plan: &Plan,
-    compare: &[Plan],
-    dev: Option<&DeviceRun>,
-    layout: &Layout,
-    source: &str,
-    cap: u32,
-) -> serde_json::Value {
-    let mut v = json!({
-        "page_size": plan.page_size,
-        "strategy": plan.strategy.as_str(),
-        "ranges": ranges_json(&plan.ranges),
-        "dma_bytes": plan.dma_bytes,
-        "tracked_bytes": plan.tracked_bytes,
-        "sections": plan.sections,
-        "overhead_bytes": plan.overhead_bytes(),
-        "overlapping": plan.overlapping,
-        "max_ranges": cap,
-        "address_space": layout.address_space(),
-        "source": source,
-        "skipped": plan.skipped.iter().map(|s| json!({
-            "name": s.name, "start": s.start, "last": s.last, "reason": s.reason
-        })).collect::<Vec<_>>(),
-        "compare": compare.iter().map(|p| json!({
-            "strategy": p.strategy.as_str(), "ranges": p.ranges.len(), "tracked_bytes": p.tracked_bytes,
-            "overlapping": p.overlapping,
-        })).collect::<Vec<_>>(),
-    });
-    if let (Some(d), Some(view)) = (dev, plan.device.as_ref()) {
-        v["device"] = match &d.result {
-            Ok((ps, tracked)) => json!({
-                "name": d.name, "limits": view.limits, "accepted": true, "page_size": ps,
-                "merged": tracked.len() < plan.ranges.len(),
-                "tracked_ranges": ranges_json(tracked),
-                "tracked_bytes": tracked.iter().map(|r| r.length as u128).sum::<u128>(),
-            }),
-            Err(e) => json!({
-                "name": d.name, "limits": view.limits, "accepted": false,
-                "errno": e.errno.name().unwrap_or("?"), "error": e.to_string(),
-                "prediction": view.outcome,
-            }),
-        };
-    }
-    v
-}
-
-fn print_table(
-    plan: &Plan,
-    compare: &[Plan],
-    dev: Option<&DeviceRun>,
-    layout: &Layout,
-    source: &str,
-    cap: u32,
-) {
-    println!(
-        "Layout   {source}: address space {:?}, {} sections, {} of RAM",
-        layout.address_space(),
-        layout.sections().len(),
-        human_bytes(layout.ram_bytes())
-    );
-    println!(
-        "Plan     {} strategy, {} range(s) (cap {cap}), page size {}",
-        plan.strategy.as_str(),
-        plan.ranges.len(),
-        human_bytes(plan.page_size as u128)
-    );
-    println!();
-    println!(
+/// The plan as the human table.
+fn print_table(out: &mut String, r: &PlanReport) {
+    let mut line = |l: std::fmt::Arguments<'_>| {
+        let _ = writeln!(out, "{l}");
+    };
+    line(format_args!(
+        "Layout   {}: address space {:?}, {} sections, {} of RAM",
+        r.source,
+        r.address_space,
+        r.sections.total,
+        human_bytes(r.ram_bytes)
+    ));
+    line(format_args!(
+        "Plan     {} strategy, {} range(s) (cap {}), page size {}",
+        r.strategy.as_str(),
+        r.ranges.len(),
+        r.max_ranges,
+        human_bytes(u128::from(r.page_size))
+    ));
+    line(format_args!(""));
+    line(format_args!(
         "  {:>3}  {:>18}  {:>18}  {:>12}",
         "#", "iova", "last", "length"
-    );
-    for (i, r) in plan.ranges.iter().enumerate() {
-        println!(
+    ));
+    for (i, x) in r.ranges.iter().enumerate() {
+        line(format_args!(
             "  {:>3}  {:#018x}  {:#018x}  {:>12}",
             i,
-            r.iova,
-            r.last().unwrap_or(r.iova),
-            human_bytes(r.length as u128)
-        );
+            x.iova,
+            x.last().unwrap_or(x.iova),
+            human_bytes(u128::from(x.length))
+        ));
     }
-    println!();
+    line(format_args!(""));
     let pct = |a: u128, b: u128| {
         if b == 0 {
             0.0
@@ -318,81 +262,93 @@ fn print_table(
             100.0 * a as f64 / b as f64
         }
     };
-    println!(
+    line(format_args!(
         "  DMA-able  {:>12}  ({} of {} sections)",
-        human_bytes(plan.dma_bytes),
-        plan.sections.tracked,
-        plan.sections.total
-    );
-    println!(
+        human_bytes(r.dma_bytes),
+        r.sections.tracked,
+        r.sections.total
+    ));
+    line(format_args!(
         "  tracked   {:>12}  (overhead {}, {:.3}% of tracked)",
-        human_bytes(plan.tracked_bytes),
-        human_bytes(plan.overhead_bytes()),
-        pct(plan.overhead_bytes(), plan.tracked_bytes)
-    );
-    if plan.overlapping {
-        println!("  note: ranges overlap (QEMU's buckets do); the kernel refuses overlapping ranges with EINVAL");
+        human_bytes(r.tracked_bytes),
+        human_bytes(r.overhead_bytes),
+        pct(r.overhead_bytes, r.tracked_bytes)
+    ));
+    if r.overlapping {
+        line(format_args!("  note: ranges overlap (QEMU's buckets do); the kernel refuses overlapping ranges with EINVAL"));
     }
-    if !plan.skipped.is_empty() {
-        println!();
-        println!("Skipped sections");
-        for s in &plan.skipped {
-            println!(
+    if !r.skipped.is_empty() {
+        line(format_args!(""));
+        line(format_args!("Skipped sections"));
+        for s in &r.skipped {
+            line(format_args!(
                 "  {:#018x}-{:#018x}  {:>10}  {:<32} {}",
                 s.start,
                 s.last,
-                human_bytes(s.last as u128 - s.start as u128 + 1),
+                human_bytes(u128::from(s.last) - u128::from(s.start) + 1),
                 truncate(&s.name, 32),
                 s.reason.describe()
-            );
+            ));
         }
     }
-    println!();
-    println!("Strategies compared");
-    for p in compare {
-        let mark = if p.strategy == plan.strategy {
-            "*"
-        } else {
-            " "
-        };
-        println!(
+    line(format_args!(""));
+    line(format_args!("Strategies compared"));
+    for p in &r.compare {
+        let mark = if p.strategy == r.strategy { "*" } else { " " };
+        line(format_args!(
             " {mark} {:<12} {:>4} range(s)  tracked {:>12}  overhead {:>12}{}",
             p.strategy.as_str(),
-            p.ranges.len(),
+            p.ranges,
             human_bytes(p.tracked_bytes),
-            human_bytes(p.overhead_bytes()),
+            human_bytes(p.overhead_bytes),
             if p.overlapping { "  (overlapping)" } else { "" }
-        );
+        ));
     }
-    if let Some(d) = dev {
-        println!();
-        match &d.result {
-            Ok((ps, tracked)) => {
-                let total: u128 = tracked.iter().map(|r| r.length as u128).sum();
-                println!(
-                    "Device   {}: START accepted, page size {}",
-                    d.name,
-                    human_bytes(*ps as u128)
-                );
-                if tracked.len() < plan.ranges.len() {
-                    println!("  the driver merged {} ranges into {} (smallest gaps first); it tracks {} (+{} over the plan)", plan.ranges.len(), tracked.len(), human_bytes(total), human_bytes(total.saturating_sub(plan.tracked_bytes)));
-                    for r in tracked {
-                        println!(
-                            "    {:#018x}-{:#018x}  {:>12}",
-                            r.iova,
-                            r.last().unwrap_or(r.iova),
-                            human_bytes(r.length as u128)
-                        );
-                    }
-                } else {
-                    println!(
-                        "  tracks the plan as given: {} range(s), {}",
-                        tracked.len(),
-                        human_bytes(total)
-                    );
+    let Some(d) = &r.device else {
+        return;
+    };
+    line(format_args!(""));
+    match &d.result {
+        DeviceResult::Accepted {
+            page_size,
+            merged,
+            tracked_ranges,
+            tracked_bytes,
+        } => {
+            line(format_args!(
+                "Device   {}: START accepted, page size {}",
+                d.name,
+                human_bytes(u128::from(*page_size))
+            ));
+            if *merged {
+                line(format_args!(
+                    "  the driver merged {} ranges into {} (smallest gaps first); it tracks {} (+{} over the plan)",
+                    r.ranges.len(),
+                    tracked_ranges.len(),
+                    human_bytes(*tracked_bytes),
+                    human_bytes(tracked_bytes.saturating_sub(r.tracked_bytes))
+                ));
+                for x in tracked_ranges {
+                    line(format_args!(
+                        "    {:#018x}-{:#018x}  {:>12}",
+                        x.iova,
+                        x.last().unwrap_or(x.iova),
+                        human_bytes(u128::from(x.length))
+                    ));
                 }
+            } else {
+                line(format_args!(
+                    "  tracks the plan as given: {} range(s), {}",
+                    tracked_ranges.len(),
+                    human_bytes(*tracked_bytes)
+                ));
             }
-            Err(e) => println!("Device   {}: START REFUSED: {e}", d.name),
+        }
+        DeviceResult::Refused { error, .. } => {
+            line(format_args!("Device   {}: START REFUSED: {error}", d.name));
+            line(format_args!(
+                "  this plan cannot be used with this device (exit status {EXIT_START_REFUSED})"
+            ));
         }
     }
 }
@@ -403,19 +359,5 @@ fn truncate(s: &str, n: usize) -> String {
     } else {
         let t: String = s.chars().take(n - 1).collect();
         format!("{t}…")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("2M"), Ok(2 << 20));
-        assert_eq!(parse_size("0x1000"), Ok(4096));
-        assert!(parse_size("x").is_err());
-        assert!(parse_size("99999999999999G").is_err());
     }
 }

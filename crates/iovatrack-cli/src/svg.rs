@@ -6,7 +6,7 @@
 //! 1 MiB one, and a 4 KiB ROM is still visible beside 14 GiB of RAM.
 
 use iovatrack::layout::{Layout, SectionKind};
-use iovatrack::plan::Plan;
+use iovatrack::plan::report::{DeviceResult, PlanReport};
 use iovatrack::range::{human_bytes, IovaRange};
 use std::fmt::Write;
 
@@ -77,6 +77,56 @@ struct Axis {
     /// (address, x) at every boundary, ascending.
     stops: Vec<(u128, f64)>,
     holes: Vec<(u128, u128, f64, f64)>,
+}
+
+/// How much an address label at a boundary is worth when labels collide.
+fn label_rank(axis: &Axis, secs: &[Run], a: u128) -> u8 {
+    let hole_starts = axis.holes.iter().any(|h| h.0 == a);
+    let hole_ends = axis.holes.iter().any(|h| h.1 == a);
+    let section_starts = secs.binary_search_by(|r| r.start.cmp(&a)).is_ok_and(|i| {
+        matches!(
+            secs[i].kind,
+            SectionKind::Ram | SectionKind::RamDevice | SectionKind::Rom
+        )
+    });
+    match (hole_ends, section_starts, hole_starts) {
+        // Where memory resumes after a hole (RAM above 4 GiB, at 1 TiB, ...): the address
+        // a reader looks for.
+        (true, _, _) => 3,
+        (_, true, _) => 2,
+        // The start of a hole is the end of what precedes it; a label there, rotated to
+        // the right, reads as if it belonged to what follows the (narrow) hole.
+        (_, _, true) => 0,
+        _ => 1,
+    }
+}
+
+/// Boundaries to label: the most telling ones first, then others where they fit, never
+/// two closer than `gap` pixels. Returned in address order.
+fn label_stops(axis: &Axis, secs: &[Run], gap: f64) -> Vec<(u128, f64)> {
+    let mut order: Vec<(u8, usize)> = axis
+        .stops
+        .iter()
+        .enumerate()
+        .map(|(i, &(a, _))| (label_rank(axis, secs, a), i))
+        .collect();
+    // Higher rank first; within a rank, left to right.
+    order.sort_by_key(|&(rank, i)| (std::cmp::Reverse(rank), i));
+    let mut placed: Vec<usize> = Vec::new();
+    for (rank, i) in order {
+        let x = axis.stops[i].1;
+        if rank == 0 && i + 1 < axis.stops.len() {
+            // A hole start gets a label only if the hole is wide enough to hold one.
+            if axis.stops[i + 1].1 - x < gap {
+                continue;
+            }
+        }
+        if placed.iter().all(|&j| (axis.stops[j].1 - x).abs() >= gap) {
+            placed.push(i);
+        }
+    }
+    placed.sort_unstable();
+    placed.into_iter().map(|i| axis.stops[i]).collect()
 }
 
 impl Axis {
@@ -185,15 +235,27 @@ fn pixels(axis: &Axis, ranges: &[IovaRange], what: &str) -> Vec<((f64, f64), Str
     out.into_iter().map(|(x, t, _)| (x, t)).collect()
 }
 
-/// Render the layout, the DMA-able set and every strategy's ranges.
-pub fn render(layout: &Layout, plan: &Plan, compare: &[Plan], source: &str) -> String {
+/// Render the layout, the DMA-able set, every strategy's ranges and, when the report has a
+/// device, what the device tracks after its driver's merge.
+pub fn render(layout: &Layout, report: &PlanReport) -> String {
+    let (plan, compare, source) = (&report.plan, &report.compared, report.source.as_str());
+    let tracked: Option<&[IovaRange]> = report.device.as_ref().and_then(|d| match &d.result {
+        DeviceResult::Accepted { tracked_ranges, .. } => Some(tracked_ranges.as_slice()),
+        DeviceResult::Refused { .. } => None,
+    });
     let secs = runs(layout);
     let mut extra: Vec<(u128, u128)> = plan.dma.iter().map(|r| (r.iova as u128, r.end())).collect();
     for p in compare.iter().chain(std::iter::once(plan)) {
         extra.extend(p.ranges.iter().map(|r| (r.iova as u128, r.end())));
     }
+    extra.extend(
+        tracked
+            .unwrap_or_default()
+            .iter()
+            .map(|r| (r.iova as u128, r.end())),
+    );
     let axis = Axis::new(&secs, &extra);
-    let rows = 2 + compare.len();
+    let rows = 2 + compare.len() + usize::from(report.device.is_some());
     let top = 78.0;
     let height = top + rows as f64 * (ROW_H + 12.0) + 150.0;
     let mut s = String::new();
@@ -341,13 +403,47 @@ pub fn render(layout: &Layout, plan: &Plan, compare: &[Plan], source: &str) -> S
             }
         }
     }
-    // Address labels at notable boundaries: wide enough apart not to collide.
-    let mut last_x = f64::MIN;
-    for &(a, x) in &axis.stops {
-        if x - last_x < 60.0 {
-            continue;
+    if let Some(d) = &report.device {
+        y += ROW_H + 12.0;
+        match &d.result {
+            DeviceResult::Accepted {
+                tracked_ranges,
+                tracked_bytes,
+                merged,
+                ..
+            } => {
+                let what = if *merged { "device (merged)" } else { "device" };
+                label(
+                    &mut s,
+                    y - 6.0,
+                    &format!("{what} ({})", tracked_ranges.len()),
+                    true,
+                );
+                let _ = writeln!(
+                    s,
+                    r##"<text x="{:.1}" y="{:.1}" text-anchor="end" font-size="10" fill="#555">tracked {}</text>"##,
+                    LEFT - 10.0,
+                    y + ROW_H / 2.0 + 12.0,
+                    esc(&human_bytes(*tracked_bytes))
+                );
+                for (x, tip) in pixels(&axis, tracked_ranges, &d.name) {
+                    rect(&mut s, x, y, ROW_H, ("#805ad5", "#44337a"), &tip);
+                }
+            }
+            DeviceResult::Refused { error, .. } => {
+                label(&mut s, y, "device", true);
+                let _ = writeln!(
+                    s,
+                    r##"<text x="{LEFT:.1}" y="{:.1}" fill="#b00020">{}: START refused: {}</text>"##,
+                    y + ROW_H / 2.0 + 4.0,
+                    esc(&d.name),
+                    esc(error)
+                );
+            }
         }
-        last_x = x;
+    }
+    // Address labels at the telling boundaries, never two closer than 60 px.
+    for (a, x) in label_stops(&axis, &secs, 60.0) {
         let _ = writeln!(
             s,
             r##"<text transform="translate({x:.1},{:.1}) rotate(40)" font-size="10" fill="#555">{:#x}</text><line x1="{x:.1}" y1="{top:.1}" x2="{x:.1}" y2="{:.1}" stroke="#888" stroke-width="0.4" stroke-dasharray="2,2"/>"##,
@@ -367,6 +463,7 @@ pub fn render(layout: &Layout, plan: &Plan, compare: &[Plan], source: &str) -> S
         ("iommu", "#bf616a"),
         ("DMA-able", "#1f7a3d"),
         ("tracked range", "#2b6cb0"),
+        ("device-tracked", "#805ad5"),
     ] {
         let _ = writeln!(
             s,

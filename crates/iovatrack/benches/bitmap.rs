@@ -8,7 +8,8 @@
 //!   there to show the machine's memory bandwidth.
 //! * `runs/<size>/<dirty>`: `DirtyBitmap::runs` → address ranges vs Cloud Hypervisor's
 //!   `MemoryRangeTable::from_dirty_bitmap` (a per-bit `BitposIterator` then an
-//!   itertools-style `coalesce` of adjacent pages), re-implemented below.
+//!   itertools-style `coalesce` of adjacent pages), re-implemented in `common`. `ours`
+//!   consumes the ranges with `fold` (`Runs::fold`), `ours_next` with a `for` loop (`next`).
 //! * `fold_4k_2m/<size>/<dirty>` and `expand_2m_4k/<size>/<dirty>`: `or_regranular` vs a
 //!   per-set-bit loop (find each set bit with `trailing_zeros`, set the coarse bit, or set
 //!   each of the 512 fine bits one by one).
@@ -172,6 +173,16 @@ fn benches(c: &mut Criterion) {
                 let mut g = config(c, format!("runs/{id}"));
                 g.bench_function("ours", |bch| {
                     bch.iter(|| digest(our_ranges(black_box(&a0), base, PAGE)))
+                });
+                // The same through `next` (a `for` loop), not `Runs::fold`.
+                g.bench_function("ours_next", |bch| {
+                    bch.iter(|| {
+                        let mut d = (0, 0, 0);
+                        for r in our_ranges(black_box(&a0), base, PAGE) {
+                            d = (d.0 + 1, d.1 + r.length, d.2 ^ r.gpa);
+                        }
+                        d
+                    })
                 });
                 if run_ch {
                     g.bench_function("ch", |bch| {

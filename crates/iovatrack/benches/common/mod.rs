@@ -1,6 +1,8 @@
 //! Cloud Hypervisor's dirty-bitmap → ranges path (vm-migration), re-implemented as the
 //! baseline the benches compare against.
 
+use std::ops::{Mul, Range};
+
 /// Cloud Hypervisor's `MemoryRange`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MemoryRange {
@@ -8,13 +10,16 @@ pub struct MemoryRange {
     pub length: u64,
 }
 
-/// Cloud Hypervisor's `BitposIterator` (vm-migration, 2025): treats the words as one big
-/// integer and yields the position of each set bit, one per `next`, resuming inside the
-/// current word with a shift and `trailing_zeros`.
+/// Cloud Hypervisor's `BitposIterator` (vm-migration/src/bitpos_iterator.rs, 2025), field
+/// types and arithmetic as there: treats the words as one big integer and yields the
+/// position of each set bit, one per `next`, resuming inside the current word with a shift
+/// and `trailing_zeros`.
 struct BitposIterator<I> {
-    words: I,
-    word_pos: u64,
-    current: Option<(u64, u32)>,
+    underlying_it: I,
+    /// How many words were consumed (`u32`, as in Cloud Hypervisor).
+    word_pos: u32,
+    /// The word being worked on and the bit to continue at.
+    current_word: Option<(u64, u32)>,
 }
 
 impl<I: Iterator<Item = u64>> Iterator for BitposIterator<I> {
@@ -22,19 +27,23 @@ impl<I: Iterator<Item = u64>> Iterator for BitposIterator<I> {
 
     fn next(&mut self) -> Option<u64> {
         loop {
-            if self.current.is_none() {
-                self.current = self.words.next().map(|w| (w, 0));
+            if self.current_word.is_none() {
+                self.current_word = self.underlying_it.next().map(|w| (w, 0));
             }
-            let (word, bit) = self.current?;
-            if word != 0 && bit < 64 {
-                let rest = word >> bit;
-                if rest != 0 {
-                    let tz = rest.trailing_zeros();
-                    self.current = Some((word, bit + tz + 1));
-                    return Some(self.word_pos * 64 + u64::from(bit + tz));
+            let (word, word_bit) = self.current_word?;
+            if word != 0 && word_bit < 64 {
+                let shifted_word = word >> word_bit;
+                if shifted_word != 0 {
+                    let zeroes = shifted_word.trailing_zeros();
+                    self.current_word = Some((word, zeroes + word_bit + 1));
+                    let next_bitpos = u64::from(self.word_pos)
+                        .mul(64)
+                        .checked_add(u64::from(word_bit) + u64::from(zeroes))
+                        .unwrap();
+                    return Some(next_bitpos);
                 }
             }
-            self.current = None;
+            self.current_word = None;
             self.word_pos += 1;
         }
     }
@@ -75,33 +84,33 @@ fn coalesce<I: Iterator, F>(mut iter: I, f: F) -> Coalesce<I, F> {
     Coalesce { iter, last, f }
 }
 
-/// Cloud Hypervisor's `MemoryRangeTable::from_dirty_bitmap`, minus the final `collect`.
+/// Cloud Hypervisor's `MemoryRangeTable::dirty_ranges_iter` (vm-migration/src/protocol.rs),
+/// which `from_dirty_bitmap` collects: bit positions, as one-page `Range`s, coalesced when
+/// adjacent, then mapped to `MemoryRange`s.
 pub fn ch_ranges(
-    words: impl IntoIterator<Item = u64>,
+    bitmap: impl IntoIterator<Item = u64>,
     start_addr: u64,
     page_size: u64,
 ) -> impl Iterator<Item = MemoryRange> {
     let bitpos = BitposIterator {
-        words: words.into_iter(),
+        underlying_it: bitmap.into_iter(),
         word_pos: 0,
-        current: None,
+        current_word: None,
     };
     coalesce(
-        bitpos.map(move |p| MemoryRange {
-            gpa: start_addr + p * page_size,
-            length: page_size,
-        }),
-        |prev: MemoryRange, cur: MemoryRange| {
-            if prev.gpa + prev.length == cur.gpa {
-                Ok(MemoryRange {
-                    gpa: prev.gpa,
-                    length: prev.length + cur.length,
-                })
+        bitpos.map(|b| b..(b + 1)),
+        |prev: Range<u64>, curr: Range<u64>| {
+            if prev.end == curr.start {
+                Ok(prev.start..curr.end)
             } else {
-                Err((prev, cur))
+                Err((prev, curr))
             }
         },
     )
+    .map(move |r| MemoryRange {
+        gpa: start_addr + r.start * page_size,
+        length: (r.end - r.start) * page_size,
+    })
 }
 
 /// Tiny seeded xorshift64 (no extra crate).

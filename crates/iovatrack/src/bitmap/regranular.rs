@@ -150,13 +150,14 @@ pub fn or_regranular(
     // to destination pages.
     let s_lo = ((lo - sb) >> ss) as u64;
     let s_hi = up(hi - sb, ss);
-    for (first, len) in Runs::range(src, s_lo, s_hi) {
+    // `for_each`, not `for`: it runs on `Runs::fold`, which keeps the scan in registers.
+    Runs::range(src, s_lo, s_hi).for_each(|(first, len)| {
         let a = (sb + ((first as u128) << ss)).max(lo);
         let b = (sb + (((first + len) as u128) << ss)).min(hi);
         let j0 = ((a - db) >> ds) as u64;
         let j1 = up(b - db, ds);
         fill_range(dst, j0, j1 - j0);
-    }
+    });
     Ok(())
 }
 

@@ -212,6 +212,38 @@ fn runs_chunk_scan_edges() {
 }
 
 #[test]
+fn runs_fold_block_edges() {
+    // A run crossing from the last word of one 64-word block into the next, one crossing
+    // a whole clean-looking block of all-ones words, one ending exactly at a block edge,
+    // and a run reaching the masked last word.
+    let mut w = vec![0u64; 64 * 3 + 2];
+    w[63] = 1 << 63;
+    w[64] = 0b11;
+    w[100] = 1 << 63;
+    w[101..=190].fill(u64::MAX);
+    w[191] = 1;
+    w[192] = 1 << 63;
+    w[193] = u64::MAX;
+    let bits = 193 * 64 + 10;
+    let want = oracle_runs(&w, 0, bits);
+    assert_eq!(
+        want,
+        [
+            (63 * 64 + 63, 3),
+            (100 * 64 + 63, 1 + 90 * 64 + 1),
+            (192 * 64 + 63, 11)
+        ]
+    );
+    assert_eq!(Runs::new(&w, bits).collect::<Vec<_>>(), want);
+    let folded = Runs::new(&w, bits).fold(Vec::new(), |mut v, r| {
+        v.push(r);
+        v
+    });
+    assert_eq!(folded, want);
+    assert_eq!(Runs::new(&w, bits).count(), 3);
+}
+
+#[test]
 fn words_mut_guard_keeps_tail_clear() {
     let mut b = DirtyBitmap::new(70);
     b.words_mut().fill(u64::MAX); // as a careless ioctl might
@@ -347,6 +379,37 @@ fn arb_bitmap(max_bits: u64) -> impl Strategy<Value = (Vec<u64>, u64)> {
     })
 }
 
+/// Maximal runs of set bits in `lo..hi`, bit by bit: the oracle for [`Runs`].
+fn oracle_runs(words: &[u64], lo: u64, hi: u64) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for k in bits_of(words, hi).into_iter().filter(|&k| k >= lo) {
+        match out.last_mut() {
+            Some((f, l)) if *f + *l == k => *l += 1,
+            _ => out.push((k, 1)),
+        }
+    }
+    out
+}
+
+/// Bitmaps of up to `max_words` words, mostly clean (so whole 64-word blocks are skipped),
+/// with single bits, words' top and bottom bits (runs crossing words and blocks), all-ones
+/// streaks and random words; `bits` may end inside the last word.
+fn arb_sparse_bitmap(max_words: usize) -> impl Strategy<Value = (Vec<u64>, u64)> {
+    let word = prop_oneof![
+        12 => Just(0u64),
+        2 => Just(u64::MAX),
+        1 => Just(1u64 << 63),
+        1 => Just(1u64),
+        1 => Just(1u64 << 63 | 1),
+        1 => (0u32..64).prop_map(|b| 1u64 << b),
+        1 => any::<u64>(),
+    ];
+    (proptest::collection::vec(word, 0..=max_words), 0u64..64).prop_map(|(words, cut)| {
+        let bits = (words.len() as u64 * 64).saturating_sub(cut);
+        (words, bits)
+    })
+}
+
 /// Power-of-two page sizes from 4 KiB to 4 MiB, weighted to the interesting ones.
 fn arb_page() -> impl Strategy<Value = u64> {
     prop_oneof![
@@ -423,6 +486,28 @@ proptest! {
             rebuilt.set_range(first, len).unwrap();
         }
         prop_assert_eq!(rebuilt, b);
+    }
+
+    #[test]
+    fn runs_next_and_fold_match_the_oracle(
+        (words, bits) in arb_sparse_bitmap(400),
+        a in 0u64..26_000,
+        b in 0u64..26_000,
+        taken in 0usize..4,
+    ) {
+        let (lo, hi) = (a.min(b), a.max(b).min(bits));
+        let want = oracle_runs(&words, lo, hi);
+        let by_next: Vec<_> = Runs::range(&words, lo, hi).collect();
+        prop_assert_eq!(&by_next, &want);
+        let by_fold = Runs::range(&words, lo, hi).fold(Vec::new(), |mut v, r| { v.push(r); v });
+        prop_assert_eq!(&by_fold, &want);
+        // A partly consumed iterator folds the rest.
+        let mut it = Runs::range(&words, lo, hi);
+        let mut mixed: Vec<_> = it.by_ref().take(taken).collect();
+        it.for_each(|r| mixed.push(r));
+        prop_assert_eq!(&mixed, &want);
+        let whole = Runs::new(&words, bits).fold(Vec::new(), |mut v, r| { v.push(r); v });
+        prop_assert_eq!(whole, oracle_runs(&words, 0, bits));
     }
 
     #[test]

@@ -16,7 +16,8 @@
 //!
 //! * `start`, `size`, `offset`: a JSON integer, or a string in decimal or `0x` hex (JSON
 //!   tools often lose integers above 2^53, so strings are the safe form). `size` may be up to
-//!   2^64 and `start + size` must not exceed 2^64.
+//!   2^64 and `start + size` must not exceed 2^64; a memory section (`ram`, `ram_device`,
+//!   `rom`) is at most 2^52 bytes, the widest guest physical address space.
 //! * `kind`: `ram`, `ram_device`, `rom`, `romd`, `io` or `iommu` (an `iommu` section marks
 //!   the address space as vIOMMU-translated).
 //! * `readonly` defaults to true for `rom` and false otherwise; other flags default to false,
@@ -32,6 +33,12 @@ pub enum JsonLayoutError {
     /// Not JSON, or not the expected shape.
     #[error("JSON layout: {0}")]
     Syntax(#[from] serde_json::Error),
+    /// Nothing but whitespace.
+    #[error("the JSON layout is empty: expected an object with a \"sections\" array")]
+    Empty,
+    /// Valid JSON, but not an object.
+    #[error("the JSON layout is {0}, not an object with a \"sections\" array")]
+    NotAnObject(&'static str),
     /// A number field that is not an unsigned integer.
     #[error("section {index}: field {field:?}: {text:?} is not an unsigned integer (use a number, or a string in decimal or 0x hex)")]
     Number {
@@ -145,6 +152,22 @@ fn default_as() -> String {
 
 /// Parse a JSON layout.
 pub fn parse(text: &str) -> Result<Layout, JsonLayoutError> {
+    let t = text.trim_start();
+    if t.is_empty() {
+        return Err(JsonLayoutError::Empty);
+    }
+    if !t.starts_with('{') {
+        // Say what it is when it is JSON at all; otherwise the syntax error says where.
+        let v: serde_json::Value = serde_json::from_str(text)?;
+        return Err(JsonLayoutError::NotAnObject(match v {
+            serde_json::Value::Array(_) => "an array",
+            serde_json::Value::String(_) => "a string",
+            serde_json::Value::Number(_) => "a number",
+            serde_json::Value::Bool(_) => "a boolean",
+            serde_json::Value::Null => "null",
+            serde_json::Value::Object(_) => "an object", // unreachable: no leading '{'
+        }));
+    }
     let j: JsonLayout = serde_json::from_str(text)?;
     let mut sections = Vec::with_capacity(j.sections.len());
     for (index, s) in j.sections.into_iter().enumerate() {
@@ -289,6 +312,17 @@ mod tests {
             JsonLayoutError::Syntax(_)
         ));
         assert!(matches!(e("{"), JsonLayoutError::Syntax(_)));
+        assert!(matches!(e(" \n"), JsonLayoutError::Empty));
+        assert!(matches!(e("[1]"), JsonLayoutError::NotAnObject("an array")));
+        assert!(matches!(e("null"), JsonLayoutError::NotAnObject("null")));
+        assert!(matches!(e("nope"), JsonLayoutError::Syntax(_)));
+        let huge = e(
+            r#"{"sections":[{"start":0,"size":"0x10000000000000000","kind":"ram","name":"all"}]}"#,
+        );
+        assert!(
+            huge.to_string().contains("section 0 (\"all\")") && huge.to_string().contains("16 EiB"),
+            "{huge}"
+        );
         let iommu =
             parse(r#"{"sections":[{"start":0,"size":"0x10000000000000000","kind":"iommu"}]}"#)
                 .unwrap();

@@ -13,6 +13,7 @@ pub mod mtree;
 pub mod presets;
 pub mod qmp;
 
+use crate::range::human_bytes;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -48,6 +49,23 @@ impl SectionKind {
         }
     }
 }
+
+impl SectionKind {
+    /// Whether host memory backs the section (`ram`, `ram_device`, `rom`), as opposed to
+    /// dispatch regions (`romd`, `io`, `iommu`), which may span the whole address space.
+    pub fn is_memory(self) -> bool {
+        matches!(
+            self,
+            SectionKind::Ram | SectionKind::RamDevice | SectionKind::Rom
+        )
+    }
+}
+
+/// Widest guest physical address on x86-64 and arm64 (LPA2): 52 bits.
+pub const MAX_PHYS_BITS: u32 = 52;
+
+/// The largest memory section a guest can have: its whole physical address space.
+pub const MAX_MEMORY_SECTION: u128 = 1 << MAX_PHYS_BITS;
 
 impl fmt::Display for SectionKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -178,6 +196,18 @@ pub enum LayoutError {
         /// Region name.
         name: String,
     },
+    /// A memory section larger than any guest physical address space holds.
+    #[error("section {index} ({name:?}): {size} of {kind} cannot be guest memory: guest physical addresses have at most {MAX_PHYS_BITS} bits, so no memory section exceeds {max}", size = human_bytes(*size), max = human_bytes(MAX_MEMORY_SECTION))]
+    ImpossibleMemory {
+        /// Position in the input.
+        index: usize,
+        /// Region name.
+        name: String,
+        /// Its kind.
+        kind: SectionKind,
+        /// Its size in bytes.
+        size: u128,
+    },
     /// Two sections share bytes (a flat view never does).
     #[error("sections {first:?} [{first_start:#x}..] and {second:?} [{second_start:#x}..] overlap at {at:#x}")]
     Overlap {
@@ -215,6 +245,20 @@ impl Layout {
             return Err(LayoutError::Inverted {
                 index,
                 name: s.name.clone(),
+            });
+        }
+        // Checked here, not left to the planner: a 16 EiB "RAM" section would be planned
+        // (and tracked) as if it were real, and only fail when something tried to back it.
+        if let Some((index, s)) = sections
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.kind.is_memory() && s.size() > MAX_MEMORY_SECTION)
+        {
+            return Err(LayoutError::ImpossibleMemory {
+                index,
+                name: s.name.clone(),
+                kind: s.kind,
+                size: s.size(),
             });
         }
         sections.sort_by_key(|s| (s.start, s.last));
@@ -292,14 +336,24 @@ pub enum LoadError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The input is empty (or only whitespace).
+    #[error("the layout is empty: expected QEMU `info mtree -f` text or a JSON layout")]
+    Empty,
     /// No preset of that name.
     #[error("no preset named {0:?} (known: {known})", known = presets::names().join(", "))]
     UnknownPreset(String),
 }
 
-/// Parse layout text, telling JSON (first non-blank character `{`) from `info mtree -f`.
+/// Parse layout text, telling JSON from `info mtree -f`: text that is JSON at all (an
+/// object, but also an array, a string or a number, which get a JSON error saying what they
+/// are) is read as a JSON layout, anything else as `info mtree -f`.
 pub fn parse_any(text: &str, address_space: Option<&str>) -> Result<Layout, LoadError> {
-    if text.trim_start().starts_with('{') {
+    let t = text.trim_start();
+    if t.is_empty() {
+        return Err(LoadError::Empty);
+    }
+    // An mtree dump fails as JSON at its first character, so this costs nothing there.
+    if t.starts_with('{') || serde_json::from_str::<serde::de::IgnoredAny>(t).is_ok() {
         Ok(json::parse(text)?)
     } else {
         Ok(mtree::parse(
@@ -309,7 +363,9 @@ pub fn parse_any(text: &str, address_space: Option<&str>) -> Result<Layout, Load
     }
 }
 
-/// Load a layout file (`-` = standard input), JSON or `info mtree -f`.
+/// Load a layout file (`-` = standard input), JSON or `info mtree -f`. A file named
+/// `*.json` is read as JSON whatever it holds, so that an empty or broken one gets a JSON
+/// error rather than an `info mtree -f` one.
 pub fn load_file(path: &str, address_space: Option<&str>) -> Result<Layout, LoadError> {
     use std::io::Read;
     let mut text = String::new();
@@ -322,7 +378,74 @@ pub fn load_file(path: &str, address_space: Option<&str>) -> Result<Layout, Load
         path: path.to_string(),
         source,
     })?;
-    parse_any(&text, address_space)
+    let is_json = std::path::Path::new(path)
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("json"));
+    if is_json {
+        Ok(json::parse(&text)?)
+    } else {
+        parse_any(&text, address_space)
+    }
+}
+
+/// Why a size was refused by [`parse_size`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    /// Not a number in a known form.
+    #[error("{0:?} is not a size: give bytes in decimal or 0x hex, or a decimal number with a binary suffix K, M, G, T, P or E (optionally followed by iB or B)")]
+    Invalid(String),
+    /// A size of 2^64 bytes or more.
+    #[error("{0:?} is 2^64 bytes or more")]
+    TooLarge(String),
+}
+
+/// Parse a byte count as people write one: `4096`, `0x1000`, `2M`, `2MiB`, `16g`, `1T`.
+/// Suffixes are binary (K = 1024) and case-insensitive; hex takes no suffix (`B` and `E`
+/// are hex digits).
+///
+/// ```
+/// use iovatrack::layout::parse_size;
+///
+/// assert_eq!(parse_size("2M"), Ok(2 << 20));
+/// assert_eq!(parse_size("0x1000"), Ok(4096));
+/// assert_eq!(parse_size("1 GiB"), Ok(1 << 30));
+/// assert!(parse_size("16E").is_err()); // 2^64: does not fit
+/// ```
+pub fn parse_size(text: &str) -> Result<u64, SizeError> {
+    let invalid = || SizeError::Invalid(text.to_string());
+    let t = text.trim();
+    if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        return match u64::from_str_radix(h, 16) {
+            Ok(v) if !h.starts_with('+') => Ok(v),
+            Err(e) if *e.kind() == std::num::IntErrorKind::PosOverflow => {
+                Err(SizeError::TooLarge(text.to_string()))
+            }
+            _ => Err(invalid()),
+        };
+    }
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    if num.is_empty() {
+        return Err(invalid());
+    }
+    let unit = unit.trim_start().to_ascii_lowercase();
+    let unit = unit
+        .strip_suffix("ib")
+        .or_else(|| unit.strip_suffix('b'))
+        .unwrap_or(&unit);
+    let shift = match unit {
+        "" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        "t" => 40,
+        "p" => 50,
+        "e" => 60,
+        _ => return Err(invalid()),
+    };
+    let too_large = || SizeError::TooLarge(text.to_string());
+    let v: u64 = num.parse().map_err(|_| too_large())?;
+    v.checked_mul(1u64 << shift).ok_or_else(too_large)
 }
 
 #[cfg(test)]
@@ -337,6 +460,68 @@ mod tests {
         assert!(VfioBar::parse("0000:01:00.0 BAR x mmaps[0]").is_none());
         assert!(VfioBar::parse("pc.ram").is_none());
         assert!(VfioBar::parse("0000:01:00.0 BAR 3 mmaps[0] extra").is_none());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size(" 2M "), Ok(2 << 20));
+        assert_eq!(parse_size("2mib"), Ok(2 << 20));
+        assert_eq!(parse_size("4KB"), Ok(4096));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        assert_eq!(parse_size("0x1000"), Ok(4096));
+        assert_eq!(parse_size("0XfFfF"), Ok(0xffff));
+        assert_eq!(parse_size("15E"), Ok(15 << 60));
+        for bad in ["", "x", "0x", "-1", "+1", "1.5G", "2Q", "0x1M", "M", "0x+1"] {
+            assert_eq!(
+                parse_size(bad),
+                Err(SizeError::Invalid(bad.into())),
+                "{bad}"
+            );
+        }
+        for big in [
+            "16E",
+            "99999999999999G",
+            "0x10000000000000000",
+            "18446744073709551616",
+        ] {
+            assert_eq!(
+                parse_size(big),
+                Err(SizeError::TooLarge(big.into())),
+                "{big}"
+            );
+        }
+        assert_eq!(parse_size("18446744073709551615"), Ok(u64::MAX));
+    }
+
+    #[test]
+    fn memory_larger_than_any_guest_is_refused_by_name() {
+        let ram = Section::new(0x1_0000_0000, u64::MAX, SectionKind::Ram, "huge");
+        let low = Section::new(0, 0xfff, SectionKind::Ram, "low");
+        let e = Layout::new("m", vec![low.clone(), ram]).unwrap_err();
+        assert!(
+            matches!(e, LayoutError::ImpossibleMemory { index: 1, .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("section 1 (\"huge\")"), "{e}");
+        // Dispatch regions may cover everything; 4 PiB of RAM is still possible.
+        let io = Section::new(0x1000, u64::MAX, SectionKind::Io, "io");
+        assert!(Layout::new("m", vec![low.clone(), io]).is_ok());
+        let big = Section::new(1 << 52, (2 << 52) - 1, SectionKind::Ram, "4p");
+        assert!(Layout::new("m", vec![low, big]).is_ok());
+    }
+
+    #[test]
+    fn empty_and_non_object_inputs_get_their_own_errors() {
+        assert!(matches!(parse_any(" \n", None), Err(LoadError::Empty)));
+        for (text, what) in [
+            ("[]", "an array"),
+            ("\"x\"", "a string"),
+            ("42", "a number"),
+        ] {
+            let e = parse_any(text, None).unwrap_err();
+            assert!(e.to_string().contains(what), "{text}: {e}");
+        }
     }
 
     #[test]

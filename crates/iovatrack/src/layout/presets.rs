@@ -28,7 +28,7 @@ const PRESETS: [(&str, &str, &str); 7] = [
     ),
     (
         "q35-virtio-mem",
-        "q35 with a 16 GiB virtio-mem device",
+        "q35 with a 256 GiB virtio-mem device",
         include_str!("../../presets/q35-virtio-mem.mtree"),
     ),
     (

@@ -17,6 +17,7 @@
 pub mod combine;
 pub mod filter;
 pub mod limits;
+pub mod report;
 mod strategy;
 
 use crate::layout::Layout;
