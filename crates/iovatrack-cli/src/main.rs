@@ -4,6 +4,7 @@
 //! Arguments in, rendering out: every decision is the library's.
 
 mod migrate_cmd;
+mod output;
 mod plan_cmd;
 mod svg;
 

@@ -1,14 +1,16 @@
 //! `iovatrack migrate`: one process over loopback, or `send` / `receive` as two.
 
+use crate::output::{emit, EXIT_BROKEN_PIPE};
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use iovatrack::layout::{self, presets, Layout};
+use iovatrack::layout::{self, parse_size, presets, Layout};
 use iovatrack::migrate::demo::{self, DmaConfig, DmaPattern, Fault, MigrateConfig, Summary};
 use iovatrack::migrate::engine::{self, Event, TimeoutAction};
 use iovatrack::migrate::scale_ram;
 use iovatrack::plan::limits::DeviceProfile;
 use iovatrack::range::human_bytes;
 use iovatrack::track::ModeChoice;
+use std::fmt::Write as _;
 use std::io::IsTerminal;
 use std::net::TcpListener;
 use std::process::ExitCode;
@@ -166,18 +168,9 @@ struct Common {
     json: bool,
 }
 
+/// A rate in bytes per second: a size (`100M`, `1G`, `0x1000`), optionally ending in `/s`.
 fn parse_rate(s: &str) -> Result<u64, String> {
-    let t = s.trim().trim_end_matches("/s").trim_end_matches(['B', 'b']);
-    let (num, mul) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
-        Some('K') => (&t[..t.len() - 1], 1u64 << 10),
-        Some('M') => (&t[..t.len() - 1], 1 << 20),
-        Some('G') => (&t[..t.len() - 1], 1 << 30),
-        _ => (t, 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|v| v.checked_mul(mul))
-        .ok_or_else(|| format!("{s:?} is not a rate (bytes/s, K/M/G)"))
+    parse_size(s.trim().trim_end_matches("/s")).map_err(|e| format!("{s:?}: {e}"))
 }
 
 fn layout_of(c: &Common) -> Result<Layout, BoxError> {
@@ -341,13 +334,14 @@ impl Progress {
     }
 }
 
-fn print_summary(s: &Summary, json: bool) -> Result<(), BoxError> {
+/// The summary as text or JSON.
+fn summary_text(s: &Summary, json: bool) -> Result<String, BoxError> {
     if json {
-        println!("{}", serde_json::to_string_pretty(s)?);
-        return Ok(());
+        return Ok(serde_json::to_string_pretty(s)? + "\n");
     }
-    println!();
-    println!(
+    let mut out = String::from("\n");
+    let _ = writeln!(
+        out,
         "{}: {} guest, {} tracking, {} pass(es), {} attempt(s)",
         if s.verified {
             "VERIFIED"
@@ -359,30 +353,36 @@ fn print_summary(s: &Summary, json: bool) -> Result<(), BoxError> {
         s.passes,
         s.attempts
     );
-    println!(
+    let _ = writeln!(
+        out,
         "  sent            {} pages, {}",
         s.pages_sent,
         human_bytes(s.bytes_sent as u128)
     );
-    println!(
+    let _ = writeln!(
+        out,
         "  downtime        {:.1} ms (stop-and-copy: {})",
         s.downtime_ms, s.switchover_reason
     );
-    println!("  mismatched      {} page(s)", s.mismatched_pages);
-    println!(
+    let _ = writeln!(out, "  mismatched      {} page(s)", s.mismatched_pages);
+    let _ = writeln!(
+        out,
         "  duplicates      {} page(s) sent twice in a pass",
         s.duplicate_pages_sent
     );
-    println!(
+    let _ = writeln!(
+        out,
         "  dirt            cpu {} pages, device {} pages; DMA writes {} ({} untracked)",
         s.cpu_dirty_pages, s.device_dirty_pages, s.dma_writes, s.untracked_dma_writes
     );
-    println!(
+    let _ = writeln!(
+        out,
         "  destination     resumed: {}, device state restored: {}",
         s.resumed_on_destination, s.device_state_restored
     );
     for d in &s.device_reports {
-        println!(
+        let _ = writeln!(
+            out,
             "  device {:<8} {} ({} tracking), {} state",
             d.name,
             d.container,
@@ -391,12 +391,13 @@ fn print_summary(s: &Summary, json: bool) -> Result<(), BoxError> {
         );
     }
     if let Some(a) = &s.aborted {
-        println!(
+        let _ = writeln!(
+            out,
             "  aborted         {a} (source still running: {})",
             s.source_running_after_abort.unwrap_or(false)
         );
     }
-    Ok(())
+    Ok(out)
 }
 
 /// Run `iovatrack migrate`.
@@ -433,10 +434,10 @@ pub fn run(a: MigrateArgs) -> Result<ExitCode, BoxError> {
                 cfg.engine.retries + 1,
                 Duration::from_secs(accept_timeout),
             )?;
-            if common.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+            let text = if common.json {
+                serde_json::to_string_pretty(&report)? + "\n"
             } else {
-                println!(
+                format!(
                     "{}: {} session(s), {} pages received, {} mismatched, {} duplicate(s), resumed: {}, device state restored: {}",
                     if report.verified && report.resumed { "VERIFIED" } else { "NOT VERIFIED" },
                     report.sessions,
@@ -445,7 +446,10 @@ pub fn run(a: MigrateArgs) -> Result<ExitCode, BoxError> {
                     report.duplicate_pages_received,
                     report.resumed,
                     report.device_state_restored
-                );
+                )
+            };
+            if !emit(&text)? {
+                return Ok(ExitCode::from(EXIT_BROKEN_PIPE));
             }
             return Ok(if report.verified && report.resumed {
                 ExitCode::SUCCESS
@@ -454,7 +458,9 @@ pub fn run(a: MigrateArgs) -> Result<ExitCode, BoxError> {
             });
         }
     };
-    print_summary(&summary, json)?;
+    if !emit(&summary_text(&summary, json)?)? {
+        return Ok(ExitCode::from(EXIT_BROKEN_PIPE));
+    }
     if summary.downtime_exceeded {
         eprintln!(
             "warning: downtime {:.1} ms exceeded the {} ms budget (stop-and-copy began: {})",

@@ -1,5 +1,6 @@
 //! `iovatrack plan`: arguments in, the library's [`PlanReport`] out as a table, JSON or SVG.
 
+use crate::output::{emit, EXIT_BROKEN_PIPE};
 use clap::{Args, ValueEnum};
 use iovatrack::layout::{self, parse_size, presets, Layout};
 use iovatrack::plan::limits::{DeviceLimits, DeviceProfile};
@@ -7,7 +8,6 @@ use iovatrack::plan::report::{DeviceResult, PlanReport};
 use iovatrack::plan::{Planner, Strategy};
 use iovatrack::range::human_bytes;
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::process::ExitCode;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -16,7 +16,6 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 const EXIT_START_REFUSED: u8 = 3;
 /// Exit status when standard output is closed before everything was written (`| head`):
 /// what a shell reports for a process killed by SIGPIPE, 128 + 13.
-const EXIT_BROKEN_PIPE: u8 = 141;
 
 /// `--help` text on exit statuses.
 pub const EXIT_STATUS_HELP: &str =
@@ -159,17 +158,6 @@ fn device(a: &PlanArgs) -> Result<Option<(DeviceLimits, &'static str)>, BoxError
         l.addr_space_log2 = Some((lo, m));
     }
     Ok(Some((l, name)))
-}
-
-/// Write `text` to standard output. `Ok(false)` when the reader went away (EPIPE): not an
-/// error worth a message, since `| head` does that on purpose.
-fn emit(text: &str) -> Result<bool, BoxError> {
-    let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
-        Err(e) => Err(format!("cannot write to standard output: {e}").into()),
-    }
 }
 
 /// Run `iovatrack plan`.
