@@ -14,9 +14,6 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Exit status when the device refuses START: the plan was printed, but cannot be used.
 const EXIT_START_REFUSED: u8 = 3;
-/// Exit status when standard output is closed before everything was written (`| head`):
-/// what a shell reports for a process killed by SIGPIPE, 128 + 13.
-
 /// `--help` text on exit statuses.
 pub const EXIT_STATUS_HELP: &str =
     "Exit status: 0 plan printed (and, with --device, START accepted); \
