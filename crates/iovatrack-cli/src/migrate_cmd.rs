@@ -92,7 +92,7 @@ struct Common {
     #[arg(long, conflicts_with = "layout")]
     preset: Option<String>,
     /// Shrink every RAM section by this factor (keeps the layout's shape).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     scale: u64,
     /// Use the software vCPU even where /dev/kvm exists.
     #[arg(long)]
@@ -104,10 +104,10 @@ struct Common {
     #[arg(long, default_value_t = 20_000)]
     dma_rate: u64,
     /// DMA writer threads.
-    #[arg(long, default_value_t = 2)]
-    dma_threads: usize,
-    /// Bytes per DMA write.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
+    dma_threads: u64,
+    /// Bytes per DMA write (8 to 4088, a multiple of 8).
+    #[arg(long, default_value_t = 512, value_parser = parse_dma_len)]
     dma_len: u64,
     /// Which pages the device writes.
     #[arg(long, value_enum, default_value = "ring")]
@@ -168,6 +168,18 @@ struct Common {
     json: bool,
 }
 
+/// A DMA write length: whole u64 words within one page, clear of its first word.
+fn parse_dma_len(s: &str) -> Result<u64, String> {
+    let n = parse_size(s).map_err(|e| format!("{s:?}: {e}"))?;
+    if (8..=4088).contains(&n) && n % 8 == 0 {
+        Ok(n)
+    } else {
+        Err(format!(
+            "{n} bytes: a DMA write is 8 to 4088 bytes, a multiple of 8"
+        ))
+    }
+}
+
 /// A rate in bytes per second: a size (`100M`, `1G`, `0x1000`), optionally ending in `/s`.
 fn parse_rate(s: &str) -> Result<u64, String> {
     parse_size(s.trim().trim_end_matches("/s")).map_err(|e| format!("{s:?}: {e}"))
@@ -187,7 +199,7 @@ fn config(c: &Common) -> Result<MigrateConfig, BoxError> {
     cfg.use_kvm = !c.no_kvm;
     cfg.cpu_rate = c.cpu_rate;
     cfg.dma = DmaConfig {
-        threads: c.dma_threads,
+        threads: c.dma_threads as usize,
         rate: c.dma_rate,
         write_len: c.dma_len,
         pattern: match c.pattern {
@@ -342,14 +354,18 @@ fn summary_text(s: &Summary, json: bool) -> Result<String, BoxError> {
     let mut out = String::from("\n");
     let _ = writeln!(
         out,
-        "{}: {} guest, {} tracking, {} pass(es), {} attempt(s)",
+        "{}: {} guest, {}, {} pass(es), {} attempt(s)",
         if s.verified {
             "VERIFIED"
         } else {
             "NOT VERIFIED"
         },
         s.guest,
-        s.mode,
+        if s.mode == "none" {
+            "no device tracking (negative control)".to_string()
+        } else {
+            format!("{} tracking", s.mode)
+        },
         s.passes,
         s.attempts
     );

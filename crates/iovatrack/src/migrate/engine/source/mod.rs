@@ -491,6 +491,8 @@ pub fn run_source(
                 // A destination that verified wrong memory keeps nothing running there:
                 // the source takes its guest back.
                 src.report.mismatched_pages = v.mismatched;
+                // The guest was paused that long, whatever the verdict.
+                src.report.downtime_ms = v.downtime_ms;
                 src.take_back();
                 break Err(AttemptError::Mismatch(v.mismatched));
             }
