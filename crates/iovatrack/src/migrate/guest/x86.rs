@@ -4,21 +4,23 @@
 //! # Guest pages used by the setup
 //!
 //! Everything sits in the first 1 MiB (16 MiB for a first region of 64 MiB or more:
-//! [`reserved_bytes`]) of the FIRST RAM region (base `B` = its gpa), which the walk never
-//! writes; `B + 0 .. B + 64 KiB` stays unused:
+//! [`reserved_bytes`]) of the FIRST RAM region (base `B` = its gpa, `R` = the area's
+//! size), which the walk never writes:
 //!
-//! | gpa              | content                                              |
-//! |------------------|------------------------------------------------------|
-//! | `B + 0x10000`    | GDT: null, 64-bit code (0x08), data (0x10), TSS (0x18) |
-//! | `B + 0x11000`    | guest program ([`GUEST_CODE`])                       |
-//! | `B + 0x12000`    | walk table ([`super::WalkTable`])                    |
-//! | `B + 0x13000`    | stack page (unused by the program; RSP points at its top) |
-//! | `B + 0x14000`    | PML4, then PDPT and PD pages as needed, up to the end of the area |
+//! | gpa                      | content                                              |
+//! |--------------------------|------------------------------------------------------|
+//! | `B + 0x1000·i`           | vCPU `i`'s walk table ([`super::WalkTable`]), `i < 16` |
+//! | `B + 0x10000`            | GDT: null, 64-bit code (0x08), data (0x10), TSS (0x18) |
+//! | `B + 0x11000`            | guest program ([`GUEST_CODE`])                       |
+//! | `B + 0x14000`            | PML4, then PDPT and PD pages as needed, up to `R - 128 KiB` |
+//! | `B + R - 128 KiB + 4 KiB·i` | vCPU `i`'s progress words (counter, batches)      |
+//! | `B + R - 64 KiB + 4 KiB·i`  | vCPU `i`'s stack page (unused by the program)     |
 //!
 //! All of it is ordinary guest RAM, so it migrates with the rest of memory. The guest only
-//! reads it: descriptors have their Accessed bit and page-table entries their Accessed
-//! (and, for leaves, Dirty) bits preset, so the CPU never writes back to them and these pages
-//! stay out of KVM's dirty log.
+//! reads it, except its progress words: descriptors have their Accessed bit and page-table
+//! entries their Accessed (and, for leaves, Dirty) bits preset, so the CPU never writes back
+//! to them and these pages stay out of KVM's dirty log. The progress pages sit at the top
+//! of the area, past its first MiB, and are the only reserved pages the guest dirties.
 
 use kvm_bindings::{kvm_dtable, kvm_regs, kvm_segment, kvm_sregs};
 
@@ -43,12 +45,13 @@ pub fn reserved_bytes(first_len: u64) -> u64 {
 const SETUP_OFFSET: u64 = 0x10000;
 const GDT_OFFSET: u64 = SETUP_OFFSET;
 const CODE_OFFSET: u64 = SETUP_OFFSET + 0x1000;
-const TABLE_OFFSET: u64 = SETUP_OFFSET + 0x2000;
-const STACK_OFFSET: u64 = SETUP_OFFSET + 0x3000;
 const PML4_OFFSET: u64 = SETUP_OFFSET + 0x4000;
+/// Most vCPUs the setup has room for (one table page each below the GDT).
+pub const MAX_VCPUS: usize = 16;
+/// Per-vCPU pages at the top of the reserved area: progress words, then stacks.
+const PER_VCPU_AREA: u64 = 2 * MAX_VCPUS as u64 * PAGE_SIZE;
 
-/// I/O port the guest reports progress on (`out dx, eax` with the low 32 counter bits).
-pub const PROGRESS_PORT: u16 = 0x3f0;
+pub use super::program::PROGRESS_PORT;
 
 /// Page-table entry bits.
 const PTE_P: u64 = 1;
@@ -66,52 +69,7 @@ const PTE_ADDR: u64 = 0x000f_ffff_ffff_f000;
 /// Identity mapping stays in the canonical lower half of 4-level paging.
 const MAX_MAPPED: u128 = 1 << 47;
 
-/// The guest program, hand-assembled (checked against GNU `as` + `objdump`).
-///
-/// Registers: `rbx` = walk table gpa (set by the host), `r8` = running counter (the value
-/// written), `r9` = walk index, `r10` = stride, `r11` = total pages, `r12` = batch,
-/// `r13` = pages left in this batch. The program keeps all its state in registers, so
-/// `kvm_regs` plus RAM is the whole guest.
-#[rustfmt::skip]
-pub const GUEST_CODE: &[u8] = &[
-    // start:
-    0x4c, 0x8b, 0x13,             // 00 mov r10, [rbx]        ; stride
-    0x4c, 0x8b, 0x5b, 0x08,       // 03 mov r11, [rbx+8]      ; total
-    0x4c, 0x8b, 0x63, 0x10,       // 07 mov r12, [rbx+16]     ; batch
-    0x4d, 0x89, 0xe5,             // 0b mov r13, r12
-    0x45, 0x31, 0xc0,             // 0e xor r8d, r8d          ; counter = 0
-    0x45, 0x31, 0xc9,             // 11 xor r9d, r9d          ; idx = 0
-    // top:                        find the entry holding idx
-    0x4c, 0x89, 0xc9,             // 14 mov rcx, r9           ; rcx = idx
-    0x48, 0x8d, 0x73, 0x20,       // 17 lea rsi, [rbx+32]     ; first entry
-    // find:
-    0x48, 0x8b, 0x56, 0x08,       // 1b mov rdx, [rsi+8]      ; entry pages
-    0x48, 0x39, 0xd1,             // 1f cmp rcx, rdx
-    0x72, 0x09,                   // 22 jb found
-    0x48, 0x29, 0xd1,             // 24 sub rcx, rdx          ; skip this entry
-    0x48, 0x83, 0xc6, 0x10,       // 27 add rsi, 16
-    0xeb, 0xee,                   // 2b jmp find
-    // found:
-    0x48, 0xc1, 0xe1, 0x0c,       // 2d shl rcx, 12           ; page offset in entry
-    0x48, 0x03, 0x0e,             // 31 add rcx, [rsi]        ; + entry gpa
-    0x49, 0xff, 0xc0,             // 34 inc r8                ; counter += 1
-    0x4c, 0x89, 0x01,             // 37 mov [rcx], r8         ; dirty the page
-    0x4d, 0x01, 0xd1,             // 3a add r9, r10           ; idx += stride
-    0x4d, 0x39, 0xd9,             // 3d cmp r9, r11
-    0x72, 0x03,                   // 40 jb nowrap
-    0x4d, 0x29, 0xd9,             // 42 sub r9, r11           ; idx -= total
-    // nowrap:
-    0x49, 0xff, 0xcd,             // 45 dec r13
-    0x75, 0xca,                   // 48 jnz top
-    0x4d, 0x89, 0xe5,             // 4a mov r13, r12          ; new batch
-    0x44, 0x89, 0xc0,             // 4d mov eax, r8d
-    0xba, 0xf0, 0x03, 0x00, 0x00, // 50 mov edx, 0x3f0
-    0xef,                         // 55 out dx, eax           ; report progress (VM exit)
-    0xeb, 0xbc,                   // 56 jmp top
-];
-
-/// Offset in [`GUEST_CODE`] (and in its page) of the `mov [rcx], r8` store.
-pub const STORE_OFFSET: u64 = 0x37;
+pub use super::program::{GUEST_CODE, STORE_OFFSET};
 
 /// Where the setup lives for a given memory layout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,15 +78,15 @@ pub struct SetupLayout {
     pub gdt: u64,
     /// Guest program gpa (initial RIP).
     pub code: u64,
-    /// Walk table gpa (initial RBX).
+    /// vCPU 0's walk table gpa (its initial RBX); vCPU `i`'s is [`SetupLayout::table_of`].
     pub table: u64,
-    /// Initial RSP.
+    /// vCPU 0's initial RSP; vCPU `i`'s is [`SetupLayout::stack_top_of`].
     pub stack_top: u64,
     /// PML4 gpa (CR3).
     pub pml4: u64,
-    /// First byte past the reserved area (page tables must end at or below it).
+    /// First byte past the page-table space (page tables must end at or below it).
     pub limit: u64,
-    /// The reserved byte range (never walked).
+    /// The reserved byte range (never walked, never a DMA target).
     pub reserved: IovaRange,
 }
 
@@ -144,15 +102,31 @@ impl SetupLayout {
             });
         }
         let b = first.iova;
+        let limit = b + reserved - PER_VCPU_AREA;
         Ok(Self {
             gdt: b + GDT_OFFSET,
             code: b + CODE_OFFSET,
-            table: b + TABLE_OFFSET,
-            stack_top: b + STACK_OFFSET + PAGE_SIZE,
+            table: b,
+            stack_top: limit + PER_VCPU_AREA / 2 + PAGE_SIZE,
             pml4: b + PML4_OFFSET,
-            limit: b + reserved,
+            limit,
             reserved: IovaRange::new(b, reserved),
         })
+    }
+
+    /// vCPU `i`'s walk table (`i < MAX_VCPUS`).
+    pub fn table_of(&self, i: usize) -> u64 {
+        self.table + i as u64 * PAGE_SIZE
+    }
+
+    /// vCPU `i`'s progress words: `[counter, batches]`, written by the guest.
+    pub fn progress_of(&self, i: usize) -> u64 {
+        self.limit + i as u64 * PAGE_SIZE
+    }
+
+    /// vCPU `i`'s initial RSP (top of its own stack page).
+    pub fn stack_top_of(&self, i: usize) -> u64 {
+        self.stack_top + i as u64 * PAGE_SIZE
     }
 }
 
@@ -305,14 +279,22 @@ const CR4_PAE: u64 = 1 << 5;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 
-/// Write the GDT, program and walk table, and build the page tables. Host writes: none of
-/// this shows in KVM's dirty log (the migration's first pass sends all RAM anyway).
+/// Write the GDT, program and one walk table per vCPU (`tables`, at most [`MAX_VCPUS`],
+/// each with its `progress` gpa set), clear the progress and stack pages, and build the
+/// page tables. Host writes: none of this shows in KVM's dirty log (the migration's first
+/// pass sends all RAM anyway).
 pub fn write_setup(
     mem: &GuestMemory,
     layout: &SetupLayout,
-    table: &super::walk::WalkTable,
+    tables: &[super::walk::WalkTable],
     huge_1g: bool,
 ) -> Result<(), GuestError> {
+    if tables.is_empty() || tables.len() > MAX_VCPUS {
+        return Err(GuestError::VcpuCount {
+            count: tables.len(),
+            max: MAX_VCPUS,
+        });
+    }
     let zero = [0u8; PAGE_SIZE as usize];
     mem.write_page(layout.gdt, &zero)?;
     for (i, e) in GDT.iter().enumerate() {
@@ -321,8 +303,11 @@ pub fn write_setup(
     let mut code = zero;
     code[..GUEST_CODE.len()].copy_from_slice(GUEST_CODE);
     mem.write_page(layout.code, &code)?;
-    table.write_to(mem, layout.table)?;
-    mem.write_page(layout.stack_top - PAGE_SIZE, &zero)?;
+    for (i, t) in tables.iter().enumerate() {
+        t.write_to(mem, layout.table_of(i))?;
+        mem.write_page(layout.progress_of(i), &zero)?;
+        mem.write_page(layout.stack_top_of(i) - PAGE_SIZE, &zero)?;
+    }
     build_page_tables(mem, layout.pml4, layout.limit, huge_1g)?;
     Ok(())
 }
@@ -355,12 +340,14 @@ pub fn long_mode_sregs(base: &kvm_sregs, layout: &SetupLayout) -> kvm_sregs {
     s
 }
 
-/// Initial general registers: RIP at the program, RBX at the walk table, interrupts off.
-pub fn initial_regs(layout: &SetupLayout) -> kvm_regs {
+/// Initial general registers of vCPU `i`: RIP at the program, RBX at its walk table, RSP
+/// at its stack, counter, index and limit 0 (so it asks for a quantum after its first
+/// batch), interrupts off.
+pub fn initial_regs(layout: &SetupLayout, i: usize) -> kvm_regs {
     kvm_regs {
         rip: layout.code,
-        rbx: layout.table,
-        rsp: layout.stack_top,
+        rbx: layout.table_of(i),
+        rsp: layout.stack_top_of(i),
         rflags: 0x2,
         ..Default::default()
     }
@@ -604,8 +591,9 @@ mod tests {
     fn setup_writes_program_table_and_gdt() {
         let mem = GuestMemory::new(&[(0, 8 << 20)]).unwrap();
         let layout = SetupLayout::for_memory(&mem).unwrap();
-        let table = WalkTable::new(mem.regions(), layout.reserved, 64).unwrap();
-        write_setup(&mem, &layout, &table, false).unwrap();
+        let mut table = WalkTable::new(mem.regions(), layout.reserved, 64).unwrap();
+        table.progress = layout.progress_of(0);
+        write_setup(&mem, &layout, std::slice::from_ref(&table), false).unwrap();
         let mut page = vec![0u8; 4096];
         mem.read_page(layout.code, &mut page).unwrap();
         assert_eq!(&page[..GUEST_CODE.len()], GUEST_CODE);
@@ -615,6 +603,8 @@ mod tests {
             &GUEST_CODE[at - 3..at + 3],
             &[0x49, 0xff, 0xc0, 0x4c, 0x89, 0x01]
         );
+        // The program reads its entries where the table writes them.
+        assert_eq!(GUEST_CODE[0x18], super::super::program::ENTRIES_OFFSET as u8);
         assert_eq!(mem.read_u64(layout.gdt + 8).unwrap(), 0x00af_9b00_0000_ffff);
         assert_eq!(
             mem.read_u64(layout.gdt + 16).unwrap(),
@@ -628,6 +618,8 @@ mod tests {
             layout.table,
             layout.stack_top - 1,
             layout.pml4,
+            layout.progress_of(MAX_VCPUS - 1),
+            layout.stack_top_of(MAX_VCPUS - 1) - 1,
         ] {
             assert!(layout.reserved.contains(gpa));
         }
@@ -642,7 +634,7 @@ mod tests {
         let mem = GuestMemory::new(&[(0, 8 << 20)]).unwrap();
         let layout = SetupLayout::for_memory(&mem).unwrap();
         let mut st = VcpuState {
-            regs: initial_regs(&layout),
+            regs: initial_regs(&layout, 0),
             sregs: long_mode_sregs(&kvm_sregs::default(), &layout),
         };
         st.regs.r8 = 0x1234_5678_9abc;
