@@ -130,10 +130,17 @@ impl KvmGuest {
             t.progress = layout.progress_of(i);
         }
         x86::write_setup(&memory, &layout, &tables, huge_1g)?;
-        Self::launch(kvm, cpuid, memory, config, |i, base| VcpuState {
-            regs: x86::initial_regs(&layout, i),
-            sregs: x86::long_mode_sregs(base, &layout),
-        }, n)
+        Self::launch(
+            kvm,
+            cpuid,
+            memory,
+            config,
+            |i, base| VcpuState {
+                regs: x86::initial_regs(&layout, i),
+                sregs: x86::long_mode_sregs(base, &layout),
+            },
+            n,
+        )
     }
 
     /// Continue a guest saved by [`GuestCpu::state_bytes`] on `memory`, which must already
@@ -150,7 +157,7 @@ impl KvmGuest {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("GET_SUPPORTED_CPUID"))?;
         let s0 = &saved[0];
-        if x86::uses_1g_pages(&memory, s0.sregs.cr3, s0.regs.rip) && !supports_1g(&cpuid) {
+        if x86::uses_1g_pages(&memory, s0.sregs.cr3) && !supports_1g(&cpuid) {
             return Err(GuestError::No1GPages);
         }
         let n = saved.len();
@@ -318,8 +325,7 @@ impl KvmGuest {
         if ctl.exited > 0 {
             return Err(GuestError::Exited);
         }
-        if ctl.parked < self.vcpu_count() || self.shared.want.load(Ordering::SeqCst) != WANT_PAUSE
-        {
+        if ctl.parked < self.vcpu_count() || self.shared.want.load(Ordering::SeqCst) != WANT_PAUSE {
             return Err(GuestError::NotPaused);
         }
         ctl.snapshots

@@ -50,7 +50,10 @@ mod tests {
         assert_eq!(from_bytes(&to_bytes(&[a])).unwrap(), vec![a]);
         let many = to_bytes(&[a, b]);
         assert_eq!(from_bytes(&many).unwrap(), vec![a, b]);
-        assert!(VcpuState::from_bytes(&many).is_err(), "kind 3 is not one vCPU");
+        assert!(
+            VcpuState::from_bytes(&many).is_err(),
+            "kind 3 is not one vCPU"
+        );
         assert!(from_bytes(&many[..many.len() - 1]).is_err());
         let mut extra = many.clone();
         extra.push(0);

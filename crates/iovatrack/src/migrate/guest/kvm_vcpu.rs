@@ -147,9 +147,9 @@ impl Shared {
     /// Sleep up to `d` unless a pause or stop comes first.
     fn nap(&self, d: Duration) {
         let ctl = self.lock();
-        let _ = self.cv.wait_timeout_while(ctl, d, |_| {
-            self.want.load(Ordering::SeqCst) == WANT_RUN
-        });
+        let _ = self
+            .cv
+            .wait_timeout_while(ctl, d, |_| self.want.load(Ordering::SeqCst) == WANT_RUN);
     }
 }
 

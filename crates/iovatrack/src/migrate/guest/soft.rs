@@ -305,7 +305,8 @@ fn write_loop(s: &Shared, t: usize) -> Result<(), GuestError> {
 /// Sleep up to `d` unless a pause or stop comes first.
 fn nap(s: &Shared, d: Duration) {
     let ctl = s.lock();
-    let _ = s.cv.wait_timeout_while(ctl, d, |_| s.want.load(Ordering::SeqCst) == WANT_RUN);
+    let _ =
+        s.cv.wait_timeout_while(ctl, d, |_| s.want.load(Ordering::SeqCst) == WANT_RUN);
 }
 
 /// Block while paused; `true` means stop.

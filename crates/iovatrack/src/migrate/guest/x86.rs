@@ -10,7 +10,7 @@
 //! | gpa                      | content                                              |
 //! |--------------------------|------------------------------------------------------|
 //! | `B + 0x1000·i`           | vCPU `i`'s walk table ([`super::WalkTable`]), `i < 16` |
-//! | `B + 0x10000`            | GDT: null, 64-bit code (0x08), data (0x10), TSS (0x18) |
+//! | `B + 0x10000`            | GDT: null, kernel code (0x08), data (0x10), TSS (0x18), user data (0x2b), user code (0x33) |
 //! | `B + 0x11000`            | guest program ([`GUEST_CODE`])                       |
 //! | `B + 0x14000`            | PML4, then PDPT and PD pages as needed, up to `R - 128 KiB` |
 //! | `B + R - 128 KiB + 4 KiB·i` | vCPU `i`'s progress words (counter, batches)      |
@@ -21,6 +21,15 @@
 //! entries their Accessed (and, for leaves, Dirty) bits preset, so the CPU never writes back
 //! to them and these pages stay out of KVM's dirty log. The progress pages sit at the top
 //! of the area, past its first MiB, and are the only reserved pages the guest dirties.
+//!
+//! # The program runs in user mode (CPL 3)
+//!
+//! Under PVM (`kvm_pvm`, KVM without VMX/SVM) guest supervisor code that is not a PVM
+//! kernel is emulated instruction by instruction (about 30k pages/s here), while guest
+//! user code runs natively (about 100M pages/s). So the vCPUs start at CPL 3: user code and
+//! data segments, the U/S bit on every page-table entry, and IOPL 3 so the `in` of a
+//! quantum request is allowed. Nothing in the program needs CPL 0; on VMX/SVM hosts it runs
+//! natively either way.
 
 use kvm_bindings::{kvm_dtable, kvm_regs, kvm_segment, kvm_sregs};
 
@@ -58,12 +67,14 @@ const PTE_P: u64 = 1;
 const PTE_RW: u64 = 1 << 1;
 const PTE_A: u64 = 1 << 5;
 const PTE_D: u64 = 1 << 6;
+const PTE_US: u64 = 1 << 2;
 const PTE_PS: u64 = 1 << 7;
-/// Flags of a table (non-leaf) entry. Accessed is preset so the CPU never writes the tables
-/// (a hardware A/D update is a guest write and would dirty the reserved pages).
-const TABLE_FLAGS: u64 = PTE_P | PTE_RW | PTE_A;
+/// Flags of a table (non-leaf) entry, user-accessible (the program runs at CPL 3). Accessed
+/// is preset so the CPU never writes the tables (a hardware A/D update is a guest write and
+/// would dirty the reserved pages).
+const TABLE_FLAGS: u64 = PTE_P | PTE_RW | PTE_US | PTE_A;
 /// Flags of a huge leaf entry, Accessed and Dirty preset for the same reason.
-const LEAF_FLAGS: u64 = PTE_P | PTE_RW | PTE_A | PTE_D | PTE_PS;
+const LEAF_FLAGS: u64 = PTE_P | PTE_RW | PTE_US | PTE_A | PTE_D | PTE_PS;
 const PTE_ADDR: u64 = 0x000f_ffff_ffff_f000;
 
 /// Identity mapping stays in the canonical lower half of 4-level paging.
@@ -213,16 +224,71 @@ pub fn translate(mem: &GuestMemory, cr3: u64, va: u64) -> Option<u64> {
     (pte & PTE_P != 0).then_some((pte & PTE_ADDR) | (va & 0xfff))
 }
 
-/// Whether the tables at `cr3` map `va` with a 1 GiB page (so the CPU must offer pdpe1gb).
-pub fn uses_1g_pages(mem: &GuestMemory, cr3: u64, va: u64) -> bool {
-    let Ok(pml4e) = mem.read_u64((cr3 & PTE_ADDR) + 8 * ((va >> 39) & 511)) else {
-        return false;
+/// Whether the tables at `cr3` use any 1 GiB page (so the CPU must offer pdpe1gb).
+pub fn uses_1g_pages(mem: &GuestMemory, cr3: u64) -> bool {
+    (0..512u64).any(|i| {
+        let Ok(pml4e) = mem.read_u64((cr3 & PTE_ADDR) + 8 * i) else {
+            return false;
+        };
+        pml4e & PTE_P != 0
+            && (0..512u64).any(|j| {
+                mem.read_u64((pml4e & PTE_ADDR) + 8 * j)
+                    .is_ok_and(|e| e & (PTE_P | PTE_PS) == PTE_P | PTE_PS)
+            })
+    })
+}
+
+/// Remap the reserved area with 4 KiB pages, read-only except the per-vCPU progress and
+/// stack pages at its top (`layout.limit ..`), taking table pages from `next` (the first
+/// free gpa after [`build_page_tables`]). Why: a guest read of a page mapped writable (Dirty
+/// preset) makes a shadow MMU (PVM) install a writable entry and log the page dirty, so the
+/// program, its tables and the GDT would show in the dirty log without being written.
+/// Returns the next free gpa.
+pub fn protect_setup(
+    mem: &GuestMemory,
+    layout: &SetupLayout,
+    mut next: u64,
+) -> Result<u64, GuestError> {
+    const RO_LEAF: u64 = PTE_P | PTE_US | PTE_A | PTE_D;
+    const RW_LEAF: u64 = RO_LEAF | PTE_RW;
+    let mut alloc = || {
+        if next + PAGE_SIZE > layout.limit {
+            return Err(GuestError::PageTablesTooLarge {
+                available_pages: (layout.limit - layout.pml4) / PAGE_SIZE,
+            });
+        }
+        next += PAGE_SIZE;
+        Ok(next - PAGE_SIZE)
     };
-    if pml4e & PTE_P == 0 {
-        return false;
+    let r = layout.reserved;
+    let mut a = r.iova & !((1 << 21) - 1);
+    while (a as u128) < r.end() {
+        let pml4e = mem.read_u64(layout.pml4 + 8 * ((a >> 39) & 511))?;
+        let pdpte_at = (pml4e & PTE_ADDR) + 8 * ((a >> 30) & 511);
+        let pdpte = mem.read_u64(pdpte_at)?;
+        if pdpte & PTE_PS != 0 {
+            let pd = alloc()?;
+            let base = pdpte & PTE_ADDR & !((1 << 30) - 1);
+            for k in 0..512 {
+                mem.write_u64(pd + 8 * k, (base + (k << 21)) | LEAF_FLAGS)?;
+            }
+            mem.write_u64(pdpte_at, pd | TABLE_FLAGS)?;
+        }
+        let pde_at = (mem.read_u64(pdpte_at)? & PTE_ADDR) + 8 * ((a >> 21) & 511);
+        let pde = mem.read_u64(pde_at)?;
+        if pde & PTE_PS != 0 {
+            let pt = alloc()?;
+            let base = pde & PTE_ADDR & !((1 << 21) - 1);
+            for k in 0..512 {
+                let page = base + k * PAGE_SIZE;
+                let ro = r.contains(page) && page < layout.limit;
+                mem.write_u64(pt + 8 * k, page | if ro { RO_LEAF } else { RW_LEAF })?;
+            }
+            mem.write_u64(pde_at, pt | TABLE_FLAGS)?;
+        }
+        a += 1 << 21;
     }
-    mem.read_u64((pml4e & PTE_ADDR) + 8 * ((va >> 30) & 511))
-        .is_ok_and(|e| e & (PTE_P | PTE_PS) == PTE_P | PTE_PS)
+    Ok(next)
 }
 
 /// A GDT descriptor from access/flags bits (`0xF0FF` mask: flags nibble + access byte).
@@ -235,15 +301,21 @@ const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 }
 
 /// GDT: null; code = present, DPL0, exec/read, L=1, G=1; data = present, read/write, D/B=1,
-/// G=1; TSS = present, 64-bit busy TSS (VMX requires a usable TR in long mode).
-const GDT: [u64; 4] = [
+/// G=1; TSS = present, 64-bit busy TSS (VMX requires a usable TR in long mode; a 64-bit TSS
+/// descriptor takes two slots, so slot 4 stays empty); then user data and user code, as
+/// the kernel ones with DPL 3 (the vCPUs run at CPL 3, see the module docs).
+const GDT: [u64; 7] = [
     0,
     gdt_entry(0xa09b, 0, 0xfffff),
     gdt_entry(0xc093, 0, 0xfffff),
     gdt_entry(0x808b, 0, 0xfffff),
+    0,
+    gdt_entry(0xc0f3, 0, 0xfffff),
+    gdt_entry(0xa0fb, 0, 0xfffff),
 ];
 
-/// The `kvm_segment` the CPU caches for GDT entry `index` (matches [`GDT`]).
+/// The `kvm_segment` the CPU caches for GDT entry `index` (matches [`GDT`]); the
+/// selector's RPL is the descriptor's DPL.
 fn segment(index: u16) -> kvm_segment {
     let e = GDT[index as usize];
     let g = ((e >> 55) & 1) as u8;
@@ -255,7 +327,7 @@ fn segment(index: u16) -> kvm_segment {
         } else {
             raw_limit
         },
-        selector: index * 8,
+        selector: index * 8 | ((e >> 45) & 3) as u16,
         type_: ((e >> 40) & 0xf) as u8,
         present: ((e >> 47) & 1) as u8,
         dpl: ((e >> 45) & 3) as u8,
@@ -268,6 +340,13 @@ fn segment(index: u16) -> kvm_segment {
         padding: 0,
     }
 }
+
+/// GDT slots of the user segments the program runs on.
+const USER_DATA: u16 = 5;
+const USER_CODE: u16 = 6;
+/// RFLAGS bit 1 is always set; IOPL 3 lets CPL 3 code use `in` (the quantum request).
+const RFLAGS_FIXED: u64 = 0x2;
+const RFLAGS_IOPL3: u64 = 3 << 12;
 
 const CR0_PE: u64 = 1;
 const CR0_MP: u64 = 1 << 1;
@@ -308,7 +387,8 @@ pub fn write_setup(
         mem.write_page(layout.progress_of(i), &zero)?;
         mem.write_page(layout.stack_top_of(i) - PAGE_SIZE, &zero)?;
     }
-    build_page_tables(mem, layout.pml4, layout.limit, huge_1g)?;
+    let next = build_page_tables(mem, layout.pml4, layout.limit, huge_1g)?;
+    protect_setup(mem, layout, next)?;
     Ok(())
 }
 
@@ -316,8 +396,9 @@ pub fn write_setup(
 /// e.g. `apic_base`).
 pub fn long_mode_sregs(base: &kvm_sregs, layout: &SetupLayout) -> kvm_sregs {
     let mut s = *base;
-    let code = segment(1);
-    let data = segment(2);
+    // User mode (CPL 3): native speed under PVM (module docs).
+    let code = segment(USER_CODE);
+    let data = segment(USER_DATA);
     s.cs = code;
     s.ds = data;
     s.es = data;
@@ -348,7 +429,7 @@ pub fn initial_regs(layout: &SetupLayout, i: usize) -> kvm_regs {
         rip: layout.code,
         rbx: layout.table_of(i),
         rsp: layout.stack_top_of(i),
-        rflags: 0x2,
+        rflags: RFLAGS_FIXED | RFLAGS_IOPL3,
         ..Default::default()
     }
 }
@@ -522,6 +603,10 @@ mod tests {
                 assert_eq!(translate(&mem, layout.pml4, va), Some(va), "va {va:#x}");
             }
         }
+        // User-accessible at every level (the program runs at CPL 3).
+        let pml4e = mem.read_u64(layout.pml4).unwrap();
+        assert_ne!(pml4e & PTE_US, 0);
+        assert_ne!(mem.read_u64(pml4e & PTE_ADDR).unwrap() & PTE_US, 0);
         // Far outside any region (different 1 GiB slot, different PML4 slot): unmapped.
         assert_eq!(translate(&mem, layout.pml4, 2 << 30), None);
         assert_eq!(translate(&mem, layout.pml4, 1 << 45), None);
@@ -604,13 +689,42 @@ mod tests {
             &[0x49, 0xff, 0xc0, 0x4c, 0x89, 0x01]
         );
         // The program reads its entries where the table writes them.
-        assert_eq!(GUEST_CODE[0x18], super::super::program::ENTRIES_OFFSET as u8);
+        assert_eq!(
+            GUEST_CODE[0x18],
+            super::super::program::ENTRIES_OFFSET as u8
+        );
         assert_eq!(mem.read_u64(layout.gdt + 8).unwrap(), 0x00af_9b00_0000_ffff);
         assert_eq!(
             mem.read_u64(layout.gdt + 16).unwrap(),
             0x00cf_9300_0000_ffff
         );
         assert_eq!(WalkTable::read_from(&mem, layout.table).unwrap(), table);
+        // The setup is read-only to the guest, its progress and stack pages writable, and
+        // everything still identity-mapped.
+        let leaf = |va: u64| {
+            let pml4e = mem.read_u64(layout.pml4).unwrap();
+            let pdpte = mem
+                .read_u64((pml4e & PTE_ADDR) + 8 * ((va >> 30) & 511))
+                .unwrap();
+            let pde = mem
+                .read_u64((pdpte & PTE_ADDR) + 8 * ((va >> 21) & 511))
+                .unwrap();
+            mem.read_u64((pde & PTE_ADDR) + 8 * ((va >> 12) & 511))
+                .unwrap()
+        };
+        for ro in [layout.table, layout.code, layout.gdt, layout.pml4] {
+            assert_eq!(leaf(ro) & PTE_RW, 0, "{ro:#x} writable");
+        }
+        for rw in [
+            layout.progress_of(0),
+            layout.stack_top - 8,
+            layout.reserved.end() as u64,
+        ] {
+            assert_ne!(leaf(rw) & PTE_RW, 0, "{rw:#x} read-only");
+        }
+        for va in [0, layout.code + 5, layout.progress_of(3), 7 << 20] {
+            assert_eq!(translate(&mem, layout.pml4, va), Some(va));
+        }
         // Every setup page is inside the reserved (never walked) area.
         for gpa in [
             layout.gdt,
@@ -627,6 +741,16 @@ mod tests {
         assert_eq!((cs.type_, cs.l, cs.db, cs.s, cs.present), (0xb, 1, 0, 1, 1));
         assert_eq!(cs.limit, 0xffff_ffff);
         assert_eq!(segment(3).s, 0);
+        // The user segments the program runs on: the kernel ones at DPL 3, RPL 3.
+        let (ucs, uds) = (segment(USER_CODE), segment(USER_DATA));
+        assert_eq!((ucs.type_, ucs.l, ucs.dpl, ucs.selector), (0xb, 1, 3, 0x33));
+        assert_eq!(
+            (uds.type_, uds.db, uds.dpl, uds.selector),
+            (0x3, 1, 3, 0x2b)
+        );
+        let sregs = long_mode_sregs(&kvm_sregs::default(), &layout);
+        assert_eq!((sregs.cs.dpl, sregs.ss.dpl), (3, 3));
+        assert_eq!(initial_regs(&layout, 0).rflags >> 12 & 3, 3, "IOPL 3");
     }
 
     #[test]
