@@ -447,7 +447,7 @@ impl GuestCpu for KvmGuest {
         self.shared.cv.notify_all();
     }
 
-    fn throttle(&self) -> u8 {
+    fn throttle_pct(&self) -> u8 {
         self.shared.throttle.load(Ordering::SeqCst)
     }
 

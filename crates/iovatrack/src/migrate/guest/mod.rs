@@ -286,7 +286,7 @@ pub trait GuestCpu: Send + Sync {
     /// `cpu-throttle-percentage`), for auto-converge.
     fn set_throttle(&self, pct: u8);
     /// The current throttle percentage.
-    fn throttle(&self) -> u8;
+    fn throttle_pct(&self) -> u8;
     /// Saved CPU state (versioned bytes) to continue elsewhere; needs a paused CPU.
     fn state_bytes(&self) -> Result<Vec<u8>, GuestError>;
 }

@@ -411,7 +411,7 @@ impl GuestCpu for SoftGuest {
             .store(throttle::clamp(pct), Ordering::Relaxed);
     }
 
-    fn throttle(&self) -> u8 {
+    fn throttle_pct(&self) -> u8 {
         self.shared.throttle.load(Ordering::Relaxed)
     }
 

@@ -327,7 +327,7 @@ fn segment(index: u16) -> kvm_segment {
         } else {
             raw_limit
         },
-        selector: index * 8 | ((e >> 45) & 3) as u16,
+        selector: (index * 8) | ((e >> 45) & 3) as u16,
         type_: ((e >> 40) & 0xf) as u8,
         present: ((e >> 47) & 1) as u8,
         dpl: ((e >> 45) & 3) as u8,
