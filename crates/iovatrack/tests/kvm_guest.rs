@@ -402,8 +402,8 @@ fn kvm_multi_vcpu_pause_resume_state_and_resume_elsewhere() {
     drop(g);
     let dst = resume_guest(Arc::clone(&dst_mem), &state, &GuestConfig::default()).unwrap();
     assert_eq!(dst.kind(), "kvm");
-    assert_eq!(dst.progress().counter, saved.iter().sum::<u64>());
-    assert_eq!(dst.progress().pages_written, 0);
+    // Running already: at least where it stopped.
+    assert!(dst.progress().counter >= saved.iter().sum::<u64>());
     wait_counter(&*dst, saved.iter().sum::<u64>() + 100_000);
     dst.pause().unwrap();
     let again = KvmGuest::resume_from(
@@ -545,9 +545,16 @@ fn soft_working_set_confines_writes_and_resumes_with_it() {
         ..GuestConfig::default()
     };
     let g = SoftGuest::start(Arc::clone(&mem), &cfg).unwrap();
-    wait_counter(&g, 4 * ws / PAGE_SIZE);
+    // Until every thread has covered its slice (threads may start late on a busy host).
+    let mut dirty = std::collections::BTreeSet::new();
+    let end = Instant::now() + PATIENCE;
+    while (dirty.len() as u64) < ws / PAGE_SIZE {
+        assert!(Instant::now() < end, "working set never covered");
+        std::thread::sleep(Duration::from_millis(20));
+        dirty.extend(dirty_gpas(&mem, &read_logs(&g)));
+    }
     g.pause().unwrap();
-    let dirty = dirty_gpas(&mem, &read_logs(&g));
+    dirty.extend(dirty_gpas(&mem, &read_logs(&g)));
     assert_eq!(dirty.len() as u64, ws / PAGE_SIZE);
     assert!(
         dirty.iter().all(|&gpa| gpa < ws),
@@ -622,9 +629,12 @@ fn throttle_cuts_the_rate(g: &dyn GuestCpu) {
     std::thread::sleep(Duration::from_millis(50));
     let again = rate_over(g, Duration::from_millis(500));
     eprintln!("{kind}: {free:.0} pages/s, {throttled:.0} at 80% throttle, {again:.0} after");
+    // Against the better unthrottled window: other tests share the two cores, so either
+    // one may be depressed.
+    let unthrottled = free.max(again);
     assert!(
-        throttled < 0.5 * free,
-        "{kind}: throttle 80% kept {throttled:.0} of {free:.0} pages/s"
+        throttled < 0.5 * unthrottled,
+        "{kind}: throttle 80% kept {throttled:.0} of {unthrottled:.0} pages/s"
     );
     assert!(again > 1.5 * throttled, "{kind}: rate did not come back");
     g.set_throttle(250);
