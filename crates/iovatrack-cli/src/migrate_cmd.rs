@@ -100,6 +100,17 @@ struct Common {
     /// Pages per second the guest dirties (0 = unlimited).
     #[arg(long, default_value_t = 20_000)]
     cpu_rate: u64,
+    /// Percent of guest RAM filled with data before migration (a booted OS's page cache).
+    #[arg(long, value_name = "PCT", default_value_t = 25,
+          value_parser = clap::value_parser!(u8).range(0..=100))]
+    warm: u8,
+    /// Guest vCPUs (KVM) or writer threads (software guest).
+    #[arg(long, default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=16))]
+    vcpus: u32,
+    /// Bytes of RAM the guest keeps dirtying (K/M/G suffixes; 0 = all RAM).
+    #[arg(long, value_name = "SIZE", default_value = "0", value_parser = parse_rate)]
+    working_set: u64,
     /// DMA writes per second (0 = unlimited).
     #[arg(long, default_value_t = 20_000)]
     dma_rate: u64,
@@ -198,6 +209,9 @@ fn config(c: &Common) -> Result<MigrateConfig, BoxError> {
     let mut cfg = MigrateConfig::new(layout_of(c)?);
     cfg.use_kvm = !c.no_kvm;
     cfg.cpu_rate = c.cpu_rate;
+    cfg.warm_pct = c.warm;
+    cfg.vcpus = c.vcpus as usize;
+    cfg.working_set = c.working_set;
     cfg.dma = DmaConfig {
         threads: c.dma_threads as usize,
         rate: c.dma_rate,

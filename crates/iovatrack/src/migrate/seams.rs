@@ -124,9 +124,9 @@ pub trait Vcpus: Send + Sync {
     fn resume(&self) -> Result<(), VmError>;
     /// Saved state of each vCPU (needs them paused), in vCPU order.
     fn save(&self) -> Result<Vec<Vec<u8>>, VmError>;
-    /// Keep the vCPUs out of the guest `pct` % of the time (0 = full speed), for
-    /// auto-converge. The default does nothing: a VMM without throttling never converges
-    /// a guest that dirties faster than the link, and the engine's timeout forces it.
+    /// Keep the vCPUs out of the guest `pct`% of the time (0 = off, at most 99) for
+    /// auto-converge, as QEMU's `cpu-throttle-percentage`. The default does nothing (a VMM
+    /// without throttling).
     fn throttle(&self, _pct: u8) -> Result<(), VmError> {
         Ok(())
     }
@@ -154,6 +154,10 @@ impl<T: GuestCpu> Vcpus for T {
         GuestCpu::state_bytes(self)
             .map(|s| vec![s])
             .map_err(|e| VmError::SaveState(Box::new(e)))
+    }
+    fn throttle(&self, pct: u8) -> Result<(), VmError> {
+        GuestCpu::set_throttle(self, pct);
+        Ok(())
     }
 }
 
@@ -183,6 +187,10 @@ impl Vcpus for Box<dyn GuestCpu> {
             .state_bytes()
             .map(|s| vec![s])
             .map_err(|e| VmError::SaveState(Box::new(e)))
+    }
+    fn throttle(&self, pct: u8) -> Result<(), VmError> {
+        self.as_ref().set_throttle(pct);
+        Ok(())
     }
 }
 

@@ -60,6 +60,13 @@ pub struct MigrateConfig {
     pub faults: Vec<Fault>,
     /// How long the guest and the devices run before migration starts.
     pub warmup: Duration,
+    /// Share of guest RAM (percent, outside the guest's setup area) filled with non-zero
+    /// data before the guest starts, as a booted OS's page cache would have it.
+    pub warm_pct: u8,
+    /// vCPUs of the KVM guest (writer threads of the software guest).
+    pub vcpus: usize,
+    /// Bytes of RAM the guest keeps dirtying (0 = all RAM).
+    pub working_set: u64,
 }
 
 impl MigrateConfig {
@@ -78,6 +85,9 @@ impl MigrateConfig {
             engine: EngineConfig::default(),
             faults: Vec::new(),
             warmup: Duration::from_millis(300),
+            warm_pct: 25,
+            vcpus: 1,
+            working_set: 0,
         }
     }
 
@@ -133,8 +143,12 @@ pub fn run_source(
     let memory = Arc::new(GuestMemory::new(&regions)?);
     // The guest's own setup (page tables, code, stack): no DMA there.
     let reserved = guest::x86::SetupLayout::for_memory(&memory)?.reserved;
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    guest::warm_fill(&memory, reserved, cfg.warm_pct, threads)?;
     let gcfg = GuestConfig {
         rate_pages_per_sec: cfg.cpu_rate,
+        threads: cfg.vcpus,
+        working_set: cfg.working_set,
         ..GuestConfig::default()
     };
     let guest = guest::start_guest(memory.clone(), &gcfg, cfg.use_kvm)?;

@@ -1,5 +1,7 @@
-//! A real KVM VM: one memslot per RAM region with dirty logging, one 64-bit vCPU in its
-//! own thread, pause/resume by signal kick, and register save/restore.
+//! A real KVM VM: one memslot per RAM region with dirty logging, N 64-bit vCPUs each in
+//! its own thread (sharing the page tables, each with its own walk table, stack and slice
+//! of the working set), pause/resume by signal kick, register save/restore, and a
+//! throttle timer for auto-converge.
 //!
 //! # Dirty logging
 //!
@@ -7,31 +9,39 @@
 //! no `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`): every guest write since the VM was created is
 //! logged, and [`KvmGuest::dirty_log`] (`KVM_GET_DIRTY_LOG`) returns and clears the slot's
 //! log in one call. Host writes through [`GuestMemory`] (the setup, a software DMA device)
-//! are NOT in KVM's log; whoever makes them must track them.
+//! are NOT in KVM's log; whoever makes them must track them. The host never writes guest
+//! RAM while the guest runs: rate limits travel in registers and `in` data.
+//!
+//! # Progress without exits
+//!
+//! Each vCPU publishes its counter and batch count in its progress words (guest RAM, see
+//! `x86.rs`) at every batch end; [`GuestCpu::progress`] reads them. The vCPU leaves the
+//! guest only at its page limit (`in`, see `program.rs`), which is practically never when
+//! unlimited, or when kicked.
 //!
 //! # Pausing (the kick)
 //!
-//! A no-op-ish handler is installed for `SIGRTMIN` without `SA_RESTART`. The vCPU thread
+//! A no-op-ish handler is installed for `SIGRTMIN` without `SA_RESTART`. Each vCPU thread
 //! publishes, in a thread-local, the address of its `kvm_run.immediate_exit`. To pause, the
-//! controller stores `want = PAUSE` and `pthread_kill`s the vCPU thread; the handler sets
-//! `immediate_exit = 1`. Whatever the thread was doing, it ends up back at the top of its
+//! controller stores `want = PAUSE` and `pthread_kill`s every vCPU thread; the handler sets
+//! `immediate_exit = 1`. Whatever a thread was doing, it ends up back at the top of its
 //! loop, where it reads `want`:
 //! * in the guest: the pending signal forces an exit, `KVM_RUN` fails with `EINTR`;
 //! * between its `want` check and `KVM_RUN` (the classic race): the handler already ran,
 //!   so `immediate_exit = 1` makes `KVM_RUN` return `EINTR` at once instead of sleeping in
 //!   the guest with the kick lost;
-//! * in the exit handler or the rate-limit sleep: it checks `want` next anyway.
+//! * in the exit handler or a rate-limit or throttle sleep: it checks `want` next anyway.
 //!
 //! A stale kick only costs one spurious `EINTR` later. Before parking, the thread re-enters
-//! `KVM_RUN` once with `immediate_exit = 1`: KVM then completes the pending `out` (advances
-//! RIP) without running guest code, so the saved registers are consistent (KVM API doc,
-//! `immediate_exit`). The controller re-kicks every 10 ms until the thread reports itself
-//! parked, which it does only when it is out of `KVM_RUN` and blocked on the condvar.
+//! `KVM_RUN` once with `immediate_exit = 1`: KVM then completes a pending `in` (writes RAX,
+//! advances RIP) without running guest code, so the saved registers are consistent (KVM
+//! API doc, `immediate_exit`). The controller re-kicks every 10 ms until every thread
+//! reports itself parked, which it does only when it is out of `KVM_RUN` and blocked on
+//! the condvar.
 
-use std::cell::Cell;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -39,123 +49,38 @@ use kvm_bindings::{
     kvm_dirty_log, kvm_dirty_log__bindgen_ty_1, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES,
     KVM_MEM_LOG_DIRTY_PAGES,
 };
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{Kvm, VmFd};
 
+use super::kvm_state;
+use super::kvm_vcpu::{
+    install_kick_handler, kick, kvm_err, throttle_timer, vcpu_thread, Ctl, Shared, VcpuProgress,
+    WANT_PAUSE, WANT_RUN, WANT_STOP,
+};
 use super::memory::GuestMemory;
-use super::pace::Pacer;
+use super::throttle;
 use super::walk::WalkTable;
-use super::x86::{self, SetupLayout, VcpuState, PROGRESS_PORT};
+use super::x86::{self, SetupLayout, VcpuState, MAX_VCPUS};
 use super::{GuestConfig, GuestCpu, GuestError, Progress};
 
-const KVMIO: u32 = 0xAE;
-vmm_sys_util::ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
-
-const WANT_RUN: u8 = 0;
-const WANT_PAUSE: u8 = 1;
-const WANT_STOP: u8 = 2;
-
-/// How long `pause()` waits for the vCPU before giving up.
+/// How long `pause()` waits for the vCPUs before giving up.
 const PAUSE_DEADLINE: Duration = Duration::from_secs(10);
-/// Re-kick period while waiting for the vCPU to park.
+/// Re-kick period while waiting for the vCPUs to park.
 const KICK_PERIOD: Duration = Duration::from_millis(10);
 
 /// TSS area KVM needs for real-mode emulation on some Intel hosts (QEMU/Firecracker value).
 const TSS_ADDR: u64 = 0xfffb_d000;
 
-thread_local! {
-    /// This thread's `kvm_run.immediate_exit`, or null when it runs no vCPU.
-    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
-}
-
-extern "C" fn kick_handler(_sig: libc::c_int) {
-    // Const-initialised, Drop-free thread-local: reading it is a plain TLS load, which is
-    // async-signal-safe.
-    let p = IMMEDIATE_EXIT.with(Cell::get);
-    if !p.is_null() {
-        // SAFETY: non-null only while the owning vCPU (and so its kvm_run mmap) is alive on
-        // this very thread. A volatile byte store is what the kernel expects; it may race
-        // with a live `&mut kvm_run` of the interrupted code, as in Firecracker and Cloud
-        // Hypervisor, and only this one byte is touched.
-        unsafe { std::ptr::write_volatile(p, 1) };
-    }
-}
-
-fn kick_signal() -> libc::c_int {
-    libc::SIGRTMIN()
-}
-
-/// Install the kick handler once per process.
-fn install_kick_handler() -> Result<(), GuestError> {
-    static RESULT: OnceLock<i32> = OnceLock::new();
-    let err = *RESULT.get_or_init(|| {
-        // SAFETY: a zeroed sigaction is valid; the handler is async-signal-safe (see above)
-        // and flags deliberately omit SA_RESTART so KVM_RUN is not restarted.
-        let rc = unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = kick_handler as *const () as libc::sighandler_t;
-            sa.sa_flags = 0;
-            libc::sigemptyset(&mut sa.sa_mask);
-            libc::sigaction(kick_signal(), &sa, std::ptr::null_mut())
-        };
-        if rc == 0 {
-            0
-        } else {
-            std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EINVAL)
-        }
-    });
-    if err == 0 {
-        Ok(())
-    } else {
-        Err(GuestError::Signal(std::io::Error::from_raw_os_error(err)))
-    }
-}
-
-fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> GuestError {
-    move |source| GuestError::Kvm { op, source }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Status {
-    Running,
-    Paused,
-    Exited,
-}
-
-struct Ctl {
-    status: Status,
-    snapshot: Option<VcpuState>,
-}
-
-/// State shared by the controller and the vCPU thread.
-struct Shared {
-    want: AtomicU8,
-    ctl: Mutex<Ctl>,
-    cv: Condvar,
-    counter: AtomicU64,
-    start_counter: u64,
-    reports: AtomicU64,
-    rate: AtomicU64,
-}
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Ctl> {
-        // A poisoned lock only means a thread panicked while holding it; the state is
-        // plain data and stays meaningful.
-        self.ctl.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// A KVM VM running the guest program on one vCPU thread. See the module docs for dirty
-/// logging and pausing.
+/// A KVM VM running the guest program on N vCPU threads. See the module docs for dirty
+/// logging, progress and pausing.
 pub struct KvmGuest {
     // Field order = drop order: the VM fd closes before the memory Arc may unmap RAM.
     vm: VmFd,
     _kvm: Kvm,
     shared: Arc<Shared>,
-    thread: Mutex<Option<JoinHandle<Result<(), GuestError>>>>,
-    pthread: libc::pthread_t,
+    /// vCPU threads, in vCPU order; emptied (under the lock) by `stop`, so a kick never
+    /// reaches a joined thread.
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    timer: Mutex<Option<JoinHandle<()>>>,
     memory: Arc<GuestMemory>,
 }
 
@@ -163,6 +88,7 @@ impl std::fmt::Debug for KvmGuest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KvmGuest")
             .field("memory", &self.memory)
+            .field("vcpus", &self.shared.vcpus.len())
             .finish()
     }
 }
@@ -176,40 +102,66 @@ fn supports_1g(cpuid: &kvm_bindings::CpuId) -> bool {
 }
 
 impl KvmGuest {
-    /// Boot a fresh guest on `memory` (its first region must exceed 1 MiB): write the setup
-    /// into the first MiB, create the VM and start the vCPU running.
+    /// Boot a fresh guest on `memory` (its first region must exceed the setup area) with
+    /// `config.threads` vCPUs over `config.working_set`: write the setup into the first
+    /// region, create the VM and start the vCPUs running.
     pub fn start(memory: Arc<GuestMemory>, config: &GuestConfig) -> Result<Self, GuestError> {
+        let n = config.threads.max(1);
+        if n > MAX_VCPUS {
+            return Err(GuestError::VcpuCount {
+                count: n,
+                max: MAX_VCPUS,
+            });
+        }
         let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("GET_SUPPORTED_CPUID"))?;
         let huge_1g = config.allow_1g_pages && supports_1g(&cpuid);
         let layout = SetupLayout::for_memory(&memory)?;
-        let table = WalkTable::new(memory.regions(), layout.reserved, config.batch)?;
-        x86::write_setup(&memory, &layout, &table, huge_1g)?;
-        let regs = x86::initial_regs(&layout);
-        Self::launch(kvm, cpuid, memory, config, |base| VcpuState {
-            regs,
-            sregs: x86::long_mode_sregs(base, &layout),
-        })
+        let mut tables = WalkTable::slices(
+            memory.regions(),
+            layout.reserved,
+            config.batch,
+            config.working_set,
+            n,
+        )?;
+        for (i, t) in tables.iter_mut().enumerate() {
+            t.progress = layout.progress_of(i);
+        }
+        x86::write_setup(&memory, &layout, &tables, huge_1g)?;
+        Self::launch(
+            kvm,
+            cpuid,
+            memory,
+            config,
+            |i, base| VcpuState {
+                regs: x86::initial_regs(&layout, i),
+                sregs: x86::long_mode_sregs(base, &layout),
+            },
+            n,
+        )
     }
 
     /// Continue a guest saved by [`GuestCpu::state_bytes`] on `memory`, which must already
-    /// hold the guest's RAM (program and page tables included).
+    /// hold the guest's RAM (program, tables and page tables included). The vCPU count and
+    /// working set come from the saved guest; `config` gives the rate.
     pub fn resume_from(
         memory: Arc<GuestMemory>,
         state: &[u8],
         config: &GuestConfig,
     ) -> Result<Self, GuestError> {
-        let saved = VcpuState::from_bytes(state)?;
+        let saved = kvm_state::from_bytes(state)?;
         let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("GET_SUPPORTED_CPUID"))?;
-        if x86::uses_1g_pages(&memory, saved.sregs.cr3, saved.regs.rip) && !supports_1g(&cpuid) {
+        let s0 = &saved[0];
+        if x86::uses_1g_pages(&memory, s0.sregs.cr3) && !supports_1g(&cpuid) {
             return Err(GuestError::No1GPages);
         }
-        Self::launch(kvm, cpuid, memory, config, |_| saved)
+        let n = saved.len();
+        Self::launch(kvm, cpuid, memory, config, |i, _| saved[i], n)
     }
 
     fn launch(
@@ -217,7 +169,8 @@ impl KvmGuest {
         cpuid: kvm_bindings::CpuId,
         memory: Arc<GuestMemory>,
         config: &GuestConfig,
-        state: impl FnOnce(&kvm_bindings::kvm_sregs) -> VcpuState,
+        state: impl Fn(usize, &kvm_bindings::kvm_sregs) -> VcpuState,
+        n: usize,
     ) -> Result<Self, GuestError> {
         install_kick_handler()?;
         let vm = kvm.create_vm().map_err(kvm_err("CREATE_VM"))?;
@@ -244,47 +197,88 @@ impl KvmGuest {
             unsafe { vm.set_user_memory_region(region) }
                 .map_err(kvm_err("SET_USER_MEMORY_REGION"))?;
         }
-        let vcpu = vm.create_vcpu(0).map_err(kvm_err("CREATE_VCPU"))?;
-        vcpu.set_cpuid2(&cpuid).map_err(kvm_err("SET_CPUID2"))?;
-        let base = vcpu.get_sregs().map_err(kvm_err("GET_SREGS"))?;
-        let st = state(&base);
-        vcpu.set_sregs(&st.sregs).map_err(kvm_err("SET_SREGS"))?;
-        vcpu.set_regs(&st.regs).map_err(kvm_err("SET_REGS"))?;
-
+        let mut fds = Vec::with_capacity(n);
+        let mut progress = Vec::with_capacity(n);
+        for i in 0..n {
+            let vcpu = vm.create_vcpu(i as u64).map_err(kvm_err("CREATE_VCPU"))?;
+            vcpu.set_cpuid2(&cpuid).map_err(kvm_err("SET_CPUID2"))?;
+            let base = vcpu.get_sregs().map_err(kvm_err("GET_SREGS"))?;
+            let mut st = state(i, &base);
+            // Ask the host for a quantum after the first batch: the saved limit belongs to
+            // the previous host's rate.
+            st.regs.r14 = 0;
+            vcpu.set_sregs(&st.sregs).map_err(kvm_err("SET_SREGS"))?;
+            vcpu.set_regs(&st.regs).map_err(kvm_err("SET_REGS"))?;
+            // The progress words' gpa sits in the vCPU's table (RBX), word 4.
+            let words = memory.read_u64(st.regs.rbx + 32)?;
+            memory.read_u64(words + 8)?; // inside RAM, or the guest could not report
+            progress.push(VcpuProgress {
+                words,
+                floor: AtomicU64::new(st.counter()),
+                start: (st.counter(), st.regs.rbp),
+            });
+            fds.push(vcpu);
+        }
         let shared = Arc::new(Shared {
+            memory: Arc::clone(&memory),
             want: AtomicU8::new(WANT_RUN),
             ctl: Mutex::new(Ctl {
-                status: Status::Running,
-                snapshot: None,
+                parked: 0,
+                exited: 0,
+                snapshots: vec![None; n],
+                failed: None,
             }),
             cv: Condvar::new(),
-            counter: AtomicU64::new(st.counter()),
-            start_counter: st.counter(),
-            reports: AtomicU64::new(0),
             rate: AtomicU64::new(config.rate_pages_per_sec),
+            rate_gen: AtomicU64::new(0),
+            throttle: AtomicU8::new(0),
+            throttle_ticket: AtomicU64::new(0),
+            vcpus: progress,
         });
-        let s2 = Arc::clone(&shared);
-        let handle = std::thread::Builder::new()
-            .name("iovatrack-vcpu0".into())
-            .spawn(move || vcpu_thread(vcpu, &s2))
-            .map_err(GuestError::Spawn)?;
-        let pthread = handle.as_pthread_t();
-        Ok(Self {
+        let guest = Self {
             vm,
             _kvm: kvm,
             shared,
-            thread: Mutex::new(Some(handle)),
-            pthread,
+            threads: Mutex::new(Vec::with_capacity(n)),
+            timer: Mutex::new(None),
             memory,
-        })
+        };
+        for (i, vcpu) in fds.into_iter().enumerate() {
+            let s = Arc::clone(&guest.shared);
+            let h = std::thread::Builder::new()
+                .name(format!("iovatrack-vcpu{i}"))
+                .spawn(move || vcpu_thread(vcpu, &s, i))
+                .map_err(GuestError::Spawn)?; // Drop of `guest` stops the ones started.
+            guest.lock_threads().push(h);
+        }
+        let ids: Vec<libc::pthread_t> = guest
+            .lock_threads()
+            .iter()
+            .map(|h| h.as_pthread_t())
+            .collect();
+        let s = Arc::clone(&guest.shared);
+        let timer = std::thread::Builder::new()
+            .name("iovatrack-throttle".into())
+            .spawn(move || throttle_timer(&s, &ids))
+            .map_err(GuestError::Spawn)?;
+        *guest.timer.lock().unwrap_or_else(|e| e.into_inner()) = Some(timer);
+        Ok(guest)
     }
 
-    fn kick(&self) {
-        // SAFETY: `pthread` belongs to a thread we have not joined yet (kicks happen only
-        // while `thread` holds its JoinHandle), so the id is valid even if it has exited.
-        unsafe {
-            libc::pthread_kill(self.pthread, kick_signal());
+    fn lock_threads(&self) -> std::sync::MutexGuard<'_, Vec<JoinHandle<()>>> {
+        self.threads.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Kick every vCPU thread not yet joined.
+    fn kick_all(&self) {
+        for h in self.lock_threads().iter() {
+            kick(h.as_pthread_t());
         }
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> usize {
+        self.shared.vcpus.len()
     }
 
     /// Fill `buf` with region `slot`'s dirty bitmap and clear KVM's log for it (classic
@@ -319,18 +313,30 @@ impl KvmGuest {
         Ok(())
     }
 
-    /// The registers saved when the vCPU last paused; `NotPaused` unless paused now.
+    /// vCPU 0's registers saved when the vCPUs last paused; `NotPaused` unless paused now.
     pub fn vcpu_state(&self) -> Result<VcpuState, GuestError> {
+        Ok(self.vcpu_states()?[0])
+    }
+
+    /// Every vCPU's registers saved when they last paused, in vCPU order; `NotPaused`
+    /// unless all are paused now.
+    pub fn vcpu_states(&self) -> Result<Vec<VcpuState>, GuestError> {
         let ctl = self.shared.lock();
-        match (ctl.status, ctl.snapshot) {
-            (Status::Paused, Some(s)) if self.shared.want.load(Ordering::SeqCst) == WANT_PAUSE => {
-                Ok(s)
-            }
-            (Status::Exited, _) => Err(GuestError::Exited),
-            _ => Err(GuestError::NotPaused),
+        if ctl.exited > 0 {
+            return Err(GuestError::Exited);
         }
+        if ctl.parked < self.vcpu_count() || self.shared.want.load(Ordering::SeqCst) != WANT_PAUSE {
+            return Err(GuestError::NotPaused);
+        }
+        ctl.snapshots
+            .iter()
+            .map(|s| s.ok_or(GuestError::NotPaused))
+            .collect()
     }
 }
+
+const KVMIO: u32 = 0xAE;
+vmm_sys_util::ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
 
 impl GuestCpu for KvmGuest {
     fn kind(&self) -> &'static str {
@@ -342,27 +348,31 @@ impl GuestCpu for KvmGuest {
     }
 
     fn pause(&self) -> Result<(), GuestError> {
+        let n = self.vcpu_count();
         let mut ctl = self.shared.lock();
-        if ctl.status == Status::Exited {
+        if ctl.exited > 0 {
             return Err(GuestError::Exited);
         }
         self.shared.want.store(WANT_PAUSE, Ordering::SeqCst);
         self.shared.cv.notify_all();
         let deadline = Instant::now() + PAUSE_DEADLINE;
         loop {
-            match ctl.status {
-                Status::Paused => return Ok(()),
-                Status::Exited => return Err(GuestError::Exited),
-                Status::Running => {}
+            if ctl.exited > 0 {
+                return Err(GuestError::Exited);
+            }
+            if ctl.parked == n {
+                return Ok(());
             }
             if Instant::now() >= deadline {
                 return Err(GuestError::PauseTimeout);
             }
-            self.kick();
+            drop(ctl);
+            self.kick_all();
+            ctl = self.shared.lock();
             ctl = self
                 .shared
                 .cv
-                .wait_timeout_while(ctl, KICK_PERIOD, |c| c.status == Status::Running)
+                .wait_timeout_while(ctl, KICK_PERIOD, |c| c.parked < n && c.exited == 0)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
@@ -370,7 +380,7 @@ impl GuestCpu for KvmGuest {
 
     fn resume(&self) -> Result<(), GuestError> {
         let ctl = self.shared.lock();
-        if ctl.status == Status::Exited {
+        if ctl.exited > 0 {
             return Err(GuestError::Exited);
         }
         self.shared.want.store(WANT_RUN, Ordering::SeqCst);
@@ -379,19 +389,32 @@ impl GuestCpu for KvmGuest {
     }
 
     fn stop(&self) -> Result<(), GuestError> {
-        let mut slot = self.thread.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(handle) = slot.take() else {
-            return Ok(());
-        };
         {
             let _ctl = self.shared.lock();
             self.shared.want.store(WANT_STOP, Ordering::SeqCst);
             self.shared.cv.notify_all();
         }
-        // One kick suffices: `want` is STOP before it, and see the module docs for why a
-        // kick cannot be lost.
-        self.kick();
-        handle.join().map_err(|_| GuestError::ThreadPanicked)?
+        // The timer kicks by thread id: join it before any vCPU thread is joined.
+        let timer = self.timer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let mut panicked = timer.is_some_and(|t| t.join().is_err());
+        let handles = {
+            let mut threads = self.lock_threads();
+            // One kick each suffices: `want` is STOP before it (see the module docs).
+            for h in threads.iter() {
+                kick(h.as_pthread_t());
+            }
+            std::mem::take(&mut *threads)
+        };
+        for h in handles {
+            panicked |= h.join().is_err();
+        }
+        if let Some(e) = self.shared.lock().failed.take() {
+            return Err(e);
+        }
+        if panicked {
+            return Err(GuestError::ThreadPanicked);
+        }
+        Ok(())
     }
 
     fn dirty_log(&self, slot: usize, buf: &mut [u64]) -> Result<(), GuestError> {
@@ -399,20 +422,37 @@ impl GuestCpu for KvmGuest {
     }
 
     fn progress(&self) -> Progress {
-        let counter = self.shared.counter.load(Ordering::Relaxed);
-        Progress {
-            counter,
-            pages_written: counter.wrapping_sub(self.shared.start_counter),
-            reports: self.shared.reports.load(Ordering::Relaxed),
+        let mut p = Progress::default();
+        for (i, v) in self.shared.vcpus.iter().enumerate() {
+            let (counter, batches) = self.shared.vcpu_progress(i);
+            p.counter = p.counter.wrapping_add(counter);
+            p.pages_written += counter.saturating_sub(v.start.0);
+            p.reports += batches.saturating_sub(v.start.1);
         }
+        p
     }
 
     fn set_rate(&self, pages_per_sec: u64) {
-        self.shared.rate.store(pages_per_sec, Ordering::Relaxed);
+        self.shared.rate.store(pages_per_sec, Ordering::SeqCst);
+        self.shared.rate_gen.fetch_add(1, Ordering::SeqCst);
+        // A vCPU holding a large quantum would not ask again for a long time.
+        self.kick_all();
+    }
+
+    fn set_throttle(&self, pct: u8) {
+        let _ctl = self.shared.lock();
+        self.shared
+            .throttle
+            .store(throttle::clamp(pct), Ordering::SeqCst);
+        self.shared.cv.notify_all();
+    }
+
+    fn throttle_pct(&self) -> u8 {
+        self.shared.throttle.load(Ordering::SeqCst)
     }
 
     fn state_bytes(&self) -> Result<Vec<u8>, GuestError> {
-        Ok(self.vcpu_state()?.to_bytes())
+        Ok(kvm_state::to_bytes(&self.vcpu_states()?))
     }
 }
 
@@ -422,132 +462,4 @@ impl Drop for KvmGuest {
             log::warn!("KVM guest vCPU ended with an error: {e}");
         }
     }
-}
-
-fn exit_name(exit: &VcpuExit<'_>) -> &'static str {
-    match exit {
-        VcpuExit::IoIn(..) => "io-in",
-        VcpuExit::IoOut(..) => "io-out (unknown port)",
-        VcpuExit::MmioRead(..) => "mmio-read",
-        VcpuExit::MmioWrite(..) => "mmio-write",
-        VcpuExit::Hlt => "hlt",
-        VcpuExit::Shutdown => "shutdown (triple fault)",
-        VcpuExit::FailEntry(..) => "fail-entry",
-        VcpuExit::InternalError => "internal-error",
-        VcpuExit::Exception => "exception",
-        VcpuExit::Intr => "intr",
-        _ => "other",
-    }
-}
-
-fn vcpu_thread(mut vcpu: VcpuFd, shared: &Shared) -> Result<(), GuestError> {
-    let flag: *mut u8 = &mut vcpu.get_kvm_run().immediate_exit;
-    IMMEDIATE_EXIT.with(|c| c.set(flag));
-    let result = run_loop(&mut vcpu, shared);
-    IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
-    if let Err(e) = &result {
-        log::error!("vCPU thread failed: {e}");
-    }
-    let mut ctl = shared.lock();
-    ctl.status = Status::Exited;
-    shared.cv.notify_all();
-    drop(ctl);
-    result
-}
-
-/// Record one progress report: extend the guest's 32-bit counter to 64 bits.
-fn report(shared: &Shared, low: u32) {
-    let prev = shared.counter.load(Ordering::Relaxed);
-    let mut c = (prev & !0xffff_ffff) | u64::from(low);
-    if c < prev {
-        c += 1 << 32;
-    }
-    shared.counter.store(c, Ordering::Relaxed);
-    shared.reports.fetch_add(1, Ordering::Relaxed);
-}
-
-fn run_loop(vcpu: &mut VcpuFd, shared: &Shared) -> Result<(), GuestError> {
-    let mut pacer = Pacer::new(shared.rate.load(Ordering::Relaxed));
-    loop {
-        match shared.want.load(Ordering::SeqCst) {
-            WANT_RUN => {}
-            WANT_PAUSE => {
-                if park(vcpu, shared)? {
-                    return Ok(());
-                }
-                pacer = Pacer::new(shared.rate.load(Ordering::Relaxed));
-                continue;
-            }
-            _ => return Ok(()),
-        }
-        let before = shared.counter.load(Ordering::Relaxed);
-        match vcpu.run() {
-            Ok(VcpuExit::IoOut(PROGRESS_PORT, data)) => {
-                let mut b = [0u8; 4];
-                let n = data.len().min(4);
-                b[..n].copy_from_slice(&data[..n]);
-                report(shared, u32::from_le_bytes(b));
-                let pages = shared.counter.load(Ordering::Relaxed).wrapping_sub(before);
-                if let Some(d) = pacer.after(pages, shared.rate.load(Ordering::Relaxed)) {
-                    // Interruptible sleep: pause/stop wake it through the condvar.
-                    let ctl = shared.lock();
-                    let _ = shared.cv.wait_timeout_while(ctl, d, |_| {
-                        shared.want.load(Ordering::SeqCst) == WANT_RUN
-                    });
-                }
-            }
-            Ok(exit) => {
-                return Err(GuestError::UnexpectedExit {
-                    exit: exit_name(&exit),
-                })
-            }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                // Kicked (or a stale kick): clear the flag and re-check `want`.
-                vcpu.set_kvm_immediate_exit(0);
-            }
-            Err(e) => return Err(kvm_err("RUN")(e)),
-        }
-    }
-}
-
-/// Park the vCPU: complete the pending I/O, snapshot registers, wait for RUN or STOP.
-/// Returns `true` for STOP.
-fn park(vcpu: &mut VcpuFd, shared: &Shared) -> Result<bool, GuestError> {
-    vcpu.set_kvm_immediate_exit(1);
-    loop {
-        match vcpu.run() {
-            Err(e) if e.errno() == libc::EINTR => break,
-            // Not expected with immediate_exit set, but harmless: count it and retry.
-            Ok(VcpuExit::IoOut(PROGRESS_PORT, data)) => {
-                let mut b = [0u8; 4];
-                let n = data.len().min(4);
-                b[..n].copy_from_slice(&data[..n]);
-                report(shared, u32::from_le_bytes(b));
-            }
-            Ok(exit) => {
-                return Err(GuestError::UnexpectedExit {
-                    exit: exit_name(&exit),
-                })
-            }
-            Err(e) => return Err(kvm_err("RUN (complete I/O)")(e)),
-        }
-    }
-    vcpu.set_kvm_immediate_exit(0);
-    let snapshot = VcpuState {
-        regs: vcpu.get_regs().map_err(kvm_err("GET_REGS"))?,
-        sregs: vcpu.get_sregs().map_err(kvm_err("GET_SREGS"))?,
-    };
-    let mut ctl = shared.lock();
-    ctl.status = Status::Paused;
-    ctl.snapshot = Some(snapshot);
-    shared.cv.notify_all();
-    while shared.want.load(Ordering::SeqCst) == WANT_PAUSE {
-        ctl = shared.cv.wait(ctl).unwrap_or_else(|e| e.into_inner());
-    }
-    if shared.want.load(Ordering::SeqCst) == WANT_STOP {
-        return Ok(true);
-    }
-    ctl.status = Status::Running;
-    ctl.snapshot = None;
-    Ok(false)
 }

@@ -231,6 +231,17 @@ impl GuestMemory {
         Ok(())
     }
 
+    /// Store `f(word_gpa)` into every 8-byte word of `[gpa, gpa + len)` (8-byte aligned,
+    /// inside one region) in one pass: the range is resolved and bounds-checked once, and
+    /// the relaxed stores compile to plain `mov`s, so this runs at memory speed. Host
+    /// writes are not in KVM's dirty log.
+    pub fn fill_with(&self, gpa: u64, len: u64, f: impl Fn(u64) -> u64) -> Result<(), GuestError> {
+        for (i, w) in self.words(gpa, len)?.iter().enumerate() {
+            w.store(f(gpa + 8 * i as u64), Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
     /// Copy the page at `gpa` into `buf` (exactly 4096 bytes).
     pub fn read_page(&self, gpa: u64, buf: &mut [u8]) -> Result<(), GuestError> {
         check_page_buf(buf.len())?;

@@ -2,11 +2,14 @@
 //!
 //! * [`GuestMemory`]: RAM regions, each an anonymous `mmap(MAP_NORESERVE)`; source and
 //!   destination use the same type.
-//! * [`KvmGuest`]: a real KVM VM, one memslot per region with dirty logging, one 64-bit
-//!   vCPU running a hand-assembled program that writes a running counter into pages along
-//!   a stride walk ([`WalkTable`]) and reports progress on an I/O port.
+//! * [`KvmGuest`]: a real KVM VM, one memslot per region with dirty logging, N 64-bit
+//!   vCPUs each running a hand-assembled program that writes a running counter into the
+//!   pages of its slice of the working set along a stride walk ([`WalkTable`]) and
+//!   publishes its progress in guest RAM (no exit per batch).
 //! * [`SoftGuest`]: the same walk done by host threads, with its own atomic dirty log, for
 //!   hosts without `/dev/kvm`.
+//! * [`warm_fill`]: non-zero data over a share of RAM before migration, as a booted OS's
+//!   page cache would leave it.
 //!
 //! Both implement [`GuestCpu`], so the migration engine is generic over them.
 //!
@@ -16,11 +19,16 @@
 //! tracked by whoever makes them.
 
 mod kvm;
+mod kvm_state;
+mod kvm_vcpu;
 mod memory;
 mod pace;
+pub mod program;
 mod soft;
 mod state;
+mod throttle;
 mod walk;
+mod warm;
 pub mod x86;
 
 use std::sync::Arc;
@@ -29,6 +37,7 @@ pub use kvm::KvmGuest;
 pub use memory::{hash_page_bytes, hash_words, GuestMemory, PAGE_SIZE, PAGE_WORDS};
 pub use soft::SoftGuest;
 pub use walk::WalkTable;
+pub use warm::{warm_fill, warm_pattern};
 
 /// Errors of guest memory and guest CPUs.
 #[derive(Debug, thiserror::Error)]
@@ -197,6 +206,14 @@ pub enum GuestError {
     /// Saved state whose content is inconsistent (e.g. zero threads).
     #[error("saved CPU state: inconsistent content")]
     StateInvalid,
+    /// More (or fewer) vCPUs than the setup has room for.
+    #[error("{count} vCPUs requested, 1 to {max} supported")]
+    VcpuCount {
+        /// vCPUs asked for.
+        count: usize,
+        /// Most supported.
+        max: usize,
+    },
 }
 
 /// How a guest CPU runs.
@@ -206,10 +223,14 @@ pub struct GuestConfig {
     pub rate_pages_per_sec: u64,
     /// Pages written between two progress reports (and rate-limit checks); at least 1.
     pub batch: u64,
-    /// Writer threads of the software guest (the KVM guest has one vCPU).
+    /// vCPUs: KVM vCPUs (each its own thread, at most [`x86::MAX_VCPUS`]) or software
+    /// writer threads. A resumed guest takes the count from its saved state.
     pub threads: usize,
     /// Let the KVM guest use 1 GiB pages when the host offers them (else 2 MiB).
     pub allow_1g_pages: bool,
+    /// Bytes of RAM the guest writes (the first ones outside the setup area, in address
+    /// order, split among the vCPUs); 0 = all RAM. A resumed guest keeps its saved set.
+    pub working_set: u64,
 }
 
 impl Default for GuestConfig {
@@ -219,6 +240,7 @@ impl Default for GuestConfig {
             batch: 64,
             threads: 1,
             allow_1g_pages: true,
+            working_set: 0,
         }
     }
 }
@@ -226,12 +248,14 @@ impl Default for GuestConfig {
 /// Counters of a running guest.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Progress {
-    /// The guest's running counter: the value of its last page write. It continues across
-    /// migration (it is guest state), so a resumed guest starts from the saved value.
+    /// The guest's running counter: the value of its last page write, summed over vCPUs
+    /// (each vCPU counts its own writes). It continues across migration (it is guest
+    /// state), so a resumed guest starts from the saved value.
     pub counter: u64,
     /// Pages written by this instance (since it started or resumed from state).
     pub pages_written: u64,
-    /// Progress reports seen (I/O exits for KVM, batches for software).
+    /// Batches completed by this instance (each ends with a progress report: a store to
+    /// the progress words for KVM, a counter update for software).
     pub reports: u64,
 }
 
@@ -255,8 +279,14 @@ pub trait GuestCpu: Send + Sync {
     fn dirty_log(&self, slot: usize, buf: &mut [u64]) -> Result<(), GuestError>;
     /// Current counters.
     fn progress(&self) -> Progress;
-    /// Change the rate limit (pages per second, 0 = unlimited).
+    /// Change the rate limit (pages per second over all vCPUs, 0 = unlimited).
     fn set_rate(&self, pages_per_sec: u64);
+    /// Keep the vCPUs out of the guest `pct`% of the time (0 = off, capped at 99): every
+    /// vCPU runs ~10 ms, then sleeps `pct / (100 - pct)` times that (QEMU's
+    /// `cpu-throttle-percentage`), for auto-converge.
+    fn set_throttle(&self, pct: u8);
+    /// The current throttle percentage.
+    fn throttle_pct(&self) -> u8;
     /// Saved CPU state (versioned bytes) to continue elsewhere; needs a paused CPU.
     fn state_bytes(&self) -> Result<Vec<u8>, GuestError>;
 }
@@ -287,7 +317,9 @@ pub fn resume_guest(
     config: &GuestConfig,
 ) -> Result<Box<dyn GuestCpu>, GuestError> {
     match state::kind_of(state)? {
-        state::KIND_KVM => Ok(Box::new(KvmGuest::resume_from(memory, state, config)?)),
+        state::KIND_KVM | state::KIND_KVM_SMP => {
+            Ok(Box::new(KvmGuest::resume_from(memory, state, config)?))
+        }
         _ => Ok(Box::new(SoftGuest::resume_from(memory, state, config)?)),
     }
 }

@@ -1,9 +1,11 @@
 //! Software guest: host threads do the KVM guest's page walk through the host mapping and
 //! log their own writes, for hosts without `/dev/kvm` (or `--no-kvm`).
 //!
-//! It walks ALL of RAM (there is no in-guest setup to protect). Thread `t` of `n` starts at
-//! walk index `t · total / n` and steps like the KVM program; every write stores the next
-//! value of one shared running counter at offset 0 of the page.
+//! It walks all of RAM, or the first `working_set` bytes of it (there is no in-guest setup
+//! to protect). Thread `t` of `n` walks its own slice of that set with its own stride, like
+//! the KVM program's vCPUs; every write stores the next value of one shared running
+//! counter at offset 0 of the page. Throttling: a thread that has run a 10 ms slice sleeps
+//! `pct / (100 - pct)` slices before its next batch.
 //!
 //! Dirty log: one `AtomicU64` bitmap per region. A writer stores the page first and then
 //! sets its bit (`fetch_or`, Release); [`SoftGuest::dirty_log`] swaps words to zero
@@ -20,6 +22,7 @@ use std::time::{Duration, Instant};
 use super::memory::{GuestMemory, PAGE_SIZE};
 use super::pace::Pacer;
 use super::state::{Reader, Writer, KIND_SOFT};
+use super::throttle;
 use super::walk::WalkTable;
 use super::{GuestConfig, GuestCpu, GuestError, Progress};
 use crate::range::IovaRange;
@@ -41,7 +44,10 @@ struct Ctl {
 
 struct Shared {
     memory: Arc<GuestMemory>,
-    table: WalkTable,
+    /// One slice of the working set per thread.
+    tables: Vec<WalkTable>,
+    working_set: u64,
+    throttle: AtomicU8,
     dirty: Vec<Vec<AtomicU64>>,
     want: AtomicU8,
     ctl: Mutex<Ctl>,
@@ -74,26 +80,36 @@ impl std::fmt::Debug for SoftGuest {
     }
 }
 
-/// Saved software guest: the running counter and each thread's walk index.
+/// Saved software guest: the running counter, each thread's walk index in its slice, and
+/// the working set the slices were cut from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct SoftState {
     counter: u64,
     positions: Vec<u64>,
+    working_set: u64,
 }
+
+/// Layout version 2: v1 (`counter`, `n`, `n` positions) plus the working set. Version 1
+/// positions index one walk over all RAM, not per-thread slices, so it is refused.
+const SOFT_VERSION: u32 = 2;
 
 impl SoftState {
     fn to_bytes(&self) -> Vec<u8> {
-        let mut w = Writer::new(KIND_SOFT);
+        let mut w = Writer::versioned(KIND_SOFT, SOFT_VERSION);
         w.u64(self.counter);
         w.u32(self.positions.len() as u32);
         for p in &self.positions {
             w.u64(*p);
         }
+        w.u64(self.working_set);
         w.finish()
     }
 
     fn from_bytes(bytes: &[u8]) -> Result<Self, GuestError> {
-        let mut r = Reader::new(bytes, KIND_SOFT)?;
+        let (mut r, version) = Reader::versioned(bytes, KIND_SOFT, SOFT_VERSION)?;
+        if version != SOFT_VERSION {
+            return Err(GuestError::StateVersion { found: version });
+        }
         let counter = r.u64()?;
         let n = r.u32()? as usize;
         // Bound the allocation by what the bytes can hold.
@@ -101,53 +117,68 @@ impl SoftState {
             return Err(GuestError::StateInvalid);
         }
         let positions = (0..n).map(|_| r.u64()).collect::<Result<Vec<_>, _>>()?;
+        let working_set = r.u64()?;
         r.end()?;
-        Ok(Self { counter, positions })
+        Ok(Self {
+            counter,
+            positions,
+            working_set,
+        })
     }
 }
 
 impl SoftGuest {
-    /// Start `config.threads` (at least 1) writer threads on `memory`.
+    /// Start `config.threads` (at least 1) writer threads on `memory`, over
+    /// `config.working_set`.
     pub fn start(memory: Arc<GuestMemory>, config: &GuestConfig) -> Result<Self, GuestError> {
-        let table = Self::table(&memory, config)?;
-        let n = config.threads.max(1) as u64;
-        let positions = (0..n)
-            .map(|t| ((t as u128 * table.total as u128) / n as u128) as u64)
-            .collect();
+        let n = config.threads.max(1);
+        let tables = Self::tables(&memory, config, config.working_set, n)?;
         Self::launch(
             memory,
-            table,
+            tables,
             config,
             SoftState {
                 counter: 0,
-                positions,
+                positions: vec![0; n],
+                working_set: config.working_set,
             },
         )
     }
 
     /// Continue from [`GuestCpu::state_bytes`] of a software guest, on `memory` holding its
-    /// RAM (same layout). The thread count comes from the state.
+    /// RAM (same layout). The thread count and working set come from the state.
     pub fn resume_from(
         memory: Arc<GuestMemory>,
         state: &[u8],
         config: &GuestConfig,
     ) -> Result<Self, GuestError> {
         let st = SoftState::from_bytes(state)?;
-        let table = Self::table(&memory, config)?;
-        if st.positions.iter().any(|&p| p >= table.total) {
+        let tables = Self::tables(&memory, config, st.working_set, st.positions.len())?;
+        if st.positions.iter().zip(&tables).any(|(&p, t)| p >= t.total) {
             return Err(GuestError::StateInvalid);
         }
-        Self::launch(memory, table, config, st)
+        Self::launch(memory, tables, config, st)
     }
 
-    fn table(memory: &GuestMemory, config: &GuestConfig) -> Result<WalkTable, GuestError> {
+    fn tables(
+        memory: &GuestMemory,
+        config: &GuestConfig,
+        working_set: u64,
+        n: usize,
+    ) -> Result<Vec<WalkTable>, GuestError> {
         // Nothing reserved: an empty range at 0 removes no page.
-        WalkTable::new(memory.regions(), IovaRange::new(0, 0), config.batch)
+        WalkTable::slices(
+            memory.regions(),
+            IovaRange::new(0, 0),
+            config.batch,
+            working_set,
+            n,
+        )
     }
 
     fn launch(
         memory: Arc<GuestMemory>,
-        table: WalkTable,
+        tables: Vec<WalkTable>,
         config: &GuestConfig,
         st: SoftState,
     ) -> Result<Self, GuestError> {
@@ -161,7 +192,9 @@ impl SoftGuest {
         let n = st.positions.len();
         let shared = Arc::new(Shared {
             memory,
-            table,
+            tables,
+            working_set: st.working_set,
+            throttle: AtomicU8::new(0),
             dirty,
             want: AtomicU8::new(WANT_RUN),
             ctl: Mutex::new(Ctl::default()),
@@ -180,7 +213,7 @@ impl SoftGuest {
             let s = Arc::clone(&guest.shared);
             let h = std::thread::Builder::new()
                 .name(format!("iovatrack-soft{t}"))
-                .spawn(move || writer(&s, t, n))
+                .spawn(move || writer(&s, t))
                 .map_err(GuestError::Spawn)?; // Drop of `guest` stops the ones started.
             guest
                 .threads
@@ -212,8 +245,8 @@ impl SoftGuest {
 }
 
 /// One writer thread; on failure records the error and exits.
-fn writer(s: &Shared, t: usize, n: usize) {
-    if let Err(e) = write_loop(s, t, n) {
+fn writer(s: &Shared, t: usize) {
+    if let Err(e) = write_loop(s, t) {
         log::error!("software guest writer {t} failed: {e}");
         s.lock().failed.get_or_insert(e);
     }
@@ -222,11 +255,14 @@ fn writer(s: &Shared, t: usize, n: usize) {
     s.cv.notify_all();
 }
 
-fn write_loop(s: &Shared, t: usize, n: usize) -> Result<(), GuestError> {
+fn write_loop(s: &Shared, t: usize) -> Result<(), GuestError> {
+    let n = s.tables.len();
+    let table = &s.tables[t];
     let mut idx = s.positions[t].load(Ordering::Relaxed);
-    let batch = s.table.batch;
+    let batch = table.batch;
     let thread_rate = |r: u64| if r == 0 { 0 } else { (r / n as u64).max(1) };
     let mut pacer = Pacer::new(thread_rate(s.rate.load(Ordering::Relaxed)));
+    let mut slice_start = Instant::now();
     loop {
         for _ in 0..batch {
             if s.want.load(Ordering::SeqCst) != WANT_RUN {
@@ -235,8 +271,9 @@ fn write_loop(s: &Shared, t: usize, n: usize) -> Result<(), GuestError> {
                     return Ok(());
                 }
                 pacer = Pacer::new(thread_rate(s.rate.load(Ordering::Relaxed)));
+                slice_start = Instant::now();
             }
-            let gpa = s.table.page_gpa(idx).ok_or(GuestError::OutOfRange {
+            let gpa = table.page_gpa(idx).ok_or(GuestError::OutOfRange {
                 gpa: idx,
                 len: PAGE_SIZE,
             })?;
@@ -249,15 +286,27 @@ fn write_loop(s: &Shared, t: usize, n: usize) -> Result<(), GuestError> {
             })?;
             let page = (gpa - s.memory.regions()[region].iova) / PAGE_SIZE;
             s.dirty[region][(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::Release);
-            idx = s.table.step(idx);
+            idx = table.step(idx);
         }
         s.reports.fetch_add(1, Ordering::Relaxed);
+        let pct = s.throttle.load(Ordering::Relaxed);
+        if pct == 0 {
+            slice_start = Instant::now();
+        } else if slice_start.elapsed() >= throttle::SLICE {
+            nap(s, throttle::sleep_per_slice(pct));
+            slice_start = Instant::now();
+        }
         if let Some(d) = pacer.after(batch, thread_rate(s.rate.load(Ordering::Relaxed))) {
-            let ctl = s.lock();
-            let _ =
-                s.cv.wait_timeout_while(ctl, d, |_| s.want.load(Ordering::SeqCst) == WANT_RUN);
+            nap(s, d);
         }
     }
+}
+
+/// Sleep up to `d` unless a pause or stop comes first.
+fn nap(s: &Shared, d: Duration) {
+    let ctl = s.lock();
+    let _ =
+        s.cv.wait_timeout_while(ctl, d, |_| s.want.load(Ordering::SeqCst) == WANT_RUN);
 }
 
 /// Block while paused; `true` means stop.
@@ -356,6 +405,16 @@ impl GuestCpu for SoftGuest {
         self.shared.rate.store(pages_per_sec, Ordering::Relaxed);
     }
 
+    fn set_throttle(&self, pct: u8) {
+        self.shared
+            .throttle
+            .store(throttle::clamp(pct), Ordering::Relaxed);
+    }
+
+    fn throttle_pct(&self) -> u8 {
+        self.shared.throttle.load(Ordering::Relaxed)
+    }
+
     fn state_bytes(&self) -> Result<Vec<u8>, GuestError> {
         let ctl = self.shared.lock();
         if ctl.parked < self.shared.positions.len()
@@ -371,6 +430,7 @@ impl GuestCpu for SoftGuest {
                 .iter()
                 .map(|p| p.load(Ordering::Relaxed))
                 .collect(),
+            working_set: self.shared.working_set,
         }
         .to_bytes())
     }
@@ -393,6 +453,7 @@ mod tests {
         let st = SoftState {
             counter: 99,
             positions: vec![1, 2, 3],
+            working_set: 1 << 20,
         };
         let b = st.to_bytes();
         assert_eq!(SoftState::from_bytes(&b).unwrap(), st);

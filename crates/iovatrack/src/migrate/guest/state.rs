@@ -10,19 +10,23 @@ use super::GuestError;
 use crate::migrate::wire::le::{self, Cursor, PutLe};
 
 const MAGIC: &[u8; 8] = b"IOVTGCPU";
-/// Current layout version.
+/// Layout version of the KVM kinds (and of the first software layout).
 pub(crate) const VERSION: u32 = 1;
+/// Newest layout version of any kind (software: v2 adds the working set).
+pub(crate) const MAX_VERSION: u32 = 2;
 /// Kind tag of a KVM vCPU state.
 pub(crate) const KIND_KVM: u32 = 1;
 /// Kind tag of a software guest state.
 pub(crate) const KIND_SOFT: u32 = 2;
+/// Kind tag of a multi-vCPU KVM state (a count, then each vCPU's `KIND_KVM` blob).
+pub(crate) const KIND_KVM_SMP: u32 = 3;
 
 /// The kind tag of saved state bytes (after checking magic and version).
 pub(crate) fn kind_of(bytes: &[u8]) -> Result<u32, GuestError> {
     let mut r = Reader(Cursor::new(bytes));
-    r.header()?;
+    r.header(MAX_VERSION)?;
     match r.u32()? {
-        k @ (KIND_KVM | KIND_SOFT) => Ok(k),
+        k @ (KIND_KVM | KIND_SOFT | KIND_KVM_SMP) => Ok(k),
         found => Err(GuestError::StateKind {
             expected: KIND_KVM,
             found,
@@ -35,9 +39,12 @@ pub(crate) struct Writer(Vec<u8>);
 
 impl Writer {
     pub(crate) fn new(kind: u32) -> Self {
+        Self::versioned(kind, VERSION)
+    }
+    pub(crate) fn versioned(kind: u32, version: u32) -> Self {
         let mut w = Self(Vec::with_capacity(512));
         w.0.extend_from_slice(MAGIC);
-        w.u32(VERSION);
+        w.u32(version);
         w.u32(kind);
         w
     }
@@ -52,6 +59,11 @@ impl Writer {
     }
     pub(crate) fn u64(&mut self, v: u64) {
         self.0.put_u64(v);
+    }
+    /// A length-prefixed (u32) byte string.
+    pub(crate) fn blob(&mut self, b: &[u8]) {
+        self.u32(b.len() as u32);
+        self.0.extend_from_slice(b);
     }
     pub(crate) fn finish(self) -> Vec<u8> {
         self.0
@@ -69,8 +81,16 @@ fn truncated(_: le::Short) -> GuestError {
 impl<'a> Reader<'a> {
     /// Check magic, version and kind; position after the header.
     pub(crate) fn new(bytes: &'a [u8], kind: u32) -> Result<Self, GuestError> {
+        Self::versioned(bytes, kind, VERSION).map(|(r, _)| r)
+    }
+    /// Like [`Reader::new`], accepting versions `VERSION ..= max`; returns the version.
+    pub(crate) fn versioned(
+        bytes: &'a [u8],
+        kind: u32,
+        max: u32,
+    ) -> Result<(Self, u32), GuestError> {
         let mut r = Self(Cursor::new(bytes));
-        r.header()?;
+        let version = r.header(max)?;
         let found = r.u32()?;
         if found != kind {
             return Err(GuestError::StateKind {
@@ -78,18 +98,18 @@ impl<'a> Reader<'a> {
                 found,
             });
         }
-        Ok(r)
+        Ok((r, version))
     }
-    /// Magic and version; the kind is left for the caller to read.
-    fn header(&mut self) -> Result<(), GuestError> {
+    /// Magic and a version in `VERSION..=max`; the kind is left for the caller to read.
+    fn header(&mut self, max: u32) -> Result<u32, GuestError> {
         if self.0.array::<8>().map_err(truncated)? != *MAGIC {
             return Err(GuestError::StateBadMagic);
         }
         let version = self.u32()?;
-        if version != VERSION {
+        if !(VERSION..=max).contains(&version) {
             return Err(GuestError::StateVersion { found: version });
         }
-        Ok(())
+        Ok(version)
     }
     pub(crate) fn u8(&mut self) -> Result<u8, GuestError> {
         self.0.u8().map_err(truncated)
@@ -102,6 +122,11 @@ impl<'a> Reader<'a> {
     }
     pub(crate) fn u64(&mut self) -> Result<u64, GuestError> {
         self.0.u64().map_err(truncated)
+    }
+    /// A byte string written by [`Writer::blob`].
+    pub(crate) fn blob(&mut self) -> Result<&'a [u8], GuestError> {
+        let n = self.u32()? as usize;
+        self.0.take(n).map_err(truncated)
     }
     /// Fails unless every byte was consumed (catches layout mismatches).
     pub(crate) fn end(self) -> Result<(), GuestError> {

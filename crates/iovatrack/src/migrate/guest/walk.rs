@@ -6,15 +6,19 @@
 //! `total` steps while spreading consecutive writes across all of RAM, which is what a real
 //! workload's dirtying looks like to pre-copy.
 //!
+//! With a working set ([`WalkTable::slices`]) only its first pages (in address order) are
+//! walked, split into one contiguous slice per vCPU, each with its own table and stride.
+//!
 //! In-guest table layout (little-endian `u64`s, one page):
-//! `[stride, total, batch, count]` then `count` entries `[gpa, pages]`.
+//! `[stride, total, batch, count, progress, 0, 0, 0]` then `count` entries `[gpa, pages]`
+//! (at [`super::program::ENTRIES_OFFSET`]).
 
 use super::memory::{GuestMemory, PAGE_SIZE};
 use super::GuestError;
 use crate::range::IovaRange;
 
 /// Header words before the entries.
-pub(crate) const HEADER_WORDS: u64 = 4;
+pub(crate) const HEADER_WORDS: u64 = super::program::ENTRIES_OFFSET / 8;
 /// Most entries that fit in one 4 KiB table page.
 pub(crate) const MAX_ENTRIES: usize = ((PAGE_SIZE / 8 - HEADER_WORDS) / 2) as usize;
 
@@ -29,6 +33,8 @@ pub struct WalkTable {
     pub stride: u64,
     /// Pages written between two progress reports.
     pub batch: u64,
+    /// Gpa of the vCPU's progress words (KVM guest; 0 when unused).
+    pub progress: u64,
 }
 
 impl WalkTable {
@@ -57,12 +63,75 @@ impl WalkTable {
         if total == 0 {
             return Err(GuestError::NoWalkPages);
         }
-        Ok(Self {
+        Ok(Self::over(entries, batch))
+    }
+
+    fn over(entries: Vec<(u64, u64)>, batch: u64) -> Self {
+        let total = entries.iter().map(|e| e.1).sum();
+        Self {
             entries,
             total,
             stride: pick_stride(total),
             batch: batch.max(1),
-        })
+            progress: 0,
+        }
+    }
+
+    /// The table over the first `working_set` bytes (0 = all; rounded up to whole pages)
+    /// of `regions` minus `reserved`, cut into `n` contiguous slices of nearly equal size,
+    /// one per vCPU or writer thread.
+    pub fn slices(
+        regions: &[IovaRange],
+        reserved: IovaRange,
+        batch: u64,
+        working_set: u64,
+        n: usize,
+    ) -> Result<Vec<Self>, GuestError> {
+        let all = Self::new(regions, reserved, batch)?;
+        let want = if working_set == 0 {
+            all.total
+        } else {
+            working_set.div_ceil(PAGE_SIZE).min(all.total)
+        };
+        let n = n.max(1) as u64;
+        if want < n {
+            return Err(GuestError::NoWalkPages);
+        }
+        (0..n)
+            .map(|k| {
+                let (a, z) = (k * want / n, (k + 1) * want / n);
+                let t = Self::over(all.span(a, z), batch);
+                if t.entries.len() > MAX_ENTRIES {
+                    return Err(GuestError::TooManyRegions {
+                        count: t.entries.len(),
+                        max: MAX_ENTRIES,
+                    });
+                }
+                Ok(t)
+            })
+            .collect()
+    }
+
+    /// Entries covering global page indices `a .. z`.
+    fn span(&self, a: u64, z: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let mut base = 0;
+        for &(gpa, pages) in &self.entries {
+            let (lo, hi) = (a.max(base), z.min(base + pages));
+            if lo < hi {
+                out.push((gpa + (lo - base) * PAGE_SIZE, hi - lo));
+            }
+            base += pages;
+        }
+        out
+    }
+
+    /// The walked byte ranges, in address order.
+    pub fn ranges(&self) -> Vec<IovaRange> {
+        self.entries
+            .iter()
+            .map(|&(g, p)| IovaRange::new(g, p * PAGE_SIZE))
+            .collect()
     }
 
     /// Guest physical address of global page index `idx` (`idx < total`).
@@ -96,6 +165,7 @@ impl WalkTable {
             self.total,
             self.batch,
             self.entries.len() as u64,
+            self.progress,
         ];
         for (i, v) in header.iter().enumerate() {
             mem.write_u64(gpa + 8 * i as u64, *v)?;
@@ -114,6 +184,7 @@ impl WalkTable {
         let total = mem.read_u64(gpa + 8)?;
         let batch = mem.read_u64(gpa + 16)?;
         let count = mem.read_u64(gpa + 24)?;
+        let progress = mem.read_u64(gpa + 32)?;
         if count as usize > MAX_ENTRIES {
             return Err(GuestError::TooManyRegions {
                 count: count as usize,
@@ -130,6 +201,7 @@ impl WalkTable {
             total,
             stride,
             batch,
+            progress,
         })
     }
 }
@@ -188,9 +260,42 @@ mod tests {
     #[test]
     fn table_round_trips_through_memory() {
         let mem = GuestMemory::new(&[(0, 1 << 20), (1 << 30, 1 << 20)]).unwrap();
-        let t = WalkTable::new(mem.regions(), IovaRange::new(0, 0x10000), 64).unwrap();
+        let mut t = WalkTable::new(mem.regions(), IovaRange::new(0, 0x10000), 64).unwrap();
+        t.progress = 0x5000;
         t.write_to(&mem, 0x2000).unwrap();
         assert_eq!(WalkTable::read_from(&mem, 0x2000).unwrap(), t);
+    }
+
+    #[test]
+    fn slices_cover_the_working_set_once() {
+        let regions = [
+            IovaRange::new(0, 64 << 20),
+            IovaRange::new(4 << 30, 64 << 20),
+        ];
+        let reserved = IovaRange::new(0, 1 << 20);
+        // 100 MiB working set over 3 slices: crosses from the first region into the second.
+        let s = WalkTable::slices(&regions, reserved, 64, 100 << 20, 3).unwrap();
+        assert_eq!(s.len(), 3);
+        assert_eq!(s.iter().map(|t| t.total).sum::<u64>(), (100 << 20) / 4096);
+        let mut flat: Vec<u64> = s
+            .iter()
+            .flat_map(|t| (0..t.total).map(|i| t.page_gpa(i).unwrap()))
+            .collect();
+        let n = flat.len();
+        flat.dedup();
+        assert_eq!(flat.len(), n, "slices overlap");
+        assert_eq!(flat[0], 1 << 20);
+        assert_eq!(*flat.last().unwrap(), (4 << 30) + (37 << 20) - 4096);
+        // 0 = everything; more than RAM = everything.
+        let all = WalkTable::new(&regions, reserved, 64).unwrap().total;
+        for ws in [0, 1 << 40] {
+            let s = WalkTable::slices(&regions, reserved, 64, ws, 2).unwrap();
+            assert_eq!(s[0].total + s[1].total, all);
+        }
+        assert!(matches!(
+            WalkTable::slices(&regions, reserved, 64, 4096, 2),
+            Err(GuestError::NoWalkPages)
+        ));
     }
 
     proptest! {
@@ -203,6 +308,7 @@ mod tests {
                 total,
                 stride: pick_stride(total),
                 batch: 1,
+                progress: 0,
             };
             prop_assert!(t.stride >= 1 && t.stride <= total);
             let mut seen = vec![false; total as usize];

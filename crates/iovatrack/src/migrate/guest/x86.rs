@@ -4,21 +4,32 @@
 //! # Guest pages used by the setup
 //!
 //! Everything sits in the first 1 MiB (16 MiB for a first region of 64 MiB or more:
-//! [`reserved_bytes`]) of the FIRST RAM region (base `B` = its gpa), which the walk never
-//! writes; `B + 0 .. B + 64 KiB` stays unused:
+//! [`reserved_bytes`]) of the FIRST RAM region (base `B` = its gpa, `R` = the area's
+//! size), which the walk never writes:
 //!
-//! | gpa              | content                                              |
-//! |------------------|------------------------------------------------------|
-//! | `B + 0x10000`    | GDT: null, 64-bit code (0x08), data (0x10), TSS (0x18) |
-//! | `B + 0x11000`    | guest program ([`GUEST_CODE`])                       |
-//! | `B + 0x12000`    | walk table ([`super::WalkTable`])                    |
-//! | `B + 0x13000`    | stack page (unused by the program; RSP points at its top) |
-//! | `B + 0x14000`    | PML4, then PDPT and PD pages as needed, up to the end of the area |
+//! | gpa                      | content                                              |
+//! |--------------------------|------------------------------------------------------|
+//! | `B + 0x1000·i`           | vCPU `i`'s walk table ([`super::WalkTable`]), `i < 16` |
+//! | `B + 0x10000`            | GDT: null, kernel code (0x08), data (0x10), TSS (0x18), user data (0x2b), user code (0x33) |
+//! | `B + 0x11000`            | guest program ([`GUEST_CODE`])                       |
+//! | `B + 0x14000`            | PML4, then PDPT and PD pages as needed, up to `R - 128 KiB` |
+//! | `B + R - 128 KiB + 4 KiB·i` | vCPU `i`'s progress words (counter, batches)      |
+//! | `B + R - 64 KiB + 4 KiB·i`  | vCPU `i`'s stack page (unused by the program)     |
 //!
 //! All of it is ordinary guest RAM, so it migrates with the rest of memory. The guest only
-//! reads it: descriptors have their Accessed bit and page-table entries their Accessed
-//! (and, for leaves, Dirty) bits preset, so the CPU never writes back to them and these pages
-//! stay out of KVM's dirty log.
+//! reads it, except its progress words: descriptors have their Accessed bit and page-table
+//! entries their Accessed (and, for leaves, Dirty) bits preset, so the CPU never writes back
+//! to them and these pages stay out of KVM's dirty log. The progress pages sit at the top
+//! of the area, past its first MiB, and are the only reserved pages the guest dirties.
+//!
+//! # The program runs in user mode (CPL 3)
+//!
+//! Under PVM (`kvm_pvm`, KVM without VMX/SVM) guest supervisor code that is not a PVM
+//! kernel is emulated instruction by instruction (about 30k pages/s here), while guest
+//! user code runs natively (about 100M pages/s). So the vCPUs start at CPL 3: user code and
+//! data segments, the U/S bit on every page-table entry, and IOPL 3 so the `in` of a
+//! quantum request is allowed. Nothing in the program needs CPL 0; on VMX/SVM hosts it runs
+//! natively either way.
 
 use kvm_bindings::{kvm_dtable, kvm_regs, kvm_segment, kvm_sregs};
 
@@ -43,75 +54,33 @@ pub fn reserved_bytes(first_len: u64) -> u64 {
 const SETUP_OFFSET: u64 = 0x10000;
 const GDT_OFFSET: u64 = SETUP_OFFSET;
 const CODE_OFFSET: u64 = SETUP_OFFSET + 0x1000;
-const TABLE_OFFSET: u64 = SETUP_OFFSET + 0x2000;
-const STACK_OFFSET: u64 = SETUP_OFFSET + 0x3000;
 const PML4_OFFSET: u64 = SETUP_OFFSET + 0x4000;
+/// Most vCPUs the setup has room for (one table page each below the GDT).
+pub const MAX_VCPUS: usize = 16;
+/// Per-vCPU pages at the top of the reserved area: progress words, then stacks.
+const PER_VCPU_AREA: u64 = 2 * MAX_VCPUS as u64 * PAGE_SIZE;
 
-/// I/O port the guest reports progress on (`out dx, eax` with the low 32 counter bits).
-pub const PROGRESS_PORT: u16 = 0x3f0;
+pub use super::program::PROGRESS_PORT;
 
 /// Page-table entry bits.
 const PTE_P: u64 = 1;
 const PTE_RW: u64 = 1 << 1;
 const PTE_A: u64 = 1 << 5;
 const PTE_D: u64 = 1 << 6;
+const PTE_US: u64 = 1 << 2;
 const PTE_PS: u64 = 1 << 7;
-/// Flags of a table (non-leaf) entry. Accessed is preset so the CPU never writes the tables
-/// (a hardware A/D update is a guest write and would dirty the reserved pages).
-const TABLE_FLAGS: u64 = PTE_P | PTE_RW | PTE_A;
+/// Flags of a table (non-leaf) entry, user-accessible (the program runs at CPL 3). Accessed
+/// is preset so the CPU never writes the tables (a hardware A/D update is a guest write and
+/// would dirty the reserved pages).
+const TABLE_FLAGS: u64 = PTE_P | PTE_RW | PTE_US | PTE_A;
 /// Flags of a huge leaf entry, Accessed and Dirty preset for the same reason.
-const LEAF_FLAGS: u64 = PTE_P | PTE_RW | PTE_A | PTE_D | PTE_PS;
+const LEAF_FLAGS: u64 = PTE_P | PTE_RW | PTE_US | PTE_A | PTE_D | PTE_PS;
 const PTE_ADDR: u64 = 0x000f_ffff_ffff_f000;
 
 /// Identity mapping stays in the canonical lower half of 4-level paging.
 const MAX_MAPPED: u128 = 1 << 47;
 
-/// The guest program, hand-assembled (checked against GNU `as` + `objdump`).
-///
-/// Registers: `rbx` = walk table gpa (set by the host), `r8` = running counter (the value
-/// written), `r9` = walk index, `r10` = stride, `r11` = total pages, `r12` = batch,
-/// `r13` = pages left in this batch. The program keeps all its state in registers, so
-/// `kvm_regs` plus RAM is the whole guest.
-#[rustfmt::skip]
-pub const GUEST_CODE: &[u8] = &[
-    // start:
-    0x4c, 0x8b, 0x13,             // 00 mov r10, [rbx]        ; stride
-    0x4c, 0x8b, 0x5b, 0x08,       // 03 mov r11, [rbx+8]      ; total
-    0x4c, 0x8b, 0x63, 0x10,       // 07 mov r12, [rbx+16]     ; batch
-    0x4d, 0x89, 0xe5,             // 0b mov r13, r12
-    0x45, 0x31, 0xc0,             // 0e xor r8d, r8d          ; counter = 0
-    0x45, 0x31, 0xc9,             // 11 xor r9d, r9d          ; idx = 0
-    // top:                        find the entry holding idx
-    0x4c, 0x89, 0xc9,             // 14 mov rcx, r9           ; rcx = idx
-    0x48, 0x8d, 0x73, 0x20,       // 17 lea rsi, [rbx+32]     ; first entry
-    // find:
-    0x48, 0x8b, 0x56, 0x08,       // 1b mov rdx, [rsi+8]      ; entry pages
-    0x48, 0x39, 0xd1,             // 1f cmp rcx, rdx
-    0x72, 0x09,                   // 22 jb found
-    0x48, 0x29, 0xd1,             // 24 sub rcx, rdx          ; skip this entry
-    0x48, 0x83, 0xc6, 0x10,       // 27 add rsi, 16
-    0xeb, 0xee,                   // 2b jmp find
-    // found:
-    0x48, 0xc1, 0xe1, 0x0c,       // 2d shl rcx, 12           ; page offset in entry
-    0x48, 0x03, 0x0e,             // 31 add rcx, [rsi]        ; + entry gpa
-    0x49, 0xff, 0xc0,             // 34 inc r8                ; counter += 1
-    0x4c, 0x89, 0x01,             // 37 mov [rcx], r8         ; dirty the page
-    0x4d, 0x01, 0xd1,             // 3a add r9, r10           ; idx += stride
-    0x4d, 0x39, 0xd9,             // 3d cmp r9, r11
-    0x72, 0x03,                   // 40 jb nowrap
-    0x4d, 0x29, 0xd9,             // 42 sub r9, r11           ; idx -= total
-    // nowrap:
-    0x49, 0xff, 0xcd,             // 45 dec r13
-    0x75, 0xca,                   // 48 jnz top
-    0x4d, 0x89, 0xe5,             // 4a mov r13, r12          ; new batch
-    0x44, 0x89, 0xc0,             // 4d mov eax, r8d
-    0xba, 0xf0, 0x03, 0x00, 0x00, // 50 mov edx, 0x3f0
-    0xef,                         // 55 out dx, eax           ; report progress (VM exit)
-    0xeb, 0xbc,                   // 56 jmp top
-];
-
-/// Offset in [`GUEST_CODE`] (and in its page) of the `mov [rcx], r8` store.
-pub const STORE_OFFSET: u64 = 0x37;
+pub use super::program::{GUEST_CODE, STORE_OFFSET};
 
 /// Where the setup lives for a given memory layout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,15 +89,15 @@ pub struct SetupLayout {
     pub gdt: u64,
     /// Guest program gpa (initial RIP).
     pub code: u64,
-    /// Walk table gpa (initial RBX).
+    /// vCPU 0's walk table gpa (its initial RBX); vCPU `i`'s is [`SetupLayout::table_of`].
     pub table: u64,
-    /// Initial RSP.
+    /// vCPU 0's initial RSP; vCPU `i`'s is [`SetupLayout::stack_top_of`].
     pub stack_top: u64,
     /// PML4 gpa (CR3).
     pub pml4: u64,
-    /// First byte past the reserved area (page tables must end at or below it).
+    /// First byte past the page-table space (page tables must end at or below it).
     pub limit: u64,
-    /// The reserved byte range (never walked).
+    /// The reserved byte range (never walked, never a DMA target).
     pub reserved: IovaRange,
 }
 
@@ -144,15 +113,31 @@ impl SetupLayout {
             });
         }
         let b = first.iova;
+        let limit = b + reserved - PER_VCPU_AREA;
         Ok(Self {
             gdt: b + GDT_OFFSET,
             code: b + CODE_OFFSET,
-            table: b + TABLE_OFFSET,
-            stack_top: b + STACK_OFFSET + PAGE_SIZE,
+            table: b,
+            stack_top: limit + PER_VCPU_AREA / 2 + PAGE_SIZE,
             pml4: b + PML4_OFFSET,
-            limit: b + reserved,
+            limit,
             reserved: IovaRange::new(b, reserved),
         })
+    }
+
+    /// vCPU `i`'s walk table (`i < MAX_VCPUS`).
+    pub fn table_of(&self, i: usize) -> u64 {
+        self.table + i as u64 * PAGE_SIZE
+    }
+
+    /// vCPU `i`'s progress words: `[counter, batches]`, written by the guest.
+    pub fn progress_of(&self, i: usize) -> u64 {
+        self.limit + i as u64 * PAGE_SIZE
+    }
+
+    /// vCPU `i`'s initial RSP (top of its own stack page).
+    pub fn stack_top_of(&self, i: usize) -> u64 {
+        self.stack_top + i as u64 * PAGE_SIZE
     }
 }
 
@@ -239,16 +224,71 @@ pub fn translate(mem: &GuestMemory, cr3: u64, va: u64) -> Option<u64> {
     (pte & PTE_P != 0).then_some((pte & PTE_ADDR) | (va & 0xfff))
 }
 
-/// Whether the tables at `cr3` map `va` with a 1 GiB page (so the CPU must offer pdpe1gb).
-pub fn uses_1g_pages(mem: &GuestMemory, cr3: u64, va: u64) -> bool {
-    let Ok(pml4e) = mem.read_u64((cr3 & PTE_ADDR) + 8 * ((va >> 39) & 511)) else {
-        return false;
+/// Whether the tables at `cr3` use any 1 GiB page (so the CPU must offer pdpe1gb).
+pub fn uses_1g_pages(mem: &GuestMemory, cr3: u64) -> bool {
+    (0..512u64).any(|i| {
+        let Ok(pml4e) = mem.read_u64((cr3 & PTE_ADDR) + 8 * i) else {
+            return false;
+        };
+        pml4e & PTE_P != 0
+            && (0..512u64).any(|j| {
+                mem.read_u64((pml4e & PTE_ADDR) + 8 * j)
+                    .is_ok_and(|e| e & (PTE_P | PTE_PS) == PTE_P | PTE_PS)
+            })
+    })
+}
+
+/// Remap the reserved area with 4 KiB pages, read-only except the per-vCPU progress and
+/// stack pages at its top (`layout.limit ..`), taking table pages from `next` (the first
+/// free gpa after [`build_page_tables`]). Why: a guest read of a page mapped writable (Dirty
+/// preset) makes a shadow MMU (PVM) install a writable entry and log the page dirty, so the
+/// program, its tables and the GDT would show in the dirty log without being written.
+/// Returns the next free gpa.
+pub fn protect_setup(
+    mem: &GuestMemory,
+    layout: &SetupLayout,
+    mut next: u64,
+) -> Result<u64, GuestError> {
+    const RO_LEAF: u64 = PTE_P | PTE_US | PTE_A | PTE_D;
+    const RW_LEAF: u64 = RO_LEAF | PTE_RW;
+    let mut alloc = || {
+        if next + PAGE_SIZE > layout.limit {
+            return Err(GuestError::PageTablesTooLarge {
+                available_pages: (layout.limit - layout.pml4) / PAGE_SIZE,
+            });
+        }
+        next += PAGE_SIZE;
+        Ok(next - PAGE_SIZE)
     };
-    if pml4e & PTE_P == 0 {
-        return false;
+    let r = layout.reserved;
+    let mut a = r.iova & !((1 << 21) - 1);
+    while (a as u128) < r.end() {
+        let pml4e = mem.read_u64(layout.pml4 + 8 * ((a >> 39) & 511))?;
+        let pdpte_at = (pml4e & PTE_ADDR) + 8 * ((a >> 30) & 511);
+        let pdpte = mem.read_u64(pdpte_at)?;
+        if pdpte & PTE_PS != 0 {
+            let pd = alloc()?;
+            let base = pdpte & PTE_ADDR & !((1 << 30) - 1);
+            for k in 0..512 {
+                mem.write_u64(pd + 8 * k, (base + (k << 21)) | LEAF_FLAGS)?;
+            }
+            mem.write_u64(pdpte_at, pd | TABLE_FLAGS)?;
+        }
+        let pde_at = (mem.read_u64(pdpte_at)? & PTE_ADDR) + 8 * ((a >> 21) & 511);
+        let pde = mem.read_u64(pde_at)?;
+        if pde & PTE_PS != 0 {
+            let pt = alloc()?;
+            let base = pde & PTE_ADDR & !((1 << 21) - 1);
+            for k in 0..512 {
+                let page = base + k * PAGE_SIZE;
+                let ro = r.contains(page) && page < layout.limit;
+                mem.write_u64(pt + 8 * k, page | if ro { RO_LEAF } else { RW_LEAF })?;
+            }
+            mem.write_u64(pde_at, pt | TABLE_FLAGS)?;
+        }
+        a += 1 << 21;
     }
-    mem.read_u64((pml4e & PTE_ADDR) + 8 * ((va >> 30) & 511))
-        .is_ok_and(|e| e & (PTE_P | PTE_PS) == PTE_P | PTE_PS)
+    Ok(next)
 }
 
 /// A GDT descriptor from access/flags bits (`0xF0FF` mask: flags nibble + access byte).
@@ -261,15 +301,21 @@ const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 }
 
 /// GDT: null; code = present, DPL0, exec/read, L=1, G=1; data = present, read/write, D/B=1,
-/// G=1; TSS = present, 64-bit busy TSS (VMX requires a usable TR in long mode).
-const GDT: [u64; 4] = [
+/// G=1; TSS = present, 64-bit busy TSS (VMX requires a usable TR in long mode; a 64-bit TSS
+/// descriptor takes two slots, so slot 4 stays empty); then user data and user code, as
+/// the kernel ones with DPL 3 (the vCPUs run at CPL 3, see the module docs).
+const GDT: [u64; 7] = [
     0,
     gdt_entry(0xa09b, 0, 0xfffff),
     gdt_entry(0xc093, 0, 0xfffff),
     gdt_entry(0x808b, 0, 0xfffff),
+    0,
+    gdt_entry(0xc0f3, 0, 0xfffff),
+    gdt_entry(0xa0fb, 0, 0xfffff),
 ];
 
-/// The `kvm_segment` the CPU caches for GDT entry `index` (matches [`GDT`]).
+/// The `kvm_segment` the CPU caches for GDT entry `index` (matches [`GDT`]); the
+/// selector's RPL is the descriptor's DPL.
 fn segment(index: u16) -> kvm_segment {
     let e = GDT[index as usize];
     let g = ((e >> 55) & 1) as u8;
@@ -281,7 +327,7 @@ fn segment(index: u16) -> kvm_segment {
         } else {
             raw_limit
         },
-        selector: index * 8,
+        selector: (index * 8) | ((e >> 45) & 3) as u16,
         type_: ((e >> 40) & 0xf) as u8,
         present: ((e >> 47) & 1) as u8,
         dpl: ((e >> 45) & 3) as u8,
@@ -295,6 +341,13 @@ fn segment(index: u16) -> kvm_segment {
     }
 }
 
+/// GDT slots of the user segments the program runs on.
+const USER_DATA: u16 = 5;
+const USER_CODE: u16 = 6;
+/// RFLAGS bit 1 is always set; IOPL 3 lets CPL 3 code use `in` (the quantum request).
+const RFLAGS_FIXED: u64 = 0x2;
+const RFLAGS_IOPL3: u64 = 3 << 12;
+
 const CR0_PE: u64 = 1;
 const CR0_MP: u64 = 1 << 1;
 const CR0_ET: u64 = 1 << 4;
@@ -305,14 +358,22 @@ const CR4_PAE: u64 = 1 << 5;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 
-/// Write the GDT, program and walk table, and build the page tables. Host writes: none of
-/// this shows in KVM's dirty log (the migration's first pass sends all RAM anyway).
+/// Write the GDT, program and one walk table per vCPU (`tables`, at most [`MAX_VCPUS`],
+/// each with its `progress` gpa set), clear the progress and stack pages, and build the
+/// page tables. Host writes: none of this shows in KVM's dirty log (the migration's first
+/// pass sends all RAM anyway).
 pub fn write_setup(
     mem: &GuestMemory,
     layout: &SetupLayout,
-    table: &super::walk::WalkTable,
+    tables: &[super::walk::WalkTable],
     huge_1g: bool,
 ) -> Result<(), GuestError> {
+    if tables.is_empty() || tables.len() > MAX_VCPUS {
+        return Err(GuestError::VcpuCount {
+            count: tables.len(),
+            max: MAX_VCPUS,
+        });
+    }
     let zero = [0u8; PAGE_SIZE as usize];
     mem.write_page(layout.gdt, &zero)?;
     for (i, e) in GDT.iter().enumerate() {
@@ -321,9 +382,13 @@ pub fn write_setup(
     let mut code = zero;
     code[..GUEST_CODE.len()].copy_from_slice(GUEST_CODE);
     mem.write_page(layout.code, &code)?;
-    table.write_to(mem, layout.table)?;
-    mem.write_page(layout.stack_top - PAGE_SIZE, &zero)?;
-    build_page_tables(mem, layout.pml4, layout.limit, huge_1g)?;
+    for (i, t) in tables.iter().enumerate() {
+        t.write_to(mem, layout.table_of(i))?;
+        mem.write_page(layout.progress_of(i), &zero)?;
+        mem.write_page(layout.stack_top_of(i) - PAGE_SIZE, &zero)?;
+    }
+    let next = build_page_tables(mem, layout.pml4, layout.limit, huge_1g)?;
+    protect_setup(mem, layout, next)?;
     Ok(())
 }
 
@@ -331,8 +396,9 @@ pub fn write_setup(
 /// e.g. `apic_base`).
 pub fn long_mode_sregs(base: &kvm_sregs, layout: &SetupLayout) -> kvm_sregs {
     let mut s = *base;
-    let code = segment(1);
-    let data = segment(2);
+    // User mode (CPL 3): native speed under PVM (module docs).
+    let code = segment(USER_CODE);
+    let data = segment(USER_DATA);
     s.cs = code;
     s.ds = data;
     s.es = data;
@@ -355,13 +421,15 @@ pub fn long_mode_sregs(base: &kvm_sregs, layout: &SetupLayout) -> kvm_sregs {
     s
 }
 
-/// Initial general registers: RIP at the program, RBX at the walk table, interrupts off.
-pub fn initial_regs(layout: &SetupLayout) -> kvm_regs {
+/// Initial general registers of vCPU `i`: RIP at the program, RBX at its walk table, RSP
+/// at its stack, counter, index and limit 0 (so it asks for a quantum after its first
+/// batch), interrupts off.
+pub fn initial_regs(layout: &SetupLayout, i: usize) -> kvm_regs {
     kvm_regs {
         rip: layout.code,
-        rbx: layout.table,
-        rsp: layout.stack_top,
-        rflags: 0x2,
+        rbx: layout.table_of(i),
+        rsp: layout.stack_top_of(i),
+        rflags: RFLAGS_FIXED | RFLAGS_IOPL3,
         ..Default::default()
     }
 }
@@ -535,6 +603,10 @@ mod tests {
                 assert_eq!(translate(&mem, layout.pml4, va), Some(va), "va {va:#x}");
             }
         }
+        // User-accessible at every level (the program runs at CPL 3).
+        let pml4e = mem.read_u64(layout.pml4).unwrap();
+        assert_ne!(pml4e & PTE_US, 0);
+        assert_ne!(mem.read_u64(pml4e & PTE_ADDR).unwrap() & PTE_US, 0);
         // Far outside any region (different 1 GiB slot, different PML4 slot): unmapped.
         assert_eq!(translate(&mem, layout.pml4, 2 << 30), None);
         assert_eq!(translate(&mem, layout.pml4, 1 << 45), None);
@@ -604,8 +676,9 @@ mod tests {
     fn setup_writes_program_table_and_gdt() {
         let mem = GuestMemory::new(&[(0, 8 << 20)]).unwrap();
         let layout = SetupLayout::for_memory(&mem).unwrap();
-        let table = WalkTable::new(mem.regions(), layout.reserved, 64).unwrap();
-        write_setup(&mem, &layout, &table, false).unwrap();
+        let mut table = WalkTable::new(mem.regions(), layout.reserved, 64).unwrap();
+        table.progress = layout.progress_of(0);
+        write_setup(&mem, &layout, std::slice::from_ref(&table), false).unwrap();
         let mut page = vec![0u8; 4096];
         mem.read_page(layout.code, &mut page).unwrap();
         assert_eq!(&page[..GUEST_CODE.len()], GUEST_CODE);
@@ -615,12 +688,43 @@ mod tests {
             &GUEST_CODE[at - 3..at + 3],
             &[0x49, 0xff, 0xc0, 0x4c, 0x89, 0x01]
         );
+        // The program reads its entries where the table writes them.
+        assert_eq!(
+            GUEST_CODE[0x18],
+            super::super::program::ENTRIES_OFFSET as u8
+        );
         assert_eq!(mem.read_u64(layout.gdt + 8).unwrap(), 0x00af_9b00_0000_ffff);
         assert_eq!(
             mem.read_u64(layout.gdt + 16).unwrap(),
             0x00cf_9300_0000_ffff
         );
         assert_eq!(WalkTable::read_from(&mem, layout.table).unwrap(), table);
+        // The setup is read-only to the guest, its progress and stack pages writable, and
+        // everything still identity-mapped.
+        let leaf = |va: u64| {
+            let pml4e = mem.read_u64(layout.pml4).unwrap();
+            let pdpte = mem
+                .read_u64((pml4e & PTE_ADDR) + 8 * ((va >> 30) & 511))
+                .unwrap();
+            let pde = mem
+                .read_u64((pdpte & PTE_ADDR) + 8 * ((va >> 21) & 511))
+                .unwrap();
+            mem.read_u64((pde & PTE_ADDR) + 8 * ((va >> 12) & 511))
+                .unwrap()
+        };
+        for ro in [layout.table, layout.code, layout.gdt, layout.pml4] {
+            assert_eq!(leaf(ro) & PTE_RW, 0, "{ro:#x} writable");
+        }
+        for rw in [
+            layout.progress_of(0),
+            layout.stack_top - 8,
+            layout.reserved.end() as u64,
+        ] {
+            assert_ne!(leaf(rw) & PTE_RW, 0, "{rw:#x} read-only");
+        }
+        for va in [0, layout.code + 5, layout.progress_of(3), 7 << 20] {
+            assert_eq!(translate(&mem, layout.pml4, va), Some(va));
+        }
         // Every setup page is inside the reserved (never walked) area.
         for gpa in [
             layout.gdt,
@@ -628,6 +732,8 @@ mod tests {
             layout.table,
             layout.stack_top - 1,
             layout.pml4,
+            layout.progress_of(MAX_VCPUS - 1),
+            layout.stack_top_of(MAX_VCPUS - 1) - 1,
         ] {
             assert!(layout.reserved.contains(gpa));
         }
@@ -635,6 +741,16 @@ mod tests {
         assert_eq!((cs.type_, cs.l, cs.db, cs.s, cs.present), (0xb, 1, 0, 1, 1));
         assert_eq!(cs.limit, 0xffff_ffff);
         assert_eq!(segment(3).s, 0);
+        // The user segments the program runs on: the kernel ones at DPL 3, RPL 3.
+        let (ucs, uds) = (segment(USER_CODE), segment(USER_DATA));
+        assert_eq!((ucs.type_, ucs.l, ucs.dpl, ucs.selector), (0xb, 1, 3, 0x33));
+        assert_eq!(
+            (uds.type_, uds.db, uds.dpl, uds.selector),
+            (0x3, 1, 3, 0x2b)
+        );
+        let sregs = long_mode_sregs(&kvm_sregs::default(), &layout);
+        assert_eq!((sregs.cs.dpl, sregs.ss.dpl), (3, 3));
+        assert_eq!(initial_regs(&layout, 0).rflags >> 12 & 3, 3, "IOPL 3");
     }
 
     #[test]
@@ -642,7 +758,7 @@ mod tests {
         let mem = GuestMemory::new(&[(0, 8 << 20)]).unwrap();
         let layout = SetupLayout::for_memory(&mem).unwrap();
         let mut st = VcpuState {
-            regs: initial_regs(&layout),
+            regs: initial_regs(&layout, 0),
             sregs: long_mode_sregs(&kvm_sregs::default(), &layout),
         };
         st.regs.r8 = 0x1234_5678_9abc;
