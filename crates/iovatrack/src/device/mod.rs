@@ -14,6 +14,10 @@
 //!
 //! Every failure is a [`DeviceError`]: the operation, the errno a kernel would return and
 //! the [`Rule`] that fired.
+//!
+//! Every ioctl the backends issue, and every `unsafe` block of this module, is in the private
+//! `sys` module: it builds the pointer-carrying payloads from borrowed slices and checks
+//! that a bitmap covers its range, so the backends call a safe API.
 
 use crate::plan::limits::StartRefusal;
 use crate::range::IovaRange;
@@ -23,6 +27,7 @@ pub mod emulated;
 pub mod emulated_iommu;
 pub mod iommufd;
 pub mod migration;
+mod sys;
 #[cfg(feature = "vfio")]
 pub mod type1;
 #[cfg(feature = "vfio")]
