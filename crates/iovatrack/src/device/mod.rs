@@ -541,7 +541,7 @@ impl DeviceError {
 
 /// Words a bitmap needs for `length` bytes at `page_size` (`page_size > 0`).
 pub(crate) fn needed_words(length: u64, page_size: u64) -> u64 {
-    length.div_ceil(page_size).div_ceil(64)
+    crate::bitmap::words_for(length.div_ceil(page_size)) as u64
 }
 
 /// The check every real backend makes before handing a user pointer to the kernel: the
