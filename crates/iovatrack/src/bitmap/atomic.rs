@@ -1,17 +1,19 @@
 //! The concurrent dirty bitmap, set from DMA threads or a software vCPU.
 
 use super::plain::DirtyBitmap;
-use super::words::{mask, words_for};
+use super::words::{word_masks, words_for};
 use super::BitmapError;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A dirty bitmap many threads may set while one reader drains it. Same bit layout as
 /// [`DirtyBitmap`].
 ///
-/// Ordering: a writer stores to guest memory, then sets the bit (`Release`); the reader
-/// swaps the word to zero (`Acquire`), then reads the pages. A page the reader saw dirty is
-/// read with the writer's data; a write racing with the drain leaves its bit set for the
-/// next pass, so no write is ever lost.
+/// Ordering: a writer stores to guest memory, then sets the bit; the reader swaps the word
+/// to zero, then reads the pages. A page the reader saw dirty is read with the writer's
+/// data; a write racing with the drain leaves its bit set for the next pass, so no write is
+/// ever lost. Every read-modify-write is `SeqCst`: free on x86 (a locked RMW anyway), and
+/// it lets a user order a set against a drain with its own `SeqCst` counter (the emulated
+/// device and IOMMU prove "a write racing a REPORT lands in that report or the next" so).
 ///
 /// ```
 /// use iovatrack::bitmap::{AtomicDirtyBitmap, DirtyBitmap};
@@ -41,6 +43,15 @@ impl AtomicDirtyBitmap {
         }
     }
 
+    /// An all-clear bitmap of `bits` bits, or the allocation failure (a driver's ENOMEM)
+    /// instead of an abort.
+    pub fn try_new(bits: u64) -> Result<Self, std::collections::TryReserveError> {
+        let mut words = Vec::new();
+        words.try_reserve_exact(words_for(bits))?;
+        words.extend((0..words_for(bits)).map(|_| AtomicU64::new(0)));
+        Ok(Self { words, bits })
+    }
+
     /// Number of bits (pages).
     pub fn len(&self) -> u64 {
         self.bits
@@ -67,7 +78,7 @@ impl AtomicDirtyBitmap {
     /// pre-swap value, or on x86 pass the writer's pending data store) and lose the write.
     #[inline]
     fn or_word(&self, i: usize, m: u64) {
-        self.words[i].fetch_or(m, Ordering::Release);
+        self.words[i].fetch_or(m, Ordering::SeqCst);
     }
 
     /// Set one bit.
@@ -80,15 +91,8 @@ impl AtomicDirtyBitmap {
     /// Set bits `first..first + count` with one masked `fetch_or` per word.
     pub fn set_range(&self, first: u64, count: u64) -> Result<(), BitmapError> {
         self.check(first, count)?;
-        if count == 0 {
-            return Ok(());
-        }
-        let last = first + count - 1;
-        let (fw, lw) = ((first / 64) as usize, (last / 64) as usize);
-        for i in fw..=lw {
-            let lo = if i == fw { (first % 64) as u32 } else { 0 };
-            let hi = if i == lw { (last % 64) as u32 + 1 } else { 64 };
-            self.or_word(i, mask(lo, hi));
+        for (i, m) in word_masks(first, count) {
+            self.or_word(i, m);
         }
         Ok(())
     }
@@ -104,7 +108,7 @@ impl AtomicDirtyBitmap {
     pub fn count_ones(&self) -> u64 {
         self.words
             .iter()
-            .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
+            .map(|w| u64::from(w.load(Ordering::SeqCst).count_ones()))
             .sum()
     }
 
@@ -120,9 +124,66 @@ impl AtomicDirtyBitmap {
         let mut out = dst.words_mut();
         for (d, w) in out.iter_mut().zip(&self.words) {
             if w.load(Ordering::Relaxed) != 0 {
-                *d |= w.swap(0, Ordering::Acquire);
+                *d |= w.swap(0, Ordering::SeqCst);
             }
         }
         Ok(())
+    }
+
+    /// Call `f` with each set bit of `first..first + count`, ascending, clearing them when
+    /// `clear` (one `fetch_and` per word, so a bit set concurrently outside the range, or
+    /// after its word was read, survives). A REPORT's or GET_DIRTY_BITMAP's read.
+    pub fn visit_range(
+        &self,
+        first: u64,
+        count: u64,
+        clear: bool,
+        mut f: impl FnMut(u64),
+    ) -> Result<(), BitmapError> {
+        self.check(first, count)?;
+        for (i, m) in word_masks(first, count) {
+            let old = if clear {
+                self.words[i].fetch_and(!m, Ordering::SeqCst)
+            } else {
+                self.words[i].load(Ordering::SeqCst)
+            };
+            let mut dirty = old & m;
+            while dirty != 0 {
+                f(i as u64 * 64 + u64::from(dirty.trailing_zeros()));
+                dirty &= dirty - 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Read and clear bits `first..first + count`, OR-ing them into `dst` from bit `at` on
+    /// (bit `first + j` to `dst` bit `at + j`). `dst` must hold bit `at + count - 1`.
+    pub fn read_and_clear_range_into(
+        &self,
+        first: u64,
+        count: u64,
+        dst: &mut [u64],
+        at: u64,
+    ) -> Result<(), BitmapError> {
+        let dst_bits = dst.len() as u64 * 64;
+        if at.checked_add(count).is_none_or(|end| end > dst_bits) {
+            return Err(BitmapError::OutOfRange {
+                first: at,
+                count,
+                len: dst_bits,
+            });
+        }
+        self.visit_range(first, count, true, |b| {
+            let t = b - first + at;
+            dst[(t / 64) as usize] |= 1 << (t % 64);
+        })
+    }
+
+    /// Clear every bit (a tracker re-armed on a clean snapshot). Not atomic as a whole: a
+    /// bit set concurrently may survive.
+    pub fn clear_all(&self) {
+        for w in self.words.iter() {
+            w.store(0, Ordering::SeqCst);
+        }
     }
 }

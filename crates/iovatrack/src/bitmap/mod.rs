@@ -58,12 +58,17 @@ mod runs;
 mod words;
 
 #[cfg(test)]
+mod range_tests;
+#[cfg(test)]
 mod tests;
 
 pub use atomic::AtomicDirtyBitmap;
 pub use plain::{DirtyBitmap, WordsMut};
 pub use regranular::{or_regranular, Geometry, MIN_PAGE};
 pub use runs::Runs;
+// The word-level helpers the devices' logs and REPORT outputs share with the bitmaps, so
+// that no other module computes a mask or a word count by hand.
+pub(crate) use words::{fill_range, words_for};
 
 /// Why a bitmap operation was refused. Nothing is modified when one is returned.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -28,6 +28,47 @@ pub(crate) fn words_for(bits: u64) -> usize {
     usize::try_from(bits.div_ceil(64)).unwrap_or(usize::MAX)
 }
 
+/// The words covering bits `first..=last` (`first <= last`), each with the mask of those
+/// bits in it: what a per-word atomic operation on a bit range iterates over.
+#[derive(Clone, Debug)]
+pub(crate) struct WordMasks {
+    next: u64,
+    last: u64,
+    done: bool,
+}
+
+/// [`WordMasks`] of bits `first..first + count`; empty when `count` is 0.
+#[inline]
+pub(crate) fn word_masks(first: u64, count: u64) -> WordMasks {
+    WordMasks {
+        next: first,
+        last: first.wrapping_add(count).wrapping_sub(1),
+        done: count == 0,
+    }
+}
+
+impl Iterator for WordMasks {
+    type Item = (usize, u64);
+
+    #[inline]
+    fn next(&mut self) -> Option<(usize, u64)> {
+        if self.done {
+            return None;
+        }
+        let w = self.next / 64;
+        let lo = (self.next % 64) as u32;
+        let hi = if self.last / 64 == w {
+            self.done = true;
+            (self.last % 64) as u32 + 1
+        } else {
+            64
+        };
+        // Cannot overflow: a word past `w` exists only when `last` lies in it.
+        self.next = (w + 1).wrapping_mul(64);
+        Some((w as usize, mask(lo, hi)))
+    }
+}
+
 /// Set bits `first..first + count`: masked first and last words, a `fill` in between.
 /// The range must lie within `words`.
 pub(crate) fn fill_range(words: &mut [u64], first: u64, count: u64) {

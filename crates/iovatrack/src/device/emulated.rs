@@ -25,6 +25,7 @@ mod report;
 
 use super::migration::{MigFlags, MigrationDevice};
 use super::{DeviceError, DeviceOp, DmaLogger, Errno, ReportGranule, ReportRegion, Rule};
+use crate::bitmap::{words_for, AtomicDirtyBitmap};
 // The tests compare tracked ranges with the planner's merge.
 #[cfg(test)]
 use crate::plan::combine::combine;
@@ -68,7 +69,7 @@ struct Region {
     range: IovaRange,
     first_page: u64,
     npages: u64,
-    bits: Box<[AtomicU64]>,
+    bits: AtomicDirtyBitmap,
     /// pds: the driver's view of the region (REPORT bounds and bitmap size).
     pds: Option<PdsRegion>,
 }
@@ -314,7 +315,7 @@ impl EmulatedDevice {
             let first_page = r.iova >> shift;
             let last_page = r.last().map_or(first_page, |l| l >> shift);
             let npages = last_page - first_page + 1;
-            words_total += npages.div_ceil(64) as u128;
+            words_total += words_for(npages) as u128;
             spans.push((first_page, npages));
         }
         let bytes = words_total * 8;
@@ -329,9 +330,7 @@ impl EmulatedDevice {
         }
         let mut regions = Vec::with_capacity(merged.len());
         for ((r, (first_page, npages)), pds) in merged.into_iter().zip(spans).zip(pds) {
-            let words = npages.div_ceil(64) as usize;
-            let mut bits = Vec::new();
-            bits.try_reserve_exact(words).map_err(|_| {
+            let bits = AtomicDirtyBitmap::try_new(npages).map_err(|_| {
                 e(
                     Errno::ENOMEM,
                     Rule::TrackerMemory {
@@ -340,12 +339,11 @@ impl EmulatedDevice {
                     },
                 )
             })?;
-            bits.extend((0..words).map(|_| AtomicU64::new(0)));
             regions.push(Region {
                 range: r,
                 first_page,
                 npages,
-                bits: bits.into_boxed_slice(),
+                bits,
                 pds,
             });
         }
@@ -397,11 +395,12 @@ impl Region {
     /// Set the bits of absolute device pages `p0..=p1` (inside this region).
     fn mark(&self, p0: u64, p1: u64) {
         let (k0, k1) = (p0 - self.first_page, p1 - self.first_page);
-        for_word_masks(k0, k1, |w, mask| {
-            // SeqCst: free on x86 (a locked RMW anyway) and it makes "a write racing a
-            // REPORT lands in that report or the next" provable with a SeqCst round counter.
-            self.bits[w].fetch_or(mask, Ordering::SeqCst);
-        });
+        // One read guard (the caller's) and one SeqCst fetch_or per word, no allocation:
+        // SeqCst makes "a write racing a REPORT lands in that report or the next" provable
+        // with a SeqCst round counter.
+        self.bits
+            .set_range(k0, k1 - k0 + 1)
+            .expect("DMA pages clipped to the region");
     }
 
     /// Read and clear the bits of region pages `k0..=k1` (clipped to the region), calling
@@ -414,25 +413,9 @@ impl Region {
         if k0 > k1 {
             return;
         }
-        for_word_masks(k0, k1, |w, mask| {
-            let mut dirty = self.bits[w].fetch_and(!mask, Ordering::SeqCst) & mask;
-            while dirty != 0 {
-                let k = w as u64 * 64 + u64::from(dirty.trailing_zeros());
-                dirty &= dirty - 1;
-                f(self.first_page + k);
-            }
-        });
-    }
-}
-
-/// Calls `f(word, mask)` for the words covering bits `k0..=k1`.
-fn for_word_masks(k0: u64, k1: u64, mut f: impl FnMut(usize, u64)) {
-    let (w0, w1) = (k0 / 64, k1 / 64);
-    for w in w0..=w1 {
-        let lo = if w == w0 { k0 % 64 } else { 0 };
-        let hi = if w == w1 { k1 % 64 } else { 63 };
-        let mask = (u64::MAX >> (63 - hi)) & (u64::MAX << lo);
-        f(w as usize, mask);
+        self.bits
+            .visit_range(k0, k1 - k0 + 1, true, |k| f(self.first_page + k))
+            .expect("pages clipped to the region");
     }
 }
 

@@ -20,6 +20,7 @@
 //! kernel drops the PTEs (hence "query before unmap").
 
 use super::{check_bitmap, DeviceError, DeviceOp, Errno, IommuDirtyTracker, Rule};
+use crate::bitmap::{fill_range, AtomicDirtyBitmap};
 use crate::range::IovaRange;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError, RwLock};
@@ -49,7 +50,8 @@ pub enum IommuMapError {
 
 struct Area {
     range: IovaRange,
-    bits: Box<[AtomicU64]>,
+    /// One bit per IOMMU page of the area.
+    bits: AtomicDirtyBitmap,
 }
 
 /// A software IOMMU with dirty tracking. See the module documentation.
@@ -105,8 +107,7 @@ impl EmulatedIommu {
         if areas.get(i).is_some_and(|a| a.range.overlaps(&range)) {
             return Err(IommuMapError::Overlap(range));
         }
-        let words = (range.length >> SHIFT).div_ceil(64) as usize;
-        let bits = (0..words).map(|_| AtomicU64::new(0)).collect();
+        let bits = AtomicDirtyBitmap::new(range.length >> SHIFT);
         areas.insert(i, Area { range, bits });
         Ok(())
     }
@@ -149,11 +150,7 @@ impl EmulatedIommu {
     /// Dirty IOMMU pages right now.
     pub fn dirty_pages(&self) -> u64 {
         let areas = self.areas.read().unwrap_or_else(PoisonError::into_inner);
-        areas
-            .iter()
-            .flat_map(|a| a.bits.iter())
-            .map(|w| u64::from(w.load(Ordering::SeqCst).count_ones()))
-            .sum()
+        areas.iter().map(|a| a.bits.count_ones()).sum()
     }
 
     /// Fail the `nth` `read_dirty` from now (1 = the next) with `errno`.
@@ -194,9 +191,11 @@ impl EmulatedIommu {
                     if tracking {
                         let k0 = ((lo - s) >> SHIFT) as u64;
                         let k1 = ((hi - 1 - s) >> SHIFT) as u64;
-                        for_masks(k0, k1, |w, m| {
-                            a.bits[w].fetch_or(m, Ordering::SeqCst);
-                        });
+                        // One SeqCst fetch_or per word under the read guard, as the
+                        // emulated device's log.
+                        a.bits
+                            .set_range(k0, k1 - k0 + 1)
+                            .expect("DMA pages clipped to the area");
                     }
                     cur = hi;
                     i += 1;
@@ -231,15 +230,6 @@ impl EmulatedIommu {
     }
 }
 
-/// Calls `f(word, mask)` for the words covering bits `k0..=k1`.
-fn for_masks(k0: u64, k1: u64, mut f: impl FnMut(usize, u64)) {
-    for w in k0 / 64..=k1 / 64 {
-        let lo = if w == k0 / 64 { k0 % 64 } else { 0 };
-        let hi = if w == k1 / 64 { k1 % 64 } else { 63 };
-        f(w as usize, (u64::MAX >> (63 - hi)) & (u64::MAX << lo));
-    }
-}
-
 impl IommuDirtyTracker for EmulatedIommu {
     fn name(&self) -> &str {
         &self.name
@@ -256,8 +246,8 @@ impl IommuDirtyTracker for EmulatedIommu {
         let areas = self.areas.write().unwrap_or_else(PoisonError::into_inner);
         if on {
             // The kernel clears every dirty bit before enabling: a clean snapshot.
-            for w in areas.iter().flat_map(|a| a.bits.iter()) {
-                w.store(0, Ordering::SeqCst);
+            for a in areas.iter() {
+                a.bits.clear_all();
             }
         }
         self.tracking.store(on, Ordering::SeqCst);
@@ -332,22 +322,16 @@ impl IommuDirtyTracker for EmulatedIommu {
             let s = a.range.iova as u128;
             let k0 = ((cur - s) >> SHIFT) as u64;
             let k1 = ((re.min(a.range.end()) - 1 - s) >> SHIFT) as u64;
-            for_masks(k0, k1, |w, mask| {
-                let old = if clear {
-                    a.bits[w].fetch_and(!mask, Ordering::SeqCst)
-                } else {
-                    a.bits[w].load(Ordering::SeqCst)
-                };
-                let mut dirty = old & mask;
-                while dirty != 0 {
-                    let k = w as u64 * 64 + u64::from(dirty.trailing_zeros());
-                    dirty &= dirty - 1;
+            // Each dirty IOMMU page sets every bitmap bit it overlaps (a page larger than
+            // `page_size` replicates, smaller ones fold onto one bit).
+            a.bits
+                .visit_range(k0, k1 - k0 + 1, clear, |k| {
                     let addr = s + ((k as u128) << SHIFT);
                     let b0 = ((addr - rs) >> ps) as u64;
                     let b1 = ((addr + IOMMU_PAGE as u128 - 1 - rs) >> ps) as u64;
-                    for_masks(b0, b1, |bw, m| bitmap[bw] |= m);
-                }
-            });
+                    fill_range(bitmap, b0, b1 - b0 + 1);
+                })
+                .expect("pages clipped to the area");
             cur = a.range.end();
             i += 1;
         }

@@ -4,7 +4,7 @@
 //! Debian's 6.1 headers have no `linux/iommufd.h`, so the two structures are defined here
 //! from include/uapi/linux/iommufd.h (6.7+), with size/offset assertions against that header.
 
-use super::{check_bitmap, DeviceError, DeviceOp, IommuDirtyTracker};
+use super::{sys, DeviceError, IommuDirtyTracker};
 use crate::range::IovaRange;
 use std::fs::File;
 use std::os::fd::OwnedFd;
@@ -17,12 +17,6 @@ pub const IOMMU_HWPT_GET_DIRTY_BITMAP: u64 = 0x3B8C;
 pub const IOMMU_HWPT_DIRTY_TRACKING_ENABLE: u32 = 1;
 /// `IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR`: read without clearing (final read before unmap).
 pub const IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR: u32 = 1;
-
-mod nr {
-    const IOMMUFD_TYPE: u32 = b';' as u32;
-    vmm_sys_util::ioctl_io_nr!(IOMMU_HWPT_SET_DIRTY_TRACKING, IOMMUFD_TYPE, 0x8B);
-    vmm_sys_util::ioctl_io_nr!(IOMMU_HWPT_GET_DIRTY_BITMAP, IOMMUFD_TYPE, 0x8C);
-}
 
 /// `struct iommu_hwpt_set_dirty_tracking` (include/uapi/linux/iommufd.h, 6.7+).
 #[repr(C)]
@@ -80,44 +74,6 @@ const _: () = {
     assert!(IOMMU_HWPT_GET_DIRTY_BITMAP == ((b';' as u64) << 8) | 0x8C);
 };
 
-/// Encode SET_DIRTY_TRACKING.
-pub(crate) fn encode_set(hwpt_id: u32, on: bool) -> IommuHwptSetDirtyTracking {
-    IommuHwptSetDirtyTracking {
-        size: std::mem::size_of::<IommuHwptSetDirtyTracking>() as u32,
-        flags: if on {
-            IOMMU_HWPT_DIRTY_TRACKING_ENABLE
-        } else {
-            0
-        },
-        hwpt_id,
-        reserved: 0,
-    }
-}
-
-/// Encode GET_DIRTY_BITMAP into `bitmap`.
-pub(crate) fn encode_get(
-    hwpt_id: u32,
-    range: IovaRange,
-    page_size: u64,
-    bitmap: &mut [u64],
-    clear: bool,
-) -> IommuHwptGetDirtyBitmap {
-    IommuHwptGetDirtyBitmap {
-        size: std::mem::size_of::<IommuHwptGetDirtyBitmap>() as u32,
-        hwpt_id,
-        flags: if clear {
-            0
-        } else {
-            IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR
-        },
-        reserved: 0,
-        iova: range.iova,
-        length: range.length,
-        page_size,
-        data: bitmap.as_mut_ptr() as u64,
-    }
-}
-
 /// Dirty tracking of one iommufd HWPT (allocated with `IOMMU_HWPT_ALLOC_DIRTY_TRACKING`).
 #[derive(Debug)]
 pub struct IommufdHwpt {
@@ -148,22 +104,7 @@ impl IommuDirtyTracker for IommufdHwpt {
     }
 
     fn set_tracking(&self, on: bool) -> Result<(), DeviceError> {
-        let mut arg = encode_set(self.hwpt_id, on);
-        // SAFETY: `arg` is a complete, correctly sized struct; the kernel may copy it back in place.
-        let ret = unsafe {
-            vmm_sys_util::ioctl::ioctl_with_mut_ref(
-                &self.fd,
-                nr::IOMMU_HWPT_SET_DIRTY_TRACKING(),
-                &mut arg,
-            )
-        };
-        if ret < 0 {
-            return Err(DeviceError::last_ioctl(
-                DeviceOp::SetTracking,
-                IOMMU_HWPT_SET_DIRTY_TRACKING,
-            ));
-        }
-        Ok(())
+        sys::hwpt_set_dirty_tracking(&self.fd, self.hwpt_id, on)
     }
 
     fn read_dirty(
@@ -173,68 +114,15 @@ impl IommuDirtyTracker for IommufdHwpt {
         bitmap: &mut [u64],
         clear: bool,
     ) -> Result<(), DeviceError> {
-        check_bitmap(DeviceOp::ReadDirty, range, page_size, bitmap)?;
-        let mut arg = encode_get(self.hwpt_id, range, page_size, bitmap, clear);
-        // SAFETY: `arg.data` points to `bitmap`, which holds every bit of the range (checked
-        // above) and stays borrowed for the call; the kernel only ORs bits into it.
-        let ret = unsafe {
-            vmm_sys_util::ioctl::ioctl_with_mut_ref(
-                &self.fd,
-                nr::IOMMU_HWPT_GET_DIRTY_BITMAP(),
-                &mut arg,
-            )
-        };
-        if ret < 0 {
-            return Err(DeviceError::last_ioctl(
-                DeviceOp::ReadDirty,
-                IOMMU_HWPT_GET_DIRTY_BITMAP,
-            ));
-        }
-        Ok(())
+        // sys refuses a bitmap that does not hold every bit of the range.
+        sys::hwpt_get_dirty_bitmap(&self.fd, self.hwpt_id, range, page_size, bitmap, clear)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::{Errno, Rule};
-
-    #[test]
-    fn ioctl_numbers() {
-        assert_eq!(
-            nr::IOMMU_HWPT_SET_DIRTY_TRACKING() as u64,
-            IOMMU_HWPT_SET_DIRTY_TRACKING
-        );
-        assert_eq!(
-            nr::IOMMU_HWPT_GET_DIRTY_BITMAP() as u64,
-            IOMMU_HWPT_GET_DIRTY_BITMAP
-        );
-    }
-
-    #[test]
-    fn payloads() {
-        assert_eq!(
-            encode_set(7, true),
-            IommuHwptSetDirtyTracking {
-                size: 16,
-                flags: 1,
-                hwpt_id: 7,
-                reserved: 0
-            }
-        );
-        assert_eq!(encode_set(7, false).flags, 0);
-        let mut bm = vec![0u64; 2];
-        let g = encode_get(9, IovaRange::new(0x1000, 0x80000), 0x1000, &mut bm, false);
-        assert_eq!((g.size, g.hwpt_id, g.flags, g.reserved), (48, 9, 1, 0));
-        assert_eq!(
-            (g.iova, g.length, g.page_size, g.data),
-            (0x1000, 0x80000, 0x1000, bm.as_ptr() as u64)
-        );
-        assert_eq!(
-            encode_get(9, IovaRange::new(0, 4096), 4096, &mut bm, true).flags,
-            0
-        );
-    }
+    use crate::device::{DeviceOp, Errno, Rule};
 
     #[test]
     fn non_iommufd_fd_is_enotty() {

@@ -14,6 +14,10 @@
 //!
 //! Every failure is a [`DeviceError`]: the operation, the errno a kernel would return and
 //! the [`Rule`] that fired.
+//!
+//! Every ioctl the backends issue, and every `unsafe` block of this module, is in the private
+//! `sys` module: it builds the pointer-carrying payloads from borrowed slices and checks
+//! that a bitmap covers its range, so the backends call a safe API.
 
 use crate::plan::limits::StartRefusal;
 use crate::range::IovaRange;
@@ -23,6 +27,7 @@ pub mod emulated;
 pub mod emulated_iommu;
 pub mod iommufd;
 pub mod migration;
+mod sys;
 #[cfg(feature = "vfio")]
 pub mod type1;
 #[cfg(feature = "vfio")]
@@ -536,7 +541,7 @@ impl DeviceError {
 
 /// Words a bitmap needs for `length` bytes at `page_size` (`page_size > 0`).
 pub(crate) fn needed_words(length: u64, page_size: u64) -> u64 {
-    length.div_ceil(page_size).div_ceil(64)
+    crate::bitmap::words_for(length.div_ceil(page_size)) as u64
 }
 
 /// The check every real backend makes before handing a user pointer to the kernel: the

@@ -16,6 +16,7 @@
 //!   words is acknowledged, and `iova_bitmap_set` drops those outside the range.
 
 use super::{EmulatedDevice, Region, Session};
+use crate::bitmap::{fill_range, words_for};
 use crate::device::{check_bitmap, DeviceError, DeviceOp, Errno, Rule};
 use crate::plan::limits::DriverKind;
 use crate::range::{is_pow2, IovaRange};
@@ -46,7 +47,7 @@ impl Out<'_> {
         }
         let k0 = ((addr - self.start) >> self.shift) as u64;
         let k1 = (((addr + len).min(self.end) - 1 - self.start) >> self.shift) as u64;
-        super::for_word_masks(k0, k1, |w, mask| self.bitmap[w] |= mask);
+        fill_range(self.bitmap, k0, k1 - k0 + 1);
     }
 }
 
@@ -134,7 +135,7 @@ fn pds_sync(
     }
     let ps = 1u64 << s.shift;
     let pages = range.length.div_ceil(ps);
-    let bitmap_size = pages.div_ceil(64) * 8;
+    let bitmap_size = words_for(pages) as u64 * 8;
     // "bitmap is modified in 64 bit chunks": the floor page count, in whole words.
     let bmp_bytes = (range.length / ps).div_ceil(8).div_ceil(8) * 8;
     if bmp_bytes != bitmap_size {
