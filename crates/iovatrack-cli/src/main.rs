@@ -53,6 +53,9 @@ fn main() -> ExitCode {
                 }
                 src = s.source();
             }
+            if let Some(h) = migrate_cmd::hint(e.as_ref()) {
+                eprintln!("  hint: {h}");
+            }
             ExitCode::from(2)
         }
     }

@@ -5,7 +5,8 @@ use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use iovatrack::layout::{self, parse_size, presets, Layout};
 use iovatrack::migrate::demo::{self, DmaConfig, DmaPattern, Fault, MigrateConfig, Summary};
-use iovatrack::migrate::engine::{self, Event, TimeoutAction};
+use iovatrack::migrate::engine::{self, Event, MigrateError, TimeoutAction};
+use iovatrack::migrate::guest::GuestError;
 use iovatrack::migrate::scale_ram;
 use iovatrack::plan::limits::DeviceProfile;
 use iovatrack::range::human_bytes;
@@ -428,6 +429,17 @@ fn summary_text(s: &Summary, json: bool) -> Result<String, BoxError> {
         );
     }
     Ok(out)
+}
+
+/// What the operator can do about an error, in this CLI's terms (the library's errors
+/// name no flags).
+pub fn hint(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    match e.downcast_ref::<MigrateError>()? {
+        MigrateError::Guest(GuestError::PageTablesTooLarge { .. }) => {
+            Some("--scale N shrinks every RAM section N times, keeping the layout's shape")
+        }
+        _ => None,
+    }
 }
 
 /// Run `iovatrack migrate`.

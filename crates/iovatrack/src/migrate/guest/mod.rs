@@ -131,7 +131,7 @@ pub enum GuestError {
     #[error("no RAM left for the guest to write")]
     NoWalkPages,
     /// The identity page tables do not fit the reserved area.
-    #[error("page tables need more than the {available_pages} reserved pages: the guest's RAM spans more than they map at the page size this host allows (2 MiB without 1 GiB page support); shrink the layout (iovatrack migrate --scale)")]
+    #[error("page tables need more than the {available_pages} reserved pages: the guest's RAM spans more than they map at the page size this host allows (2 MiB without 1 GiB page support); shrink the layout (scale its RAM down)")]
     PageTablesTooLarge {
         /// Pages available for tables.
         available_pages: u64,
