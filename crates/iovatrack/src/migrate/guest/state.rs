@@ -166,10 +166,16 @@ mod tests {
         bad[0] ^= 1;
         assert!(matches!(kind_of(&bad), Err(GuestError::StateBadMagic)));
         let mut bad = good.clone();
-        bad[8] = 2;
+        // One past the newest layout any kind has.
+        bad[8] = (MAX_VERSION + 1) as u8;
         assert!(matches!(
             kind_of(&bad),
-            Err(GuestError::StateVersion { found: 2 })
+            Err(GuestError::StateVersion { found }) if found == MAX_VERSION + 1
+        ));
+        bad[8] = 0;
+        assert!(matches!(
+            kind_of(&bad),
+            Err(GuestError::StateVersion { found: 0 })
         ));
         let mut bad = good;
         bad[12] = 9;
