@@ -7,7 +7,7 @@ use iovatrack::layout::{self, parse_size, presets, Layout};
 use iovatrack::migrate::demo::{self, DmaConfig, DmaPattern, Fault, MigrateConfig, Summary};
 use iovatrack::migrate::engine::{self, Event, MigrateError, TimeoutAction};
 use iovatrack::migrate::guest::GuestError;
-use iovatrack::migrate::scale_ram;
+use iovatrack::migrate::{self, scale_ram};
 use iovatrack::plan::limits::DeviceProfile;
 use iovatrack::range::human_bytes;
 use iovatrack::track::ModeChoice;
@@ -102,9 +102,10 @@ struct Common {
     #[arg(long, default_value_t = 20_000)]
     cpu_rate: u64,
     /// Percent of guest RAM filled with data before migration (a booted OS's page cache).
-    #[arg(long, value_name = "PCT", default_value_t = 25,
+    /// Default: 25 %, at most 1 GiB of data (so a 1 TiB layout does not fill this host).
+    #[arg(long, value_name = "PCT",
           value_parser = clap::value_parser!(u8).range(0..=100))]
-    warm: u8,
+    warm: Option<u8>,
     /// Guest vCPUs (KVM) or writer threads (software guest).
     #[arg(long, default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=16))]
@@ -210,7 +211,13 @@ fn config(c: &Common) -> Result<MigrateConfig, BoxError> {
     let mut cfg = MigrateConfig::new(layout_of(c)?);
     cfg.use_kvm = !c.no_kvm;
     cfg.cpu_rate = c.cpu_rate;
-    cfg.warm_pct = c.warm;
+    cfg.warm_pct = c.warm.unwrap_or_else(|| {
+        let ram: u64 = migrate::guest_regions(&cfg.layout)
+            .iter()
+            .map(|r| r.1)
+            .sum();
+        (25u64.min((100u64 << 30) / ram.max(1))) as u8
+    });
     cfg.vcpus = c.vcpus as usize;
     cfg.working_set = c.working_set;
     cfg.dma = DmaConfig {
