@@ -19,12 +19,16 @@ pub enum Fault {
     /// The connection drops after a good verdict, before the source's Commit (first
     /// attempt): the destination must not resume, the source resumes and retries.
     DropBeforeCommit,
+    /// The connection drops right after the source's Commit, before the destination's
+    /// CommitAck can arrive (first attempt): the handover is unacknowledged, the source
+    /// stays paused and says so.
+    DropAfterCommit,
 }
 
 impl Fault {
     /// Every fault's syntax, for help and errors.
     pub const SYNTAX: &'static str =
-        "report-fail@N, start-e2big, drop@N, cancel@N, drop-before-commit";
+        "report-fail@N, start-e2big, drop@N, cancel@N, drop-before-commit, drop-after-commit";
 }
 
 impl std::str::FromStr for Fault {
@@ -40,6 +44,7 @@ impl std::str::FromStr for Fault {
             Some(("cancel", p)) => Ok(Fault::CancelAt(at(p)?)),
             None if s == "start-e2big" => Ok(Fault::StartE2big),
             None if s == "drop-before-commit" => Ok(Fault::DropBeforeCommit),
+            None if s == "drop-after-commit" => Ok(Fault::DropAfterCommit),
             _ => Err(format!("unknown fault {s:?} ({})", Fault::SYNTAX)),
         }
     }
@@ -53,6 +58,7 @@ impl std::fmt::Display for Fault {
             Fault::DropAt(n) => write!(f, "drop@{n}"),
             Fault::CancelAt(n) => write!(f, "cancel@{n}"),
             Fault::DropBeforeCommit => write!(f, "drop-before-commit"),
+            Fault::DropAfterCommit => write!(f, "drop-after-commit"),
         }
     }
 }
@@ -150,6 +156,12 @@ impl SourceHooks for FaultInjector {
             Checkpoint::BeforeCommit { attempt: 0 }
                 if self.faults.contains(&Fault::DropBeforeCommit)
                     && self.fire(Fault::DropBeforeCommit) =>
+            {
+                Control::DropLink
+            }
+            Checkpoint::AfterCommit { attempt: 0 }
+                if self.faults.contains(&Fault::DropAfterCommit)
+                    && self.fire(Fault::DropAfterCommit) =>
             {
                 Control::DropLink
             }
