@@ -251,6 +251,11 @@ impl Destination {
         self
     }
 
+    /// What this destination saw so far (also after [`Destination::run`] failed).
+    pub fn report(&self) -> &DestReport {
+        &self.report
+    }
+
     /// The memory's session id (what the next HelloAck carries).
     pub fn session_id(&self) -> u64 {
         self.session_id
