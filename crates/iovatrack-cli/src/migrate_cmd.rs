@@ -43,9 +43,17 @@ enum Mode {
         /// Address to listen on, e.g. 0.0.0.0:7000.
         #[arg(long, value_name = "ADDR")]
         listen: String,
-        /// Seconds to wait for a source to connect.
+        /// Seconds to wait for a source to connect (from the start, or from the last
+        /// session of ours; refused strangers do not extend it).
         #[arg(long, default_value_t = 120)]
         accept_timeout: u64,
+        /// Refused connections (garbage, a wrong Hello, over a limit, closed before
+        /// Hello) before the receiver gives up.
+        #[arg(long, default_value_t = 64)]
+        max_refused: u32,
+        /// Device-state bytes one device may receive in one session (K/M/G suffixes).
+        #[arg(long, default_value = "64M", value_parser = parse_rate)]
+        max_device_state: u64,
         #[command(flatten)]
         common: Common,
     },
@@ -164,7 +172,7 @@ struct Common {
     #[arg(long, default_value = "0", value_parser = parse_rate)]
     bandwidth: u64,
     /// Inject a fault (repeatable): report-fail@N, start-e2big, drop@N, cancel@N,
-    /// drop-before-commit.
+    /// drop-before-commit, drop-after-commit.
     #[arg(long = "inject", value_name = "FAULT")]
     inject: Vec<Fault>,
     /// Attempts after a dropped or cancelled one.
@@ -176,6 +184,11 @@ struct Common {
     /// Random seed of the DMA pattern.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Seconds either side waits for the peer's next frame (a dead link is found sooner
+    /// by keepalives; this bounds a live but silent peer, so it must cover the longest
+    /// work between frames, such as hashing a large guest).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    read_timeout: u64,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -266,6 +279,7 @@ fn config(c: &Common) -> Result<MigrateConfig, BoxError> {
     cfg.engine.auto_converge = c.auto_converge;
     cfg.engine.throttle_initial = c.throttle_initial;
     cfg.engine.throttle_increment = c.throttle_increment;
+    cfg.engine.read_timeout = Duration::from_secs(c.read_timeout);
     cfg.faults = c.inject.clone();
     Ok(cfg)
 }
@@ -393,10 +407,12 @@ fn summary_text(s: &Summary, json: bool) -> Result<String, BoxError> {
     );
     let _ = writeln!(
         out,
-        "  sent            {} pages, {}",
+        "  sent            {} pages, {} acknowledged ({} on the wire)",
         s.pages_sent,
-        human_bytes(s.bytes_sent as u128)
+        human_bytes(s.bytes_sent as u128),
+        human_bytes(s.bytes_on_wire as u128)
     );
+    let _ = writeln!(out, "  handover        {:?}", s.handover);
     let _ = writeln!(
         out,
         "  downtime        {:.1} ms (stop-and-copy: {})",
@@ -471,13 +487,24 @@ pub fn run(a: MigrateArgs) -> Result<ExitCode, BoxError> {
         Some(Mode::Receive {
             listen,
             accept_timeout,
+            max_refused,
+            max_device_state,
             common,
         }) => {
             let cfg = config(&common)?;
+            let limits = engine::DestLimits {
+                max_refused,
+                device_state_bytes: max_device_state,
+                session_state_bytes: engine::DestLimits::default()
+                    .session_state_bytes
+                    .max(max_device_state),
+                read_timeout: cfg.engine.read_timeout,
+                ..engine::DestLimits::default()
+            };
             let listener = TcpListener::bind(&listen)
                 .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
             eprintln!("receiving on {}", listener.local_addr()?);
-            let dest = demo::DemoDestination::new(&cfg.layout, &cfg.devices)?;
+            let dest = demo::DemoDestination::new(&cfg.layout, &cfg.devices)?.limits(limits);
             let report = dest.run(
                 &listener,
                 cfg.engine.retries + 1,
@@ -487,9 +514,10 @@ pub fn run(a: MigrateArgs) -> Result<ExitCode, BoxError> {
                 serde_json::to_string_pretty(&report)? + "\n"
             } else {
                 format!(
-                    "{}: {} session(s), {} pages received, {} mismatched, {} duplicate(s), resumed: {}, device state restored: {}",
+                    "{}: {} session(s), {} refused connection(s), {} pages received, {} mismatched, {} duplicate(s), resumed: {}, device state restored: {}",
                     if report.verified && report.resumed { "VERIFIED" } else { "NOT VERIFIED" },
                     report.sessions,
+                    report.refused_connections,
                     report.pages_received,
                     report.mismatched_pages,
                     report.duplicate_pages_received,

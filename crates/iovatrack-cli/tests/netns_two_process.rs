@@ -306,6 +306,9 @@ fn two_processes_over_veth_verify() {
     assert_eq!(num(&r, "sessions"), 1, "{}", ns.logs());
     // What the destination received is what the source sent: one session, no loss.
     assert_eq!(num(&r, "pages_received"), num(&s, "pages_sent"));
+    assert_eq!(s["handover"], "acknowledged", "{}", ns.logs());
+    assert_eq!(num(&r, "refused_connections"), 0, "{}", ns.logs());
+    assert_eq!(num(&s, "new_destination_sessions"), 0, "{}", ns.logs());
 }
 
 /// Run with the link down from `at` for `len`: either it ends verified (TCP survived, or

@@ -5,6 +5,7 @@
 
 use iovatrack::layout::presets;
 use iovatrack::migrate::demo::{run_local, DmaConfig, DmaPattern, Fault, MigrateConfig, Summary};
+use iovatrack::migrate::engine::Handover;
 use iovatrack::migrate::guest::kvm_available;
 use iovatrack::migrate::scale_ram;
 use iovatrack::plan::limits::DeviceProfile;
@@ -104,6 +105,9 @@ fn check(s: &Summary, desc: &str, cfg: &MigrateConfig) {
     assert_eq!(s.untracked_dma_writes, 0, "{ctx}");
     assert_eq!(s.duplicate_pages_sent, 0, "{ctx}");
     assert!(s.resumed_on_destination && s.device_state_restored, "{ctx}");
+    assert_eq!(s.handover, Handover::Acknowledged, "{ctx}");
+    assert!(s.bytes_sent <= s.bytes_on_wire, "{ctx}");
+    assert_eq!(s.refused_connections, 0, "{ctx}");
     assert!(s.dma_writes > 0, "the device wrote nothing: {ctx}");
     assert_eq!(s.devices, cfg.devices.len(), "{ctx}");
     assert!(s.device_reports.iter().all(|d| d.mode == "device"), "{ctx}");
@@ -117,6 +121,8 @@ fn check(s: &Summary, desc: &str, cfg: &MigrateConfig) {
         }
         Some(Fault::ReportFail(_)) => assert!(s.report_errors >= 1, "{ctx}"),
         Some(Fault::StartE2big) => assert_eq!(s.ranges.len(), 1, "{ctx}"),
+        // Not drawn: a lost CommitAck cannot verify (tests/protocol.rs has it).
+        Some(Fault::DropAfterCommit) => unreachable!("{ctx}"),
         None => assert_eq!(s.attempts, 1, "{ctx}"),
         Some(Fault::IommuAcrossHoles) => unreachable!("a negative control, not in the matrix"),
     }

@@ -23,12 +23,16 @@ pub enum Fault {
     /// Negative control: the tracker is not told the IOMMU's mappings, so in IOMMU mode it
     /// reads whole ranges across unmapped holes, where iommufd stops reading.
     IommuAcrossHoles,
+    /// The connection drops right after the source's Commit, before the destination's
+    /// CommitAck can arrive (first attempt): the handover is unacknowledged, the source
+    /// stays paused and says so.
+    DropAfterCommit,
 }
 
 impl Fault {
     /// Every fault's syntax, for help and errors.
     pub const SYNTAX: &'static str =
-        "report-fail@N, start-e2big, drop@N, cancel@N, drop-before-commit, iommu-across-holes";
+        "report-fail@N, start-e2big, drop@N, cancel@N, drop-before-commit, drop-after-commit, iommu-across-holes";
 }
 
 impl std::str::FromStr for Fault {
@@ -45,6 +49,7 @@ impl std::str::FromStr for Fault {
             None if s == "start-e2big" => Ok(Fault::StartE2big),
             None if s == "drop-before-commit" => Ok(Fault::DropBeforeCommit),
             None if s == "iommu-across-holes" => Ok(Fault::IommuAcrossHoles),
+            None if s == "drop-after-commit" => Ok(Fault::DropAfterCommit),
             _ => Err(format!("unknown fault {s:?} ({})", Fault::SYNTAX)),
         }
     }
@@ -59,6 +64,7 @@ impl std::fmt::Display for Fault {
             Fault::CancelAt(n) => write!(f, "cancel@{n}"),
             Fault::DropBeforeCommit => write!(f, "drop-before-commit"),
             Fault::IommuAcrossHoles => write!(f, "iommu-across-holes"),
+            Fault::DropAfterCommit => write!(f, "drop-after-commit"),
         }
     }
 }
@@ -178,6 +184,12 @@ impl SourceHooks for FaultInjector {
             Checkpoint::BeforeCommit { attempt: 0 }
                 if self.faults.contains(&Fault::DropBeforeCommit)
                     && self.fire(Fault::DropBeforeCommit) =>
+            {
+                Control::DropLink
+            }
+            Checkpoint::AfterCommit { attempt: 0 }
+                if self.faults.contains(&Fault::DropAfterCommit)
+                    && self.fire(Fault::DropAfterCommit) =>
             {
                 Control::DropLink
             }

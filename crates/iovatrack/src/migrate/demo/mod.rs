@@ -303,12 +303,26 @@ impl DemoDestination {
                     as Box<dyn DeviceMigration>
             })
             .collect();
-        let dest = Destination::new(memory.clone(), migr).verifier(Arc::new(PageHashes));
+        // KVM state resumes only on KVM; software state anywhere.
+        let kinds: &[&str] = if guest::kvm_available() {
+            &["kvm", "software"]
+        } else {
+            &["software"]
+        };
+        let dest = Destination::new(memory.clone(), migr)
+            .verifier(Arc::new(PageHashes))
+            .vcpu_kinds(kinds.iter().copied());
         Ok(Self {
             memory,
             emulated,
             dest,
         })
+    }
+
+    /// Bound what one session may make this destination hold, and its timeouts.
+    pub fn limits(mut self, limits: engine::DestLimits) -> Self {
+        self.dest = self.dest.limits(limits);
+        self
     }
 
     /// A flag that makes [`DemoDestination::run`] stop waiting for a connection.

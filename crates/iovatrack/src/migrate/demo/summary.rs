@@ -1,6 +1,8 @@
 //! The demo's result: what `iovatrack migrate --json` prints.
 
-use crate::migrate::engine::{DestReport, DeviceReport, MigrateError, SourceReport, Switchover};
+use crate::migrate::engine::{
+    DestReport, DeviceReport, Handover, MigrateError, SourceReport, Switchover,
+};
 use crate::range::IovaRange;
 use serde::Serialize;
 
@@ -17,8 +19,20 @@ pub struct Summary {
     pub passes: u32,
     /// Pages of acknowledged passes over all attempts.
     pub pages_sent: u64,
-    /// Bytes on the wire over all attempts.
+    /// Bytes written up to what the destination acknowledged (its last pass Ack, or its
+    /// verdict), over all attempts.
     pub bytes_sent: u64,
+    /// Every byte written over all attempts, partial passes and lost frames included.
+    pub bytes_on_wire: u64,
+    /// Times a retry found a different destination memory session (a restarted or reset
+    /// receiver) and started over with pass 0.
+    pub new_destination_sessions: u32,
+    /// `acknowledged` (the destination confirmed it owns the guest), `unacknowledged`
+    /// (Commit sent, no CommitAck: the guest is paused here, the destination's state is
+    /// unknown), or `none` (no Commit sent).
+    pub handover: Handover,
+    /// Connections the destination refused (one-process runs; 0 otherwise).
+    pub refused_connections: u32,
     /// Distinct pages sent: each had to travel at least once (non-zero at the start, or
     /// dirtied since), so `pages_sent / distinct_pages_sent` is the resend overhead.
     pub distinct_pages_sent: u64,
@@ -102,6 +116,9 @@ impl Summary {
             passes: r.passes,
             pages_sent: r.pages_sent,
             bytes_sent: r.bytes_sent,
+            bytes_on_wire: r.bytes_on_wire,
+            new_destination_sessions: r.new_destination_sessions,
+            handover: r.handover,
             distinct_pages_sent: r.distinct_pages_sent,
             duplicate_pages_sent: r.duplicate_pages_sent,
             downtime_ms: r.downtime_ms,
@@ -137,6 +154,7 @@ pub fn merge_destination(summary: &mut Summary, dest: Result<DestReport, Migrate
             summary.duplicate_pages_sent =
                 summary.duplicate_pages_sent.max(d.duplicate_pages_received);
             summary.resumed_on_destination = d.resumed;
+            summary.refused_connections = d.refused_connections;
             summary.device_state_restored =
                 d.device_state_restored && d.device_state_digest == summary.device_state_digest;
             summary.verified = summary.verified

@@ -45,6 +45,11 @@ pub enum Checkpoint {
         /// Attempt.
         attempt: u32,
     },
+    /// Commit is on the wire; the source is about to wait for CommitAck.
+    AfterCommit {
+        /// Attempt.
+        attempt: u32,
+    },
 }
 
 /// What the engine does after a checkpoint.

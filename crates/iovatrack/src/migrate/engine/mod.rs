@@ -33,7 +33,7 @@ mod hooks;
 mod link;
 mod source;
 
-pub use destination::{DestReport, Destination, Received};
+pub use destination::{DestLimits, DestReport, Destination, Received, Refusal};
 pub use hooks::{Checkpoint, Control, NoHooks, SourceHooks, Verifier};
 pub use link::connector;
 pub use source::{run_source, SourceVm, Switchover};
@@ -76,6 +76,11 @@ pub struct EngineConfig {
     pub throttle_increment: u8,
     /// Most throttle, % (QEMU's `max-cpu-throttle`, 99).
     pub throttle_max: u8,
+    /// How long the source waits for any one answer (HelloAck, Ack, VerifyResult,
+    /// CommitAck). A dead link is found sooner through keepalives; this bounds a peer
+    /// that is alive but silent, so it must cover the destination's longest work between
+    /// frames (hashing a large guest before its verdict).
+    pub read_timeout: Duration,
 }
 
 impl Default for EngineConfig {
@@ -91,6 +96,7 @@ impl Default for EngineConfig {
             throttle_initial: 20,
             throttle_increment: 10,
             throttle_max: 99,
+            read_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -268,6 +274,20 @@ pub enum AttemptError {
     Mismatch(u64),
 }
 
+/// Whether the destination confirmed it took the guest over.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Handover {
+    /// No Commit was sent (the migration did not get that far, or did not verify).
+    #[default]
+    None,
+    /// The destination acknowledged Commit: the guest runs there.
+    Acknowledged,
+    /// Commit was sent but no CommitAck came: the guest is paused here and the
+    /// destination's state is unknown.
+    Unacknowledged,
+}
+
 /// One migrating device, as the source saw it.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct DeviceReport {
@@ -289,12 +309,20 @@ pub struct SourceReport {
     /// Pages (or regions, for guests too large for page hashes) the destination found
     /// different.
     pub mismatched_pages: u64,
-    /// Passes over all attempts.
+    /// Acknowledged passes over all attempts.
     pub passes: u32,
-    /// Pages sent over all attempts.
+    /// Pages of acknowledged passes over all attempts.
     pub pages_sent: u64,
-    /// Bytes on the wire over all attempts.
+    /// Bytes written up to what the destination acknowledged (its last Ack or verdict),
+    /// over all attempts.
     pub bytes_sent: u64,
+    /// Every byte written, over all attempts (partial passes and lost frames included).
+    pub bytes_on_wire: u64,
+    /// Times the destination's memory session changed between attempts (a restarted or
+    /// reset destination), each restarting with pass 0.
+    pub new_destination_sessions: u32,
+    /// Whether the destination acknowledged taking the guest over.
+    pub handover: Handover,
     /// Distinct pages sent.
     pub distinct_pages_sent: u64,
     /// Pages sent twice within one pass (must be 0).

@@ -65,7 +65,11 @@ pub(super) fn encode_parts<'f>(
             }
             &[]
         }
-        Frame::HelloAck | Frame::Commit => &[],
+        Frame::HelloAck { session } => {
+            out.put_u64(*session);
+            &[]
+        }
+        Frame::Commit | Frame::CommitAck => &[],
         Frame::PassBegin { pass, pages } => {
             out.put(&pass_body(*pass, *pages));
             &[]
@@ -218,8 +222,9 @@ fn decode_payload(kind: FrameKind, payload: &[u8]) -> Result<Frame<'_>, WireErro
                 total_pages: fixed.total_pages.get(),
             }
         }
-        FrameKind::HelloAck => Frame::HelloAck,
+        FrameKind::HelloAck => Frame::HelloAck { session: c.u64()? },
         FrameKind::Commit => Frame::Commit,
+        FrameKind::CommitAck => Frame::CommitAck,
         FrameKind::PassBegin => {
             let b: PassBody = c.read()?;
             Frame::PassBegin {

@@ -9,7 +9,7 @@ use std::borrow::Cow;
 pub enum FrameKind {
     /// Source → destination: protocol version and guest memory layout.
     Hello = 1,
-    /// Destination → source: the layout matches, go ahead.
+    /// Destination → source: the layout matches, go ahead; names the destination's memory.
     HelloAck = 2,
     /// Source → destination: a pre-copy pass starts.
     PassBegin = 3,
@@ -37,6 +37,9 @@ pub enum FrameKind {
     /// Source → destination: a pass ends early (its deadline passed) after `pages_sent`
     /// of the pages it announced; the rest is sent later.
     PassCut = 14,
+    /// Destination → source: the destination took the guest over after Commit (sent
+    /// before it resumes the guest).
+    CommitAck = 15,
 }
 
 impl FrameKind {
@@ -58,6 +61,7 @@ impl FrameKind {
             12 => Ack,
             13 => Commit,
             14 => PassCut,
+            15 => CommitAck,
             _ => return None,
         })
     }
@@ -83,7 +87,12 @@ pub enum Frame<'a> {
         total_pages: u64,
     },
     /// The destination accepts the Hello.
-    HelloAck,
+    HelloAck {
+        /// The destination's memory session: a random id chosen when its memory was
+        /// created (and chosen again when a refused peer may have written to it). A source
+        /// whose earlier passes went to another session id must start over with pass 0.
+        session: u64,
+    },
     /// Pass `pass` (0, 1, 2, … in order) begins and will send exactly `pages` pages.
     PassBegin {
         /// Pass number.
@@ -164,6 +173,8 @@ pub enum Frame<'a> {
     },
     /// The source hands the guest over (after a good [`Frame::VerifyResult`]).
     Commit,
+    /// The destination owns the guest (after a [`Frame::Commit`]).
+    CommitAck,
 }
 
 /// A frame that owns all its data (as returned by [`decode_all`](super::decode_all)).
@@ -178,8 +189,9 @@ impl Frame<'_> {
     pub fn kind(&self) -> FrameKind {
         match self {
             Frame::Hello { .. } => FrameKind::Hello,
-            Frame::HelloAck => FrameKind::HelloAck,
+            Frame::HelloAck { .. } => FrameKind::HelloAck,
             Frame::Commit => FrameKind::Commit,
+            Frame::CommitAck => FrameKind::CommitAck,
             Frame::PassBegin { .. } => FrameKind::PassBegin,
             Frame::Pages { .. } => FrameKind::Pages,
             Frame::PassEnd { .. } => FrameKind::PassEnd,
@@ -210,8 +222,9 @@ impl Frame<'_> {
                 regions: owned(regions),
                 total_pages,
             },
-            Frame::HelloAck => Frame::HelloAck,
+            Frame::HelloAck { session } => Frame::HelloAck { session },
             Frame::Commit => Frame::Commit,
+            Frame::CommitAck => Frame::CommitAck,
             Frame::PassBegin { pass, pages } => Frame::PassBegin { pass, pages },
             Frame::Pages { gpa, count, data } => Frame::Pages {
                 gpa,

@@ -10,13 +10,14 @@ pub use converge::Switchover;
 use super::hooks::{Checkpoint, Control, SourceHooks, Verifier};
 use super::link::{detect_dead_link, Link, WRITE_TIMEOUT};
 use super::{
-    AttemptError, DeviceReport, EngineConfig, Event, MigrateError, PassStats, SourceReport,
-    TimeoutAction, FRAME_PAGES, PAGE,
+    AttemptError, DeviceReport, EngineConfig, Event, Handover, MigrateError, PassStats,
+    SourceReport, TimeoutAction, FRAME_PAGES, PAGE,
 };
 use crate::bitmap::DirtyBitmap;
 use crate::layout::Layout;
 use crate::migrate::seams::{CpuDirtyLog, DeviceMigration, GuestRam, Vcpus};
 use crate::migrate::wire::{Frame, FrameReader, FrameWriter, MemoryLayout};
+use crate::range::IovaRange;
 use crate::track::{DirtLedger, Tracker};
 use std::borrow::Cow;
 use std::io::{self, Read};
@@ -69,6 +70,8 @@ struct Conn {
     w: FrameWriter<Link<io::BufWriter<TcpStream>>>,
     r: FrameReader<TcpStream>,
     stream: TcpStream,
+    /// Bytes written up to what the destination last acknowledged.
+    acked_bytes: u64,
 }
 
 impl Conn {
@@ -89,6 +92,7 @@ impl Conn {
 /// The destination's verdict, as the source heard it.
 struct Verdict {
     ok: bool,
+    handover: Handover,
     mismatched: u64,
     downtime_ms: f64,
 }
@@ -104,6 +108,12 @@ struct Source<'a, 'h> {
     sent: Vec<DirtyBitmap>,
     /// Every page sent at least once: the lower bound on pages any migration must send.
     touched: Vec<DirtyBitmap>,
+    /// Pages sent to the destination's current memory session (the others are zero
+    /// there).
+    at_dest: Vec<DirtyBitmap>,
+    /// The destination memory's session id (from its HelloAck) the ledger's acknowledged
+    /// passes went to.
+    dest_session: Option<u64>,
     page_buf: Vec<u8>,
     report: SourceReport,
     bandwidth: f64,
@@ -139,6 +149,8 @@ impl<'a, 'h> Source<'a, 'h> {
             ledger,
             cpu_log,
             touched: bitmaps.clone(),
+            at_dest: bitmaps.clone(),
+            dest_session: None,
             sent: bitmaps,
             page_buf: vec![0; FRAME_PAGES * PAGE as usize],
             report: SourceReport::default(),
@@ -174,9 +186,15 @@ impl<'a, 'h> Source<'a, 'h> {
                     .planner()
                     .plan(self.vm.layout)
                     .map_err(crate::track::TrackError::from)?;
-                let same = tracker
-                    .mode()
-                    .is_some_and(|m| m.ranges() == fresh.ranges.as_slice());
+                // Compare with what the devices accepted, not with what a fresh plan
+                // would ask: after an E2BIG fallback the devices log one wider range,
+                // which still covers a fresh plan's DMA-able set when the layout did not
+                // change, and restarting would mark all DMA-able memory dirty for nothing.
+                let same = tracker.mode().is_some_and(|m| {
+                    m.ranges() == fresh.ranges.as_slice()
+                        || (matches!(m, crate::track::TrackingMode::Device { .. })
+                            && fresh.dma.iter().all(|d| covered(m.ranges(), d)))
+                });
                 if !same {
                     tracker.finish(&mut self.ledger)?;
                     for r in &fresh.dma {
@@ -279,7 +297,7 @@ impl<'a, 'h> Source<'a, 'h> {
     ) -> Result<Verdict, AttemptEnd> {
         stream.set_nodelay(true)?;
         detect_dead_link(&stream)?;
-        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+        stream.set_read_timeout(Some(self.cfg.read_timeout))?;
         // A backstop: a dead link fails the write via TCP_USER_TIMEOUT first.
         stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
         let link = Link::new(
@@ -290,6 +308,7 @@ impl<'a, 'h> Source<'a, 'h> {
             w: FrameWriter::new(link),
             r: FrameReader::new(stream.try_clone()?),
             stream,
+            acked_bytes: 0,
         };
         self.conn_pages = 0;
         let regions = self.vm.memory.regions().to_vec();
@@ -297,15 +316,51 @@ impl<'a, 'h> Source<'a, 'h> {
             .map_err(|e| AttemptEnd::Abort(AttemptError::Layout(e)))?;
         c.w.write_frame(&layout.hello())?;
         c.w.flush()?;
-        expect(&mut c.r, "HelloAck", |f| matches!(f, Frame::HelloAck))?;
+        let session = match c.r.read_frame()? {
+            Frame::HelloAck { session } => session,
+            Frame::Abort { reason } => {
+                return Err(AttemptEnd::Abort(AttemptError::DestinationAborted(
+                    reason.into_owned(),
+                )))
+            }
+            other => {
+                return Err(AttemptEnd::Abort(AttemptError::Unexpected {
+                    expected: "HelloAck",
+                    got: other.kind(),
+                }))
+            }
+        };
+        self.join_session(session);
         let result = self.precopy(&mut c, attempt, started, events);
-        self.report.bytes_sent += c.w.get_ref().bytes;
+        self.report.bytes_on_wire += c.w.get_ref().bytes;
+        self.report.bytes_sent += c.acked_bytes;
         if result.is_err() {
             // Dropping the BufWriter flushes it: on a dead link that would block for another
             // write timeout before the retry could start.
             c.drop_link();
         }
         result
+    }
+
+    /// A destination memory session other than the one the ledger's acknowledged passes
+    /// went to (a restarted receiver, or one that reset its memory after a stranger wrote
+    /// to it) holds none of them: everything is dirty again, and nothing is there but
+    /// zeros.
+    fn join_session(&mut self, session: u64) {
+        match self.dest_session {
+            Some(prev) if prev != session => {
+                log::warn!(
+                    "the destination's memory session changed ({prev:#x} -> {session:#x}): a new destination, starting over with pass 0"
+                );
+                self.ledger.mark_all();
+                for b in &mut self.at_dest {
+                    b.clear();
+                }
+                self.report.new_destination_sessions += 1;
+            }
+            _ => {}
+        }
+        self.dest_session = Some(session);
     }
 
     fn precopy(
@@ -382,14 +437,7 @@ impl<'a, 'h> Source<'a, 'h> {
                 .map_err(|e| AttemptEnd::Abort(e.into()))?;
             // Every pass, pass 0 included, ends by the deadline: a pass cut short sends
             // what it has, and the rest goes back to pending for stop-and-copy.
-            let sent = self.send_pass(
-                c,
-                attempt,
-                pass,
-                pass == 0 && attempt == 0,
-                Some(deadline),
-                events,
-            )?;
+            let sent = self.send_pass(c, attempt, pass, Some(deadline), events)?;
             expect(
                 &mut c.r,
                 "Ack",
@@ -404,6 +452,7 @@ impl<'a, 'h> Source<'a, 'h> {
             } else {
                 self.ledger.ack();
             }
+            c.acked_bytes = c.w.get_ref().bytes;
             self.report.pages_sent += sent.pages;
             self.report.passes += 1;
             last_bytes = sent.bytes;
@@ -439,6 +488,22 @@ impl<'a, 'h> Source<'a, 'h> {
         self.devices_to_running();
         self.report.source_resumed = self.vm.vcpus.resume().is_ok();
     }
+}
+
+/// Whether the union of `ranges` holds all of `r`.
+fn covered(ranges: &[IovaRange], r: &IovaRange) -> bool {
+    let mut sorted = ranges.to_vec();
+    sorted.sort_by_key(|x| x.iova);
+    let mut at = r.iova as u128;
+    for x in &sorted {
+        if at >= r.end() {
+            break;
+        }
+        if (x.iova as u128) <= at && x.end() > at {
+            at = x.end();
+        }
+    }
+    at >= r.end()
 }
 
 /// Read one frame and check it is the one expected.
@@ -530,6 +595,12 @@ pub fn run_source(
     match outcome {
         Ok(v) => {
             src.report.verified = v.ok;
+            src.report.handover = v.handover;
+            if v.handover == Handover::Unacknowledged {
+                src.report.aborted = Some(
+                    "Commit was sent but the destination never acknowledged it: the guest stays paused here and the destination's state is unknown (check it before resuming either side)".into(),
+                );
+            }
             src.report.mismatched_pages = v.mismatched;
             src.report.downtime_ms = v.downtime_ms;
             src.report.downtime_exceeded = v.downtime_ms > cfg.downtime_ms as f64;

@@ -19,9 +19,12 @@ pub(super) struct Sent {
 }
 
 impl Source<'_, '_> {
-    /// The in-flight pages of the ledger as runs; with `skip_zero` (pass 0: the
-    /// destination starts zeroed) pages never written or all zero are left out.
-    fn select_pages(&self, skip_zero: bool) -> Result<(Vec<PageRun>, u64), AttemptError> {
+    /// The in-flight pages of the ledger as runs, less the zero pages the destination was
+    /// never sent: its memory starts zeroed (a new destination's, or one reset after a
+    /// refused peer), so they are there already. This is what makes pass 0 skip zero and
+    /// never-written pages, on every attempt and after a new destination too, and keeps a
+    /// retry from resending pages that were only marked by a mark-all.
+    fn select_pages(&self) -> Result<(Vec<PageRun>, u64), AttemptError> {
         let mut runs: Vec<PageRun> = Vec::new();
         let mut total = 0u64;
         let mut push = |runs: &mut Vec<PageRun>, r: PageRun| {
@@ -30,27 +33,25 @@ impl Source<'_, '_> {
         };
         let memory = self.vm.memory;
         for (region, reg) in memory.regions().iter().enumerate() {
-            // Pages never written need not even be read.
-            let never = if skip_zero {
-                memory.never_written(region)
-            } else {
-                None
-            };
-            let untouched = |b: u64| {
-                never
-                    .as_ref()
-                    .is_some_and(|w| w[(b / 64) as usize] >> (b % 64) & 1 == 1)
-            };
+            let at_dest = &self.at_dest[region];
+            // Pages never written need not even be read (asked once, when needed).
+            let mut never: Option<Option<Vec<u64>>> = None;
+            let mut run: Option<(u64, u64)> = None;
             for (first, len) in self.ledger.inflight(region).runs() {
-                if !skip_zero {
-                    push(&mut runs, (region, first, len));
-                    continue;
-                }
-                let mut run: Option<(u64, u64)> = None;
                 for b in first..first + len {
-                    let zero = untouched(b) || memory.is_zero_page(reg.iova + b * PAGE)?;
-                    match (&mut run, zero) {
-                        (Some(r), false) => r.1 += 1,
+                    let skip = !at_dest.is_set(b) && {
+                        let never = never.get_or_insert_with(|| memory.never_written(region));
+                        let untouched = never
+                            .as_ref()
+                            .is_some_and(|w| w[(b / 64) as usize] >> (b % 64) & 1 == 1);
+                        untouched || memory.is_zero_page(reg.iova + b * PAGE)?
+                    };
+                    match (&mut run, skip) {
+                        (Some(r), false) if r.0 + r.1 == b => r.1 += 1,
+                        (Some(r), false) => {
+                            push(&mut runs, (region, r.0, r.1));
+                            run = Some((b, 1));
+                        }
                         (None, false) => run = Some((b, 1)),
                         (Some(r), true) => {
                             push(&mut runs, (region, r.0, r.1));
@@ -59,9 +60,9 @@ impl Source<'_, '_> {
                         (None, true) => {}
                     }
                 }
-                if let Some(r) = run {
-                    push(&mut runs, (region, r.0, r.1));
-                }
+            }
+            if let Some(r) = run {
+                push(&mut runs, (region, r.0, r.1));
             }
         }
         Ok((runs, total))
@@ -74,14 +75,13 @@ impl Source<'_, '_> {
         c: &mut Conn,
         attempt: u32,
         pass: u32,
-        skip_zero: bool,
         deadline: Option<Instant>,
         events: &mut dyn FnMut(Event),
     ) -> Result<Sent, AttemptEnd> {
         let final_pass = deadline.is_none();
         let started = Instant::now();
         let bytes0 = c.w.get_ref().bytes;
-        let (runs, total) = self.select_pages(skip_zero)?;
+        let (runs, total) = self.select_pages()?;
         events(Event::PassStart {
             attempt,
             pass,
@@ -106,6 +106,7 @@ impl Source<'_, '_> {
                     }
                     let _ = self.sent[region].set(bit);
                     let _ = self.touched[region].set(bit);
+                    let _ = self.at_dest[region].set(bit);
                     let off = (i * PAGE) as usize;
                     self.vm
                         .memory

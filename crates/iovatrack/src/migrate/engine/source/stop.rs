@@ -2,7 +2,7 @@
 
 use super::{expect, AttemptEnd, Conn, Source, Verdict};
 use crate::migrate::engine::hooks::{Checkpoint, Control};
-use crate::migrate::engine::{AttemptError, Event, PassStats};
+use crate::migrate::engine::{AttemptError, Event, Handover, PassStats};
 use crate::migrate::wire::{Frame, Limits};
 use std::borrow::Cow;
 use std::time::Instant;
@@ -35,7 +35,7 @@ impl Source<'_, '_> {
             .map_err(|e| AttemptEnd::Abort(e.into()))?;
         let super::pass::Sent {
             pages, bytes, secs, ..
-        } = self.send_pass(c, attempt, pass, false, None, events)?;
+        } = self.send_pass(c, attempt, pass, None, events)?;
         // Device states: the rest of each data fd's stream (STOP_COPY runs to its end).
         self.send_device_states_inner(c, true)?;
         let vcpus = self
@@ -56,6 +56,7 @@ impl Source<'_, '_> {
             |f| matches!(f, Frame::Ack { pass: p } if *p == pass),
         )?;
         self.ledger.ack();
+        c.acked_bytes = c.w.get_ref().bytes;
         self.report.pages_sent += pages;
         self.report.passes += 1;
         let downtime_ms = paused_at.elapsed().as_secs_f64() * 1000.0;
@@ -75,7 +76,9 @@ impl Source<'_, '_> {
             c.drop_link();
             return Err(AttemptEnd::Retry(AttemptError::DroppedBeforeCommit));
         }
-        if ok {
+        // The destination answered the verdict: it read everything before it.
+        c.acked_bytes = c.w.get_ref().bytes;
+        let handover = if ok {
             // Hand the guest over. Until Commit the destination does not run it, so any
             // failure before this point lets the source resume safely; after a failed
             // Commit nobody can tell, and the guest stays paused here.
@@ -83,9 +86,28 @@ impl Source<'_, '_> {
             if let Err(e) = sent {
                 return Err(AttemptEnd::Uncertain(AttemptError::CommitUncertain(e)));
             }
-        }
+            if self.hooks.at(Checkpoint::AfterCommit { attempt }) == Control::DropLink {
+                c.drop_link();
+            }
+            // The destination acks once it owns the guest, before resuming it; within
+            // the read timeout, or the handover stays unknown.
+            match c.r.read_frame() {
+                Ok(Frame::CommitAck) => Handover::Acknowledged,
+                Ok(other) => {
+                    log::warn!("expected CommitAck, got {:?}", other.kind());
+                    Handover::Unacknowledged
+                }
+                Err(e) => {
+                    log::warn!("no CommitAck: {e}");
+                    Handover::Unacknowledged
+                }
+            }
+        } else {
+            Handover::None
+        };
         Ok(Verdict {
             ok,
+            handover,
             mismatched,
             downtime_ms,
         })

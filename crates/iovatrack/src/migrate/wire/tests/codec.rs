@@ -6,7 +6,7 @@ use super::*;
 fn round_trip_every_frame_type() {
     let frames = every_frame();
     let kinds: std::collections::HashSet<_> = frames.iter().map(|f| f.kind()).collect();
-    assert_eq!(kinds.len(), 12, "every frame kind is covered");
+    assert_eq!(kinds.len(), 13, "every frame kind is covered");
     let bytes = encode(&frames);
     assert_eq!(decode_all(&bytes, &Limits::default()).unwrap(), frames);
     // And through the streaming reader, which borrows its buffer.
@@ -35,7 +35,7 @@ fn header_layout_is_as_documented() {
 #[test]
 fn header_rejections() {
     let l = Limits::default();
-    let good = encode(&[Frame::HelloAck]);
+    let good = encode(&[Frame::HelloAck { session: 7 }]);
 
     let mut bad = good.clone();
     bad[0] = b'X';
@@ -44,10 +44,11 @@ fn header_rejections() {
         Err(WireError::BadMagic { found }) if found == *b"XOVT"
     ));
 
-    let v2 = raw_frame(2, FrameKind::HelloAck as u16, 0, &[]);
+    let next = PROTOCOL_VERSION + 1;
+    let v2 = raw_frame(next, FrameKind::HelloAck as u16, 0, &[]);
     assert!(matches!(
         decode_all(&v2, &l),
-        Err(WireError::VersionMismatch { ours: 1, theirs: 2 })
+        Err(WireError::VersionMismatch { ours: PROTOCOL_VERSION, theirs }) if theirs == next
     ));
 
     let unknown = raw_frame(PROTOCOL_VERSION, 99, 0, &[]);
@@ -137,7 +138,7 @@ fn hostile_length_rejected_before_allocation() {
 
 #[test]
 fn reader_closed_versus_truncated() {
-    let bytes = encode(&[Frame::HelloAck]);
+    let bytes = encode(&[Frame::HelloAck { session: 7 }]);
     let mut r = FrameReader::new(&bytes[..]);
     r.read_frame().unwrap();
     assert!(matches!(r.read_frame(), Err(WireError::Closed)));
@@ -164,7 +165,9 @@ fn malformed_payloads() {
     };
     check(FrameKind::Ack, &[1, 2, 3], Malformation::Short);
     check(FrameKind::Ack, &[1, 2, 3, 4, 5], Malformation::Trailing);
-    check(FrameKind::HelloAck, &[0], Malformation::Trailing);
+    check(FrameKind::HelloAck, &[0], Malformation::Short);
+    check(FrameKind::HelloAck, &[0; 9], Malformation::Trailing);
+    check(FrameKind::CommitAck, &[0], Malformation::Trailing);
     check(FrameKind::Pages, &[0; 11], Malformation::Short);
     check(FrameKind::Abort, &[0xff, 0xfe], Malformation::InvalidUtf8);
     check(

@@ -30,7 +30,7 @@ fn loopback_tcp_stream_of_pages() {
             let target = v.validate(&frame)?;
             match &frame {
                 Frame::Hello { .. } => {
-                    writer.write_frame(&Frame::HelloAck)?;
+                    writer.write_frame(&Frame::HelloAck { session: 42 })?;
                 }
                 Frame::PassBegin { pass: p, .. } => pass = *p,
                 Frame::Pages { gpa, count, data } => {
@@ -64,7 +64,10 @@ fn loopback_tcp_stream_of_pages() {
     let mut writer = FrameWriter::new(sock);
     let l = layout();
     writer.write_frame(&l.hello()).unwrap();
-    assert_eq!(reader.read_frame().unwrap(), Frame::HelloAck);
+    assert_eq!(
+        reader.read_frame().unwrap(),
+        Frame::HelloAck { session: 42 }
+    );
     let mut data = vec![0u8; 4 * PAGE as usize];
     let mut total = 0u64;
     let passes = 2;

@@ -35,7 +35,8 @@ fn every_frame() -> Vec<OwnedFrame> {
     let l = layout();
     vec![
         l.hello().into_owned(),
-        Frame::HelloAck,
+        Frame::HelloAck { session: u64::MAX },
+        Frame::CommitAck,
         Frame::PassBegin { pass: 0, pages: 3 },
         Frame::Pages {
             gpa: 0x2000,

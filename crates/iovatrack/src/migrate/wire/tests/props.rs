@@ -20,7 +20,8 @@ fn arb_frame() -> impl Strategy<Value = OwnedFrame> {
                 regions: Cow::Owned(rs.into_iter().map(|(a, b)| IovaRange::new(a, b)).collect()),
                 total_pages,
             }),
-        Just(Frame::HelloAck),
+        any::<u64>().prop_map(|session| Frame::HelloAck { session }),
+        Just(Frame::CommitAck),
         (any::<u32>(), any::<u64>()).prop_map(|(pass, pages)| Frame::PassBegin { pass, pages }),
         (any::<u64>(), any::<u32>(), bytes(300)).prop_map(|(gpa, count, d)| Frame::Pages {
             gpa,

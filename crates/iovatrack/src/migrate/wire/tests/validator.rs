@@ -102,7 +102,10 @@ fn hello_must_match_layout() {
     };
     assert!(matches!(
         ours.check_hello(&old),
-        Err(WireError::VersionMismatch { ours: 1, theirs: 0 })
+        Err(WireError::VersionMismatch {
+            ours: PROTOCOL_VERSION,
+            theirs: 0
+        })
     ));
 }
 
@@ -303,7 +306,8 @@ fn validator_rejections() {
     ));
     // Destination-only frames.
     for f in [
-        Frame::HelloAck,
+        Frame::HelloAck { session: 1 },
+        Frame::CommitAck,
         Frame::Ack { pass: 0 },
         Frame::VerifyResult {
             ok: true,

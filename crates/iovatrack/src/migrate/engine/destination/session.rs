@@ -1,0 +1,410 @@
+//! One connection: the handshake, the frames, verification and the Commit handover.
+
+use super::{Destination, Refusal};
+use crate::device::MigState;
+use crate::migrate::engine::link::detect_dead_link;
+use crate::migrate::engine::{MigrateError, PAGE};
+use crate::migrate::wire::{
+    Frame, FrameReader, FrameWriter, Limits, MemoryLayout, StreamState, Validator, WireError,
+};
+use std::borrow::Cow;
+use std::io;
+use std::net::TcpStream;
+
+/// One connection's state.
+struct Session {
+    w: FrameWriter<TcpStream>,
+    /// The stream's validator, once Hello was accepted.
+    v: Option<Validator>,
+    /// The memory's hashes when the source said Complete.
+    at_complete: Option<Vec<u64>>,
+    /// Devices that received state this session.
+    resuming: Vec<bool>,
+    /// Device-state bytes each device received this session.
+    state_bytes: Vec<u64>,
+    /// Every device state change and write so far succeeded.
+    device_ok: bool,
+}
+
+/// What a frame leads to.
+enum Step {
+    Next,
+    End(SessionEnd),
+    AwaitCommit,
+}
+
+/// How a session ended.
+pub(super) enum SessionEnd {
+    /// Verified (or not) and, when verified, committed.
+    Complete,
+    /// The source went away or aborted: its next attempt continues into this memory.
+    Interrupted(String),
+    /// Not a source of ours, or one that broke the protocol or a limit.
+    Refused(Refusal),
+}
+
+impl From<Refusal> for SessionEnd {
+    fn from(r: Refusal) -> Self {
+        SessionEnd::Refused(r)
+    }
+}
+
+impl Destination {
+    /// One connection. What the peer does wrong is a refusal; only the destination's own
+    /// failures (its memory, its socket options) are errors.
+    pub(super) fn serve(&mut self, stream: TcpStream) -> Result<SessionEnd, MigrateError> {
+        stream.set_read_timeout(Some(self.limits.hello_timeout))?;
+        stream.set_nodelay(true)?;
+        // A source behind a dead link ends the session within the dead-link time, so the
+        // retry's connection (waiting in the listen backlog) is served; a source that is
+        // merely busy (hashing memory before Complete) still answers keepalives.
+        detect_dead_link(&stream)?;
+        let mut r = FrameReader::new(io::BufReader::with_capacity(1 << 20, stream.try_clone()?));
+        let mut s = Session {
+            w: FrameWriter::new(stream),
+            v: None,
+            at_complete: None,
+            resuming: vec![false; self.devices.len()],
+            state_bytes: vec![0; self.devices.len()],
+            device_ok: true,
+        };
+        if let Some(end) = self.handshake(&mut r, &mut s)? {
+            return Ok(end);
+        }
+        self.report.sessions += 1;
+        s.w.get_ref()
+            .set_read_timeout(Some(self.limits.read_timeout))?;
+        // Nothing from an interrupted session counts for this one but the memory itself.
+        self.vcpus.clear();
+        self.report.device_state_restored = false;
+        self.report.devices_restored = 0;
+        let end = self.frames(&mut r, &mut s);
+        if !matches!(end, Ok(SessionEnd::Complete)) {
+            // A device left RESUMING with a partial (or a stranger's) stream: STOP ends
+            // that stream, so the next session's RESUMING starts a new one from the
+            // start (best effort: a device may refuse to load a partial stream).
+            for (d, _) in self
+                .devices
+                .iter_mut()
+                .zip(&s.resuming)
+                .filter(|(_, r)| **r)
+            {
+                if let Err(e) = d.set_state(MigState::Stop) {
+                    log::info!("destination: device {} out of RESUMING: {e}", d.name());
+                }
+            }
+        }
+        end
+    }
+
+    /// The frames after Hello, to the session's end.
+    fn frames(
+        &mut self,
+        r: &mut FrameReader<io::BufReader<TcpStream>>,
+        s: &mut Session,
+    ) -> Result<SessionEnd, MigrateError> {
+        loop {
+            let f = match r.read_frame() {
+                Ok(f) => f,
+                Err(e) if is_disconnect(&e) => return Ok(SessionEnd::Interrupted(e.to_string())),
+                Err(e) => return Ok(refuse(s, e.into())),
+            };
+            let v = s.v.as_mut().expect("set by the handshake");
+            let target = match v.validate(&f) {
+                Ok(t) => t,
+                Err(e) => return Ok(refuse(s, e.into())),
+            };
+            let region = target.map(|t| t.region);
+            match self.on_frame(s, f, region) {
+                Ok(Step::Next) => {}
+                Ok(Step::End(end)) => return Ok(end),
+                Ok(Step::AwaitCommit) => return Ok(Self::await_commit(r, s)),
+                Err(FrameError::Refused(why)) => return Ok(refuse(s, why)),
+                Err(FrameError::Local(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// Hello, checked against this destination's memory and vCPU kind; HelloAck with the
+    /// memory's session id.
+    fn handshake(
+        &mut self,
+        r: &mut FrameReader<io::BufReader<TcpStream>>,
+        s: &mut Session,
+    ) -> Result<Option<SessionEnd>, MigrateError> {
+        let hello = match r.read_frame() {
+            Ok(f) => f.into_owned(),
+            Err(e) if is_disconnect(&e) => return Ok(Some(Refusal::NoHello(e).into())),
+            Err(e) => return Ok(Some(refuse(s, e.into()))),
+        };
+        let Frame::Hello { guest_kind, .. } = &hello else {
+            let e = WireError::UnexpectedFrame {
+                frame: hello.kind(),
+                state: StreamState::AwaitHello,
+            };
+            return Ok(Some(refuse(s, e.into())));
+        };
+        // A destination that states the kinds it can resume checks the source's against
+        // them (a kind it lacks is compared with its first, and refused); one that does
+        // not takes the source's word.
+        let kind = match &self.vcpu_kinds {
+            Some(k) if k.iter().any(|k| k == guest_kind) => guest_kind.to_string(),
+            Some(k) => k.first().cloned().unwrap_or_default(),
+            None => guest_kind.to_string(),
+        };
+        let regions = self.memory.regions().to_vec();
+        let mut v = Validator::new(MemoryLayout::new(PAGE, kind, regions)?);
+        if let Err(e) = v.validate(&hello) {
+            return Ok(Some(refuse(s, e.into())));
+        }
+        let ack = Frame::HelloAck {
+            session: self.session_id,
+        };
+        if let Err(e) = s.w.write_frame(&ack) {
+            return Ok(Some(SessionEnd::Interrupted(format!(
+                "sending HelloAck: {e}"
+            ))));
+        }
+        s.v = Some(v);
+        Ok(None)
+    }
+
+    /// One validated frame (`region`: the RAM region a Pages frame targets).
+    fn on_frame(
+        &mut self,
+        s: &mut Session,
+        f: Frame<'_>,
+        region: Option<usize>,
+    ) -> Result<Step, FrameError> {
+        match f {
+            Frame::Pages { gpa, count, data } => {
+                let region = region.expect("validated Pages have a target");
+                self.write_pages(region, gpa, count, &data)?;
+            }
+            Frame::PassBegin { .. } => {
+                for b in &mut self.seen {
+                    b.clear();
+                }
+            }
+            Frame::PassEnd { pass, .. } | Frame::PassCut { pass, .. } => {
+                if let Err(e) = s.w.write_frame(&Frame::Ack { pass }) {
+                    return Ok(Step::End(SessionEnd::Interrupted(format!(
+                        "sending Ack: {e}"
+                    ))));
+                }
+            }
+            Frame::DeviceState { name, bytes } => self.device_state(s, &name, &bytes)?,
+            Frame::VcpuState { index, bytes } => {
+                let limit = self.limits.vcpu_state_bytes;
+                if bytes.len() as u64 > limit {
+                    return Err(FrameError::Refused(Refusal::VcpuStateLimit {
+                        index,
+                        bytes: bytes.len() as u64,
+                        limit,
+                    }));
+                }
+                if self.vcpus.len() as u64 >= u64::from(self.limits.max_vcpus) {
+                    return Err(FrameError::Refused(Refusal::TooManyVcpus {
+                        limit: self.limits.max_vcpus,
+                    }));
+                }
+                self.vcpus.push(bytes.into_owned())
+            }
+            Frame::Complete { .. } => {
+                s.at_complete = Some(self.hashes()?);
+                let resuming = std::mem::take(&mut s.resuming);
+                self.restore_devices(&resuming, s.device_ok);
+                s.resuming = resuming;
+            }
+            Frame::Verify {
+                region_hashes: theirs,
+                ..
+            } => return Ok(self.verify(s, &theirs)?),
+            Frame::Abort { reason } => {
+                return Ok(Step::End(SessionEnd::Interrupted(format!(
+                    "the source aborted: {reason}"
+                ))))
+            }
+            _ => {}
+        }
+        Ok(Step::Next)
+    }
+
+    fn write_pages(
+        &mut self,
+        region: usize,
+        gpa: u64,
+        count: u32,
+        data: &[u8],
+    ) -> Result<(), MigrateError> {
+        let base = self.memory.regions()[region].iova;
+        for i in 0..count as u64 {
+            let page = gpa + i * PAGE;
+            let bit = (page - base) / PAGE;
+            if self.seen[region].is_set(bit) {
+                self.report.duplicate_pages_received += 1;
+            }
+            let _ = self.seen[region].set(bit);
+            let _ = self.written[region].set(bit);
+            let off = (i * PAGE) as usize;
+            self.memory
+                .write_page(page, &data[off..off + PAGE as usize])?;
+        }
+        self.report.pages_received += count as u64;
+        Ok(())
+    }
+
+    /// A device's first record of a session puts it in RESUMING; every record (pre-copy
+    /// and stop-copy) goes to its data fd, within the session's limits (checked before the
+    /// device sees the bytes).
+    fn device_state(
+        &mut self,
+        s: &mut Session,
+        name: &str,
+        bytes: &[u8],
+    ) -> Result<(), FrameError> {
+        let Some(i) = self.devices.iter().position(|d| d.name() == name) else {
+            log::warn!("destination: state for unknown device {name:?}");
+            s.device_ok = false;
+            return Ok(());
+        };
+        let n = bytes.len() as u64;
+        let device = s.state_bytes[i].saturating_add(n);
+        let limit = self.limits.device_state_bytes;
+        if device > limit {
+            return Err(FrameError::Refused(Refusal::DeviceStateLimit {
+                device: name.to_string(),
+                bytes: device,
+                limit,
+            }));
+        }
+        let total = s.state_bytes.iter().sum::<u64>().saturating_add(n);
+        let limit = self.limits.session_state_bytes;
+        if total > limit {
+            return Err(FrameError::Refused(Refusal::SessionStateLimit {
+                bytes: total,
+                limit,
+            }));
+        }
+        s.state_bytes[i] = device;
+        let d = &mut self.devices[i];
+        if !s.resuming[i] {
+            s.device_ok &= d.set_state(MigState::Resuming).is_ok();
+            s.resuming[i] = true;
+        }
+        s.device_ok &= d.write_data(bytes).is_ok();
+        Ok(())
+    }
+
+    /// Compare with the source's hashes and answer.
+    fn verify(&mut self, s: &mut Session, theirs: &[u64]) -> Result<Step, MigrateError> {
+        let ours = match s.at_complete.take() {
+            Some(h) => h,
+            None => self.hashes()?,
+        };
+        let mismatched = match &self.verifier {
+            Some(_) => mismatches(&ours, theirs),
+            None => Vec::new(),
+        };
+        let ok = mismatched.is_empty();
+        self.report.mismatched_pages = mismatched.len() as u64;
+        self.verify_result = Some(ok);
+        let digest = self.verifier.as_ref().map_or(0, |v| v.digest(&ours));
+        s.w.write_frame(&Frame::VerifyResult {
+            ok,
+            digest,
+            mismatched_regions: Cow::Owned(mismatched),
+        })?;
+        Ok(if ok {
+            Step::AwaitCommit
+        } else {
+            Step::End(SessionEnd::Complete)
+        })
+    }
+
+    /// After a good verdict: the guest is resumed here only once the source hands it
+    /// over.
+    fn await_commit(r: &mut FrameReader<io::BufReader<TcpStream>>, s: &mut Session) -> SessionEnd {
+        let v = s.v.as_mut().expect("set by the handshake");
+        match r.read_frame() {
+            Ok(f @ Frame::Commit) if v.validate(&f).is_ok() => {
+                // The guest is ours now: say so before resuming it, so the source knows
+                // where it runs. A lost ack changes nothing here (the source committed).
+                if let Err(e) = s.w.write_frame(&Frame::CommitAck) {
+                    log::warn!("destination: CommitAck not sent ({e}); resuming anyway");
+                }
+                SessionEnd::Complete
+            }
+            Ok(other) => {
+                SessionEnd::Interrupted(format!("expected Commit, got {:?}", other.kind()))
+            }
+            Err(e) => SessionEnd::Interrupted(format!("no Commit after the verdict: {e}")),
+        }
+    }
+
+    /// The verifier's hashes of the received memory (none without a verifier).
+    fn hashes(&self) -> Result<Vec<u64>, MigrateError> {
+        let max_hashes = (Limits::default().max_payload as usize - 64) / 8;
+        match &self.verifier {
+            Some(v) => Ok(v.hashes(self.memory.as_ref(), max_hashes)?),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// The devices that received state go RESUMING → RUNNING (through RUNNING_P2P when
+    /// several: none may DMA into a peer still resuming).
+    fn restore_devices(&mut self, resuming: &[bool], mut ok: bool) {
+        let several = self.devices.len() > 1;
+        for step in [MigState::RunningP2p, MigState::Running] {
+            if step == MigState::RunningP2p && !several {
+                continue;
+            }
+            for (d, _) in self.devices.iter_mut().zip(resuming).filter(|(_, r)| **r) {
+                ok &= d.set_state(step).is_ok();
+            }
+        }
+        let restored = resuming.iter().filter(|r| **r).count() as u32;
+        self.report.devices_restored = if ok { restored } else { 0 };
+        self.report.device_state_restored =
+            ok && restored as usize == self.devices.len() && restored > 0;
+    }
+}
+
+/// A frame's outcome other than success.
+enum FrameError {
+    /// The peer did something a source of ours does not.
+    Refused(Refusal),
+    /// The destination itself failed.
+    Local(MigrateError),
+}
+
+impl<E: Into<MigrateError>> From<E> for FrameError {
+    fn from(e: E) -> Self {
+        FrameError::Local(e.into())
+    }
+}
+
+/// Tell the peer why (best effort) and end the session as refused.
+fn refuse(s: &mut Session, why: Refusal) -> SessionEnd {
+    let _ = s.w.write_frame(&Frame::Abort {
+        reason: Cow::Owned(why.to_string()),
+    });
+    SessionEnd::Refused(why)
+}
+
+fn is_disconnect(e: &WireError) -> bool {
+    matches!(
+        e,
+        WireError::Closed | WireError::Truncated | WireError::Io(_)
+    )
+}
+
+/// Indices where two hash lists differ (a length difference counts as a mismatch of
+/// every index past the shorter list).
+fn mismatches(ours: &[u64], theirs: &[u64]) -> Vec<u32> {
+    let n = ours.len().max(theirs.len());
+    (0..n)
+        .filter(|&i| ours.get(i) != theirs.get(i))
+        .map(|i| i as u32)
+        .collect()
+}

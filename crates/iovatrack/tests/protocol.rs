@@ -1,0 +1,418 @@
+//! The protocol against restarts, strangers and hostile peers, and the counters of
+//! `iovatrack migrate --json` against what happened (issue 11). Each test fails on the
+//! behaviour the issue describes.
+
+use iovatrack::layout::presets;
+use iovatrack::migrate::demo::{
+    merge_destination, run_local, run_source, DemoDestination, Fault, MigrateConfig, Summary,
+};
+use iovatrack::migrate::engine::{DestLimits, Destination, Event, Handover};
+use iovatrack::migrate::guest::GuestMemory;
+use iovatrack::migrate::wire::{
+    Frame, FrameReader, FrameWriter, MemoryLayout, HEADER_LEN, TRAILER_LEN,
+};
+use iovatrack::migrate::{guest_regions, scale_ram};
+use iovatrack::range::IovaRange;
+use std::borrow::Cow;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+const PAGE: u64 = 4096;
+
+fn small() -> MigrateConfig {
+    let mut cfg = MigrateConfig::new(scale_ram(&presets::get("q35-2g").unwrap(), 4));
+    cfg.warmup = Duration::from_millis(50);
+    cfg
+}
+
+fn total_pages(cfg: &MigrateConfig) -> u64 {
+    guest_regions(&cfg.layout).iter().map(|r| r.1 / PAGE).sum()
+}
+
+/// The Hello a source of `cfg`'s guest sends, as a stranger would forge it.
+fn hello_for(cfg: &MigrateConfig, kind: &str) -> MemoryLayout {
+    let regions = guest_regions(&cfg.layout)
+        .into_iter()
+        .map(|(a, n)| IovaRange::new(a, n))
+        .collect();
+    MemoryLayout::new(PAGE, kind, regions).unwrap()
+}
+
+/// Connect, send `frames` then `raw`, and read until the destination closes (so it has
+/// dealt with this connection before the next one).
+fn stranger(addr: SocketAddr, frames: &[Frame<'_>], raw: &[u8]) -> Vec<u8> {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut w = FrameWriter::new(s.try_clone().unwrap());
+    for f in frames {
+        // The destination may refuse mid-way and close: later writes may fail.
+        if w.write_frame(f).is_err() {
+            break;
+        }
+    }
+    let _ = (&s).write_all(raw);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut back = Vec::new();
+    let _ = (&s).read_to_end(&mut back);
+    back
+}
+
+/// The source of `cfg` against `dest` on `listener`, in one process.
+fn migrate_to(
+    cfg: &MigrateConfig,
+    listener: TcpListener,
+    dest: DemoDestination,
+    sessions: u32,
+) -> Summary {
+    let addr = listener.local_addr().unwrap();
+    let h = std::thread::spawn(move || dest.run(&listener, sessions, Duration::from_secs(60)));
+    let mut s = run_source(
+        cfg,
+        || TcpStream::connect_timeout(&addr, Duration::from_secs(5)),
+        &mut |_| {},
+    )
+    .unwrap();
+    merge_destination(&mut s, h.join().unwrap());
+    s
+}
+
+/// Defect 1: a receiver restarted between attempts is a new destination (new session
+/// id): the source starts over with a full pass 0 and verifies, instead of sending only
+/// newer dirt into empty memory.
+#[test]
+fn restarted_receiver_gets_a_full_pass_0() {
+    let mut cfg = small();
+    cfg.faults = vec![Fault::DropAt(1)];
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (layout, devices) = (cfg.layout.clone(), cfg.devices.clone());
+    let h = std::thread::spawn(move || {
+        // The first receiver loses its session (and exits: one session allowed); a new
+        // one, with new memory, serves the retry on the same port.
+        let first = DemoDestination::new(&layout, &devices).unwrap();
+        let gone = first.run(&listener, 1, Duration::from_secs(60));
+        assert!(gone.is_err(), "the first receiver must not complete");
+        DemoDestination::new(&layout, &devices)
+            .unwrap()
+            .run(&listener, 1, Duration::from_secs(60))
+    });
+    let mut s = run_source(
+        &cfg,
+        || TcpStream::connect_timeout(&addr, Duration::from_secs(5)),
+        &mut |_| {},
+    )
+    .unwrap();
+    merge_destination(&mut s, h.join().unwrap());
+    assert_eq!(s.new_destination_sessions, 1, "{s:#?}");
+    assert!(s.verified, "{s:#?}");
+    assert_eq!(s.mismatched_pages, 0, "{s:#?}");
+    assert_eq!(s.attempts, 2);
+}
+
+/// Defect 2: garbage, a bad CRC, empty connects, a Hello for another guest, and a stranger
+/// that wrote a page and then sent garbage: each is refused and counted, the destination
+/// keeps waiting, its memory is reset after the stranger's page, and the real source then
+/// migrates and verifies, with only its own session counted against the budget.
+#[test]
+fn strangers_are_refused_and_the_source_still_migrates() {
+    let cfg = small();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dest = DemoDestination::new(&cfg.layout, &cfg.devices).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = std::thread::spawn(move || {
+        let r = dest.run(&listener, 1, Duration::from_secs(60));
+        tx.send(()).unwrap();
+        (r, listener)
+    });
+    stranger(addr, &[], &[0xa5; 20]);
+    let good_hello = hello_for(&cfg, "kvm");
+    let mut bad_crc = Vec::new();
+    FrameWriter::new(&mut bad_crc)
+        .write_frame(&good_hello.hello())
+        .unwrap();
+    let last = bad_crc.len() - 1;
+    bad_crc[last] ^= 1;
+    stranger(addr, &[], &bad_crc);
+    for _ in 0..5 {
+        drop(TcpStream::connect(addr).unwrap());
+    }
+    let mut other = small();
+    other.layout = scale_ram(&presets::get("q35-2g").unwrap(), 8);
+    stranger(addr, &[hello_for(&other, "kvm").hello()], &[]);
+    // Past Hello, a page of 0xee, then garbage.
+    let page = vec![0xee; PAGE as usize];
+    let back = stranger(
+        addr,
+        &[
+            good_hello.hello(),
+            Frame::PassBegin { pass: 0, pages: 1 },
+            Frame::Pages {
+                gpa: 0x10_0000,
+                count: 1,
+                data: Cow::Borrowed(&page),
+            },
+        ],
+        &[0x5a; 20],
+    );
+    let frames: Vec<_> = {
+        let mut r = FrameReader::new(&back[..]);
+        std::iter::from_fn(|| r.read_frame().ok().map(Frame::into_owned)).collect()
+    };
+    let Some(Frame::HelloAck { session: first_id }) = frames.first().cloned() else {
+        panic!("no HelloAck: {frames:?}");
+    };
+    assert!(
+        matches!(frames.last(), Some(Frame::Abort { .. })),
+        "the refusal says why: {frames:?}"
+    );
+    assert!(
+        rx.try_recv().is_err(),
+        "the destination gave up on strangers"
+    );
+
+    let mut s = run_source(
+        &cfg,
+        || TcpStream::connect_timeout(&addr, Duration::from_secs(5)),
+        &mut |_| {},
+    )
+    .unwrap();
+    let (d, _listener) = h.join().unwrap();
+    let d = d.unwrap();
+    assert_eq!(d.refused_connections, 9, "{:#?}", d.refusals);
+    assert_eq!(
+        d.sessions, 2,
+        "the source's session and the stranger's past Hello"
+    );
+    assert_eq!(d.memory_resets, 1, "the stranger's page resets the memory");
+    assert_ne!(
+        d.session_id, first_id,
+        "a reset memory has a new session id"
+    );
+    assert!(d.refusals.iter().all(|r| r.starts_with("127.0.0.1:")));
+    merge_destination(&mut s, Ok(d));
+    assert!(s.verified, "{s:#?}");
+    assert_eq!(
+        s.new_destination_sessions, 0,
+        "the source saw only the new id"
+    );
+}
+
+/// A refused stranger cannot leave a byte in guest memory it wrote before being caught,
+/// and too many refusals end the destination (bounded in count).
+#[test]
+fn refused_writes_are_undone_and_refusals_are_bounded() {
+    let cfg = small();
+    let memory = Arc::new(GuestMemory::new(&guest_regions(&cfg.layout)).unwrap());
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mem = memory.clone();
+    let h = std::thread::spawn(move || {
+        let mut d = Destination::new(mem, Vec::new()).limits(DestLimits {
+            max_refused: 2,
+            ..DestLimits::default()
+        });
+        let id = d.session_id();
+        let r = d.run(&listener, 1, Duration::from_secs(60));
+        (r.err().map(|e| e.to_string()), id, d.session_id())
+    });
+    let page = vec![0xee; PAGE as usize];
+    let hello = hello_for(&cfg, "kvm");
+    for _ in 0..3 {
+        stranger(
+            addr,
+            &[
+                hello.hello(),
+                Frame::PassBegin { pass: 0, pages: 1 },
+                Frame::Pages {
+                    gpa: 0x20_0000,
+                    count: 1,
+                    data: Cow::Borrowed(&page),
+                },
+                // Announced one page, ends with two.
+                Frame::PassEnd {
+                    pass: 0,
+                    pages_sent: 2,
+                },
+            ],
+            &[],
+        );
+    }
+    let (err, id0, id1) = h.join().unwrap();
+    let err = err.expect("three refusals over a limit of two end the destination");
+    assert!(err.contains("3 connections refused"), "{err}");
+    assert_ne!(id0, id1);
+    let mut buf = vec![0u8; PAGE as usize];
+    memory.read_page(0x20_0000, &mut buf).unwrap();
+    assert!(buf.iter().all(|b| *b == 0), "a stranger's page survived");
+}
+
+/// Defect 3: device state is bounded per device (default 64 MiB a session): the third
+/// 32 MiB frame is refused before the device sees it, and the source still migrates.
+#[test]
+fn device_state_flood_is_refused() {
+    let cfg = small();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dest = DemoDestination::new(&cfg.layout, &cfg.devices).unwrap();
+    let h = std::thread::spawn(move || dest.run(&listener, 1, Duration::from_secs(60)));
+    let blob = vec![7u8; 32 << 20];
+    let state = || Frame::DeviceState {
+        name: Cow::Borrowed("dma0"),
+        bytes: Cow::Borrowed(&blob),
+    };
+    let hello = hello_for(&cfg, "kvm");
+    stranger(
+        addr,
+        &[hello.hello(), state(), state(), state(), state()],
+        &[],
+    );
+    // vCPU states are bounded too: 1 MiB each.
+    let big_vcpu = vec![1u8; (1 << 20) + 1];
+    stranger(
+        addr,
+        &[
+            hello.hello(),
+            Frame::VcpuState {
+                index: 0,
+                bytes: Cow::Borrowed(&big_vcpu),
+            },
+        ],
+        &[],
+    );
+    let mut s = run_source(
+        &cfg,
+        || TcpStream::connect_timeout(&addr, Duration::from_secs(5)),
+        &mut |_| {},
+    )
+    .unwrap();
+    let d = h.join().unwrap().unwrap();
+    assert_eq!(d.refused_connections, 2, "{:#?}", d.refusals);
+    assert!(
+        d.refusals[0]
+            .contains("100663296 bytes of state in this session, over the limit of 67108864"),
+        "{:#?}",
+        d.refusals
+    );
+    assert!(d.refusals[1].contains("vCPU state 0"), "{:#?}", d.refusals);
+    merge_destination(&mut s, Ok(d));
+    assert!(s.verified, "{s:#?}");
+}
+
+/// Defect 6 (guest kind): a destination that can resume only software state refuses a
+/// KVM source at Hello.
+#[test]
+fn destination_states_the_guest_kind_it_resumes() {
+    let cfg = small();
+    let memory = Arc::new(GuestMemory::new(&guest_regions(&cfg.layout)).unwrap());
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let h = std::thread::spawn(move || {
+        let mut d = Destination::new(memory, Vec::new())
+            .vcpu_kind("software")
+            .limits(DestLimits {
+                max_refused: 0,
+                ..DestLimits::default()
+            });
+        d.run(&listener, 1, Duration::from_secs(60)).err().unwrap()
+    });
+    let back = stranger(addr, &[hello_for(&cfg, "kvm").hello()], &[]);
+    let err = h.join().unwrap().to_string();
+    assert!(err.contains("guest kind") || err.contains("kvm"), "{err}");
+    let mut r = FrameReader::new(&back[..]);
+    assert!(matches!(r.read_frame(), Ok(Frame::Abort { .. })));
+}
+
+/// Defect 6 (counters): `passes` and `pages_sent` are the acknowledged passes (the Pass
+/// events, which fire on Ack), `bytes_sent` stops at the last acknowledgement while
+/// `bytes_on_wire` has the dropped pass too; `handover` is acknowledged.
+#[test]
+fn counters_count_what_was_acknowledged() {
+    let mut cfg = small();
+    cfg.faults = vec![Fault::DropAt(1), Fault::ReportFail(0)];
+    let (mut passes, mut pages) = (0u32, 0u64);
+    let s = run_local(&cfg, &mut |e| {
+        if let Event::Pass(p) = e {
+            passes += 1;
+            pages += p.pages;
+        }
+    })
+    .unwrap();
+    assert!(s.verified, "{s:#?}");
+    assert_eq!(s.passes, passes, "{s:#?}");
+    assert_eq!(s.pages_sent, pages, "{s:#?}");
+    assert!(s.bytes_on_wire > s.bytes_sent, "{s:#?}");
+    assert_eq!(s.handover, Handover::Acknowledged);
+    // Pass 0 collects nothing: report-fail@0 never fires and is not claimed.
+    assert!(s.faults.contains(&"report-fail@0".to_string()));
+    assert_eq!(s.faults_fired, ["drop@1"], "{s:#?}");
+
+    // Without faults, the only bytes after the verdict are the Commit frame's.
+    let s = run_local(&small(), &mut |_| {}).unwrap();
+    assert!(s.verified, "{s:#?}");
+    assert_eq!(
+        s.bytes_on_wire - s.bytes_sent,
+        (HEADER_LEN + TRAILER_LEN) as u64
+    );
+}
+
+/// Defect 7: a CommitAck that never arrives leaves the guest paused here and says so.
+#[test]
+fn lost_commit_ack_is_reported() {
+    let mut cfg = small();
+    cfg.faults = vec![Fault::DropAfterCommit];
+    let s = run_local(&cfg, &mut |_| {}).unwrap();
+    assert_eq!(s.handover, Handover::Unacknowledged, "{s:#?}");
+    assert!(!s.verified);
+    assert!(!s.source_resumed, "the source must not run the guest again");
+    assert!(
+        s.aborted
+            .as_deref()
+            .unwrap_or("")
+            .contains("never acknowledged"),
+        "{s:#?}"
+    );
+}
+
+/// Defect 5: retries cost what they must. A start-e2big retry does not restart logging
+/// (the single accepted range still covers the plan), and a retry after a pass-0 failure
+/// does not resend zero pages.
+#[test]
+fn retries_send_no_more_than_needed() {
+    let mut cfg = small();
+    let total = total_pages(&cfg);
+    cfg.faults = vec![Fault::StartE2big, Fault::DropAt(1)];
+    let s = run_local(&cfg, &mut |_| {}).unwrap();
+    assert!(s.verified, "{s:#?}");
+    assert_eq!(s.ranges.len(), 1);
+    assert!(
+        s.pages_sent < total / 4,
+        "{} pages of {total}: {s:#?}",
+        s.pages_sent
+    );
+    cfg.faults = vec![Fault::CancelAt(0)];
+    let s = run_local(&cfg, &mut |_| {}).unwrap();
+    assert!(s.verified, "{s:#?}");
+    assert!(
+        s.pages_sent < total / 4,
+        "{} pages of {total}: {s:#?}",
+        s.pages_sent
+    );
+}
+
+/// A listener that a source reaches after a port scan: the scan's connects cost nothing.
+#[test]
+fn port_scan_does_not_end_the_destination() {
+    let cfg = small();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dest = DemoDestination::new(&cfg.layout, &cfg.devices).unwrap();
+    for _ in 0..20 {
+        drop(TcpStream::connect(addr).unwrap());
+    }
+    let s = migrate_to(&cfg, listener, dest, 1);
+    assert!(s.verified, "{s:#?}");
+    assert_eq!(s.refused_connections, 20);
+}
