@@ -137,6 +137,8 @@ pub struct ViommuStats {
     pub max_map_hold_ms: f64,
     /// REPORTs (or IOMMU reads) before an unmap.
     pub unmap_queries: u64,
+    /// Unmaps while logging ran (each must have been queried).
+    pub unmaps_while_logging: u64,
     /// Reported bits that translated to no mapping (an IOVA unmapped without a query).
     pub untranslated_bits: u64,
     /// Starts that fell back to marking (no START succeeded).
@@ -169,6 +171,9 @@ struct Ctl {
     scratch: Vec<u64>,
     /// A failure in the vIOMMU thread that the next collect must return.
     failed: Option<String>,
+    /// REPORT-error re-arms already counted by a collect (an unmap query may meet the
+    /// error first: the next collect still reports it).
+    counted_error_rearms: u64,
 }
 
 type WindowHook = Box<dyn Fn() + Send + Sync>;
@@ -248,6 +253,7 @@ impl IovaSpace {
                 pending: Vec::new(),
                 scratch: Vec::new(),
                 failed: None,
+                counted_error_rearms: 0,
             }),
             stats: Mutex::new(ViommuStats::default()),
             bits: AtomicU64::new(0),
@@ -373,7 +379,8 @@ impl IovaSpace {
                 return Err(ViommuError::NotMapped(iova.iova));
             }
         }
-        let queried = !self.controls.no_unmap_query && !matches!(ctl.logging, Logging::Off);
+        let logging = !matches!(ctl.logging, Logging::Off);
+        let queried = !self.controls.no_unmap_query && logging;
         if queried {
             self.query(&mut ctl, Some(iova));
         }
@@ -389,6 +396,7 @@ impl IovaSpace {
         let mut s = lock(&self.stats);
         s.unmaps += 1;
         s.unmap_queries += u64::from(queried);
+        s.unmaps_while_logging += u64::from(logging);
         Ok(())
     }
 
@@ -491,7 +499,6 @@ impl IovaSpace {
                 reason: f,
             });
         }
-        let before = lock(&self.stats).error_rearms;
         let bits0 = self.bits.load(Relaxed);
         let reports = self.query(&mut ctl, None);
         if matches!(ctl.logging, Logging::Marking) {
@@ -501,8 +508,10 @@ impl IovaSpace {
             reports,
             ..CollectStats::default()
         };
-        st.rearms = lock(&self.stats).error_rearms - before;
+        let total = lock(&self.stats).error_rearms;
+        st.rearms = total - ctl.counted_error_rearms;
         st.report_errors = st.rearms;
+        ctl.counted_error_rearms = total;
         st.device_bits = self.bits.load(Relaxed) - bits0;
         let pending = std::mem::take(&mut ctl.pending);
         for p in &pending {

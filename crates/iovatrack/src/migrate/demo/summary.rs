@@ -109,6 +109,8 @@ pub struct Summary {
     pub viommu_maps: u64,
     /// Guest unmaps.
     pub viommu_unmaps: u64,
+    /// Guest unmaps while logging ran (`unmap_queries` must equal it).
+    pub unmaps_while_logging: u64,
     /// Device DMA writes to an unmapped IOVA, blocked by the IOMMU (nothing written).
     pub viommu_dma_faults: u64,
     /// Reported bits whose IOVA had no mapping (must be 0: a query precedes each unmap).

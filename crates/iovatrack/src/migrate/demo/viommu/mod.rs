@@ -272,6 +272,7 @@ pub fn fill_summary(s: &mut super::Summary, viommus: &[Arc<ContainerViommu>]) {
         s.unmap_queries += st.unmap_queries;
         s.viommu_maps += st.maps;
         s.viommu_unmaps += st.unmaps;
+        s.unmaps_while_logging += st.unmaps_while_logging;
         s.untranslated_bits += st.untranslated_bits;
         s.viommu_dma_faults += v.dma_faults();
         s.dma_writes += v.writes();
