@@ -159,6 +159,14 @@ fn run_device(l: DeviceLimits, plan: &Plan, name: &'static str) -> DeviceRun {
     DeviceRun { name, result }
 }
 
+/// The vIOMMU blocker stays a blocker for a plan from the memory map; the CLI says what
+/// handles it.
+fn viommu_hint(e: iovatrack::plan::PlanError) -> String {
+    format!(
+        "{e}\n  hint: live migration can track it in IOVA space (iovatrack migrate --viommu): ranges planned over the mapped IOVAs plus headroom, logging re-armed when a map falls outside them (the window marked dirty), each unmap queried first, every reported bit translated to its guest page\n  hint: --allow-viommu plans the IOMMU regions whole instead"
+    )
+}
+
 /// Run `iovatrack plan`.
 pub fn run(a: PlanArgs) -> Result<ExitCode, BoxError> {
     if a.list_presets {
@@ -182,7 +190,10 @@ pub fn run(a: PlanArgs) -> Result<ExitCode, BoxError> {
     if let Some(l) = dev_limits {
         planner = planner.device(l);
     }
-    let plan = planner.plan(&layout)?;
+    let plan = match planner.plan(&layout) {
+        Err(e @ iovatrack::plan::PlanError::Viommu(_)) => return Err(viommu_hint(e).into()),
+        other => other?,
+    };
     let compare: Vec<Plan> = Strategy::ALL
         .iter()
         .filter_map(|s| planner.clone().strategy(*s).plan(&layout).ok())
