@@ -76,6 +76,8 @@ mod rearm;
 #[cfg(test)]
 mod tests;
 pub mod viommu;
+#[cfg(test)]
+mod viommu_tests;
 
 pub use collect::CollectStats;
 pub use ledger::{DirtLedger, RegionProblem};

@@ -708,9 +708,12 @@ impl IovaSpace {
 
     /// The IOVA ranges to log: mapped runs, `extra`, and the window from the headroom under
     /// the lowest of them to the DMA limit.
-    fn wanted(&self, extra: Option<IovaRange>) -> Vec<IovaRange> {
+    fn wanted(&self, extra: Option<IovaRange>, window: bool) -> Vec<IovaRange> {
         let mut want = self.mapped_runs();
         want.extend(extra);
+        if !window {
+            return want;
+        }
         let lowest = want.iter().map(|r| r.iova).min();
         if let Some(lo) = lowest {
             let a = lo.saturating_sub(self.headroom.below) & !(VIOMMU_PAGE - 1);
@@ -725,9 +728,28 @@ impl IovaSpace {
     }
 
     /// START every device with a plan over [`Self::wanted`], halving the range count on
-    /// E2BIG; with no START left to try, degrade to marking.
+    /// E2BIG. A window the device refuses (mlx5's span bound, say) is dropped for what is
+    /// mapped alone (more re-arms, still lossless); with no START left to try, degrade to
+    /// marking.
     fn start_devices(&self, ctl: &mut Ctl, extra: Option<IovaRange>) {
-        let want = self.wanted(extra);
+        if let Err(why) = self.try_start(ctl, extra, true) {
+            log::info!(
+                "{}: the headroom window cannot be logged ({why}): logging what is mapped",
+                self.name
+            );
+            if let Err(why) = self.try_start(ctl, extra, false) {
+                self.degrade(ctl, why);
+            }
+        }
+    }
+
+    fn try_start(
+        &self,
+        ctl: &mut Ctl,
+        extra: Option<IovaRange>,
+        window: bool,
+    ) -> Result<(), String> {
+        let want = self.wanted(extra, window);
         let sections = merge_ranges(&want)
             .into_iter()
             .enumerate()
@@ -740,17 +762,12 @@ impl IovaSpace {
                 )
             })
             .collect();
-        let layout = match Layout::new(format!("{}-iova", self.name), sections) {
-            Ok(l) => l,
-            Err(e) => return self.degrade(ctl, e.to_string()),
-        };
+        let layout =
+            Layout::new(format!("{}-iova", self.name), sections).map_err(|e| e.to_string())?;
         let mut planner = ctl.planner.clone();
         let mut replans = 0u32;
         loop {
-            let plan = match planner.plan(&layout) {
-                Ok(p) => p,
-                Err(e) => return self.degrade(ctl, e.to_string()),
-            };
+            let plan = planner.plan(&layout).map_err(|e| e.to_string())?;
             let mut sizes = Vec::new();
             let mut refused = None;
             for (i, d) in self.devices.iter().enumerate() {
@@ -778,14 +795,14 @@ impl IovaSpace {
                         device_page_sizes: sizes,
                         replans,
                     };
-                    return;
+                    return Ok(());
                 }
                 Some(e) if e.errno == Errno::E2BIG && plan.ranges.len() > 1 => {
                     let cap = (plan.ranges.len() / 2).max(1) as u32;
                     planner = planner.strategy(Strategy::Optimal).max_ranges(cap);
                     replans += 1;
                 }
-                Some(e) => return self.degrade(ctl, e.to_string()),
+                Some(e) => return Err(e.to_string()),
             }
         }
     }
