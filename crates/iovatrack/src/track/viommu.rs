@@ -400,6 +400,16 @@ impl IovaSpace {
         Ok(())
     }
 
+    /// Re-arm now with a plan over what is mapped (and the headroom): e.g. to shrink the
+    /// logged window after a burst. The window is covered like any re-arm's. Nothing
+    /// happens unless device logging runs.
+    pub fn replan(&self) {
+        let mut ctl = lock(&self.ctl);
+        if matches!(ctl.logging, Logging::Device { .. }) {
+            self.rearm(&mut ctl, None, false);
+        }
+    }
+
     /// Start logging with `planner`'s limits (`iommu`: IOMMU dirty tracking instead).
     /// Returns the mode as the tracker reports it.
     pub fn start(
