@@ -278,10 +278,10 @@ fn streaming(sh: Arc<Shared>) {
         } else {
             1u64 << rng.below(3)
         };
-        // The load ramps: the queue depth grows a step every 128 ms to 32x, then falls
-        // back (a 4 s sawtooth). A deeper queue needs IOVAs the caches do not hold, below
+        // The load ramps: the queue depth grows a step every 50 ms to 32x, then falls
+        // back (a 1.6 s sawtooth). A deeper queue needs IOVAs the caches do not hold, below
         // the window in use, which is what makes logging re-arm.
-        let step = started.elapsed().as_millis() as u64 / 128;
+        let step = started.elapsed().as_millis() as u64 / 50;
         let depth = u64::from(cfg.inflight.max(1)) * (1 + step % 32);
         let alias = {
             let live = sh.live.lock().unwrap_or_else(PoisonError::into_inner);
