@@ -53,8 +53,14 @@ fn main() -> ExitCode {
                 }
                 src = s.source();
             }
-            if let Some(h) = migrate_cmd::hint(e.as_ref()) {
-                eprintln!("  hint: {h}");
+            // Hints for any error in the chain, in this CLI's terms.
+            let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e.as_ref());
+            while let Some(err) = cur {
+                if let Some(h) = migrate_cmd::hint(err).or_else(|| plan_cmd::hint(err)) {
+                    eprintln!("  hint: {h}");
+                    break;
+                }
+                cur = err.source();
             }
             ExitCode::from(2)
         }

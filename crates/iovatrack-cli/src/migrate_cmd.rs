@@ -4,6 +4,7 @@ use crate::output::{emit, EXIT_BROKEN_PIPE};
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use iovatrack::layout::{self, parse_size, presets, Layout};
+use iovatrack::migrate::demo::viommu::{ViommuConfig, ViommuFault};
 use iovatrack::migrate::demo::{self, DmaConfig, DmaPattern, Fault, MigrateConfig, Summary};
 use iovatrack::migrate::engine::{self, Event, MigrateError, TimeoutAction};
 use iovatrack::migrate::guest::GuestError;
@@ -172,9 +173,23 @@ struct Common {
     #[arg(long, default_value = "0", value_parser = parse_rate)]
     bandwidth: u64,
     /// Inject a fault (repeatable): report-fail@N, start-e2big, drop@N, cancel@N,
-    /// drop-before-commit, drop-after-commit.
+    /// drop-before-commit, drop-after-commit, iommu-across-holes; with --viommu also the
+    /// negative controls viommu-no-unmap-query, viommu-naive-rearm, viommu-no-translate.
     #[arg(long = "inject", value_name = "FAULT")]
-    inject: Vec<Fault>,
+    inject: Vec<Inject>,
+    /// Put the devices behind a vIOMMU: the guest maps and unmaps its own DMA (rings and
+    /// streaming buffers) all through the migration, and tracking runs in IOVA space.
+    #[arg(long)]
+    viommu: bool,
+    /// With --viommu: streaming map/DMA/unmap cycles per second (0 = unlimited).
+    #[arg(long, default_value_t = 2_000)]
+    map_rate: u64,
+    /// With --viommu: the device's DMA mask in bits (IOVAs are allocated top-down below it).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u8).range(20..=63))]
+    dma_mask: u8,
+    /// With --viommu: bytes logged below the lowest mapped IOVA at each START (K/M/G).
+    #[arg(long, default_value = "128K", value_parser = parse_rate)]
+    headroom: u64,
     /// Attempts after a dropped or cancelled one.
     #[arg(long, default_value_t = 2)]
     retries: u32,
@@ -192,6 +207,25 @@ struct Common {
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// A fault for `--inject`: the engine's, or a vIOMMU negative control.
+#[derive(Clone, Copy, Debug)]
+enum Inject {
+    Engine(Fault),
+    Viommu(ViommuFault),
+}
+
+impl std::str::FromStr for Inject {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.starts_with("viommu-") {
+            return s.parse().map(Inject::Viommu);
+        }
+        s.parse()
+            .map(Inject::Engine)
+            .map_err(|e: String| format!("{e}; with --viommu also {}", ViommuFault::SYNTAX))
+    }
 }
 
 /// A DMA write length: whole u64 words within one page, clear of its first word.
@@ -280,7 +314,35 @@ fn config(c: &Common) -> Result<MigrateConfig, BoxError> {
     cfg.engine.throttle_initial = c.throttle_initial;
     cfg.engine.throttle_increment = c.throttle_increment;
     cfg.engine.read_timeout = Duration::from_secs(c.read_timeout);
-    cfg.faults = c.inject.clone();
+    cfg.faults = c
+        .inject
+        .iter()
+        .filter_map(|i| match i {
+            Inject::Engine(f) => Some(*f),
+            Inject::Viommu(_) => None,
+        })
+        .collect();
+    let viommu_fault = c.inject.iter().find_map(|i| match i {
+        Inject::Viommu(f) => Some(*f),
+        Inject::Engine(_) => None,
+    });
+    if viommu_fault.is_some() && !c.viommu {
+        return Err(format!(
+            "--inject {} needs --viommu",
+            viommu_fault.unwrap_or(ViommuFault::NoTranslate)
+        )
+        .into());
+    }
+    if c.viommu {
+        cfg.viommu = Some(ViommuConfig {
+            map_rate: c.map_rate,
+            dma_mask_bits: c.dma_mask,
+            headroom: c.headroom,
+            seed: c.seed,
+            fault: viommu_fault,
+            ..ViommuConfig::default()
+        });
+    }
     Ok(cfg)
 }
 
@@ -434,6 +496,19 @@ fn summary_text(s: &Summary, json: bool) -> Result<String, BoxError> {
         "  destination     resumed: {}, device state restored: {}",
         s.resumed_on_destination, s.device_state_restored
     );
+    if s.viommu {
+        println!(
+            "  vIOMMU          {} maps, {} unmaps ({} queried first), {} re-arm(s) adding {} page(s), maps held {:.1} ms (longest {:.1} ms), {} blocked DMA(s)",
+            s.viommu_maps,
+            s.viommu_unmaps,
+            s.unmap_queries,
+            s.viommu_rearms,
+            s.rearm_pages,
+            s.map_hold_ms,
+            s.max_map_hold_ms,
+            s.viommu_dma_faults
+        );
+    }
     for d in &s.device_reports {
         let _ = writeln!(
             out,

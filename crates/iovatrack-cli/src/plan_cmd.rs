@@ -157,6 +157,17 @@ fn device(a: &PlanArgs) -> Result<Option<(DeviceLimits, &'static str)>, BoxError
     Ok(Some((l, name)))
 }
 
+/// What the operator can do about an error: the vIOMMU blocker stays a blocker for a plan
+/// from the memory map, and the CLI says what handles it (the library names no flag).
+pub fn hint(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    match e.downcast_ref::<iovatrack::plan::PlanError>()? {
+        iovatrack::plan::PlanError::Viommu(_) => Some(
+            "live migration can track it in IOVA space (iovatrack migrate --viommu): ranges planned over the mapped IOVAs plus headroom, logging re-armed when a map falls outside them (the window marked dirty), each unmap queried first, every reported bit translated to its guest page; --allow-viommu plans the IOMMU regions whole instead",
+        ),
+        _ => None,
+    }
+}
+
 /// Run `iovatrack plan`.
 pub fn run(a: PlanArgs) -> Result<ExitCode, BoxError> {
     let mut out = String::new();

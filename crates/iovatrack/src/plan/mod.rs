@@ -81,7 +81,7 @@ impl Strategy {
 pub enum PlanError {
     /// The container is behind a vIOMMU: the mapping set changes at run time, so no range
     /// set computed at start covers it (QEMU's migration blocker).
-    #[error("migration blocker: address space {0:?} is translated by a vIOMMU, so its DMA mappings change at run time and cannot be given to the device at start (QEMU refuses too); use IOMMU dirty tracking, or --allow-viommu to track the IOMMU regions whole")]
+    #[error("migration blocker: address space {0:?} is translated by a vIOMMU, so its DMA mappings change at run time and cannot be given to the device at start (QEMU refuses too); use IOMMU dirty tracking, track in IOVA space at run time, or waive the blocker to track the IOMMU regions whole")]
     Viommu(String),
     /// A page size that is not a power of two of at least 4 KiB.
     #[error("page size {0:#x} is not a power of two of at least 4 KiB")]

@@ -75,6 +75,9 @@ mod mode;
 mod rearm;
 #[cfg(test)]
 mod tests;
+pub mod viommu;
+#[cfg(test)]
+mod viommu_tests;
 
 pub use collect::CollectStats;
 pub use ledger::{DirtLedger, RegionProblem};
@@ -176,6 +179,8 @@ pub struct Tracker {
     chunk_bits: u64,
     force: ModeChoice,
     active: Option<Active>,
+    /// Behind a vIOMMU: logging runs in this IOVA space (see [`viommu`]).
+    viommu: Option<std::sync::Arc<viommu::IovaSpace>>,
 }
 
 impl fmt::Debug for Tracker {
@@ -198,7 +203,27 @@ impl Tracker {
             chunk_bits: REPORT_CHUNK_BITS,
             force: ModeChoice::Auto,
             active: None,
+            viommu: None,
         }
+    }
+
+    /// Track in `space`, the container's IOVA space behind a vIOMMU: ranges planned there,
+    /// every bit translated to guest physical pages (see [`viommu`]). The layout given to
+    /// [`Tracker::start`] then only matters to a forced all-dirty mode. Takes effect at the
+    /// next start.
+    pub fn viommu(mut self, space: std::sync::Arc<viommu::IovaSpace>) -> Self {
+        self.viommu = Some(space);
+        self
+    }
+
+    /// The IOVA space tracked behind a vIOMMU, if any.
+    pub fn iova_space(&self) -> Option<&std::sync::Arc<viommu::IovaSpace>> {
+        self.viommu.as_ref()
+    }
+
+    /// Whether this run tracks in the vIOMMU's IOVA space.
+    fn in_iova_space(&self) -> bool {
+        self.viommu.is_some() && self.force != ModeChoice::AllDirty
     }
 
     /// Bits per REPORT / IOMMU read (rounded up to a multiple of 64; default
@@ -254,6 +279,16 @@ impl Tracker {
 
     fn choose(&self, layout: &Layout) -> Result<Active, TrackError> {
         let c = &self.container;
+        if let (Some(space), true) = (&self.viommu, self.in_iova_space()) {
+            let iommu = self.force == ModeChoice::Iommu;
+            let mode = space.start(&self.planner, self.chunk_bits, iommu)?;
+            return Ok(Active {
+                mode,
+                plan: None,
+                report_pages: Vec::new(),
+                scratch: Vec::new(),
+            });
+        }
         match self.force {
             ModeChoice::Iommu | ModeChoice::AllDirty => {
                 return self.fallback(layout, FallbackReason::Forced)
@@ -457,6 +492,19 @@ impl Tracker {
         only: Option<IovaRange>,
         ledger: &mut DirtLedger,
     ) -> Result<CollectStats, TrackError> {
+        if let (Some(space), true) = (&self.viommu, self.in_iova_space()) {
+            let Some(a) = self.active.as_mut() else {
+                return Err(TrackError::NotStarted);
+            };
+            // Unmaps go through the space itself, which queries before each one.
+            if only.is_some() {
+                return Ok(CollectStats::default());
+            }
+            let stats = space.collect(ledger)?;
+            // A re-arm may have changed the ranges.
+            a.mode = space.mode();
+            return Ok(stats);
+        }
         let chunk_bits = self.chunk_bits;
         let ctx = rearm::Ctx {
             container: &self.container,
@@ -530,6 +578,9 @@ impl Tracker {
     /// is discarded by STOP: collect first.
     pub fn stop(&mut self) {
         let Some(a) = self.active.take() else { return };
+        if let (Some(space), true) = (&self.viommu, self.in_iova_space()) {
+            space.stop();
+        }
         stop_mode(&self.container, &a.mode);
         log::info!("container {}: dirty tracking stopped", self.container.name);
     }

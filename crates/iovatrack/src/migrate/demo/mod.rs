@@ -9,6 +9,7 @@ pub mod faults;
 mod summary;
 pub mod targets;
 pub mod verify;
+pub mod viommu;
 
 pub use devices::{DemoDevice, DemoMigration};
 pub use dma::{DmaConfig, DmaPattern};
@@ -67,6 +68,9 @@ pub struct MigrateConfig {
     pub vcpus: usize,
     /// Bytes of RAM the guest keeps dirtying (0 = all RAM).
     pub working_set: u64,
+    /// Behind a vIOMMU: the guest maps and unmaps its DMA, every container tracks in IOVA
+    /// space (`None`: the devices DMA to guest physical addresses).
+    pub viommu: Option<viommu::ViommuConfig>,
 }
 
 impl MigrateConfig {
@@ -88,6 +92,7 @@ impl MigrateConfig {
             warm_pct: 25,
             vcpus: 1,
             working_set: 0,
+            viommu: None,
         }
     }
 
@@ -174,18 +179,50 @@ pub fn run_source(
             seed: cfg.dma.seed.wrapping_add(i as u64),
             ..cfg.dma
         };
+        // Behind a vIOMMU the device DMAs by IOVA through the guest's driver model (below),
+        // not to guest physical addresses: this workload has nothing to write.
+        let direct = if cfg.viommu.is_some() {
+            Vec::new()
+        } else {
+            targets.clone()
+        };
         let workload = dma::DmaWorkload::start(
             memory.clone(),
             vec![
                 device.clone() as Arc<dyn dma::DmaSink>,
                 iommus[i % n_containers].clone() as Arc<dyn dma::DmaSink>,
             ],
-            targets.clone(),
+            direct,
             dma,
         );
         emulated.push(device.clone());
         demo.push(Arc::new(DemoDevice::new(&name, device, workload)));
     }
+    let viommus = match cfg.viommu {
+        Some(v) => (0..n_containers)
+            .map(|c| {
+                let members: Vec<Arc<EmulatedDevice>> = (0..cfg.devices.len())
+                    .filter(|i| i % n_containers == c)
+                    .map(|i| emulated[i].clone())
+                    .collect();
+                let v = viommu::ViommuConfig {
+                    seed: v.seed.wrapping_add(c as u64),
+                    ..v
+                };
+                viommu::ContainerViommu::start(
+                    &format!("viommu{c}"),
+                    v,
+                    memory.clone(),
+                    members,
+                    iommus[c].clone(),
+                    targets.clone(),
+                )
+                .map(Arc::new)
+                .map_err(|e| MigrateError::Layout(format!("vIOMMU: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        None => Vec::new(),
+    };
     let mut containers: Vec<Tracker> = if cfg.device_tracking {
         (0..n_containers)
             .map(|c| {
@@ -207,7 +244,11 @@ pub fn run_source(
                     Container::new(format!("container{c}")).iommu(iommu),
                     |k, &i| k.device(emulated[i].clone() as Arc<dyn DmaLogger>),
                 );
-                Tracker::new(container, planner).force_mode(cfg.tracking)
+                let t = Tracker::new(container, planner).force_mode(cfg.tracking);
+                match viommus.get(c) {
+                    Some(v) => t.viommu(v.space()),
+                    None => t,
+                }
             })
             .collect()
     } else {
@@ -217,10 +258,11 @@ pub fn run_source(
         .iter()
         .enumerate()
         .map(|(i, d)| {
-            (
-                i % n_containers,
-                Box::new(DemoMigration::new(d.clone())) as Box<dyn DeviceMigration>,
-            )
+            let m: Box<dyn DeviceMigration> = match viommus.get(i % n_containers) {
+                Some(v) => Box::new(viommu::ViommuMigration::new(d.clone(), v.clone())),
+                None => Box::new(DemoMigration::new(d.clone())),
+            };
+            (i % n_containers, m)
         })
         .collect();
     let mut hooks = FaultInjector::new(cfg.faults.clone(), emulated.clone(), demo.clone());
@@ -243,6 +285,9 @@ pub fn run_source(
     summary.faults = cfg.faults.iter().map(|f| f.to_string()).collect();
     summary.faults_fired = hooks.fired.iter().map(|f| f.to_string()).collect();
     summary.dma_writes = demo.iter().map(|d| d.workload().writes()).sum();
+    if cfg.viommu.is_some() {
+        viommu::fill_summary(&mut summary, &viommus);
+    }
     summary.guest_pages_written = guest.progress().pages_written;
     // Writes nobody logged: outside the devices' ranges in device mode; the IOMMU sees
     // every DMA in IOMMU mode, and all-dirty mode needs no log.
@@ -267,6 +312,8 @@ pub fn run_source(
     }
     drop(devices);
     drop(hooks);
+    drop(containers);
+    drop(viommus);
     drop(demo);
     guest.stop()?;
     summary.total_ms = t0.elapsed().as_secs_f64() * 1000.0;

@@ -105,6 +105,30 @@ pub struct Summary {
     pub migration_ms: f64,
     /// Wall time, ms (guest setup and warm-up included).
     pub total_ms: f64,
+    // --- Behind a vIOMMU (`migrate --viommu`); zero and false otherwise. ---
+    /// The guest mapped its own DMA through a vIOMMU; tracking ran in IOVA space.
+    pub viommu: bool,
+    /// Re-arms for a map outside the logged ranges (REPORT, STOP, START a new plan);
+    /// REPORT-error re-arms stay in `rearms`.
+    pub viommu_rearms: u64,
+    /// Pages marked dirty to cover the STOP→START windows of all re-arms.
+    pub rearm_pages: u64,
+    /// Total time guest maps were held until logging covered them, ms.
+    pub map_hold_ms: f64,
+    /// Longest single hold, ms.
+    pub max_map_hold_ms: f64,
+    /// Unmaps whose range was REPORTed (translated) before the unmap completed.
+    pub unmap_queries: u64,
+    /// Guest maps.
+    pub viommu_maps: u64,
+    /// Guest unmaps.
+    pub viommu_unmaps: u64,
+    /// Guest unmaps while logging ran (`unmap_queries` must equal it).
+    pub unmaps_while_logging: u64,
+    /// Device DMA writes to an unmapped IOVA, blocked by the IOMMU (nothing written).
+    pub viommu_dma_faults: u64,
+    /// Reported bits whose IOVA had no mapping (must be 0: a query precedes each unmap).
+    pub untranslated_bits: u64,
 }
 
 impl Summary {
