@@ -86,12 +86,20 @@ impl Source<'_, '_> {
             if let Err(e) = sent {
                 return Err(AttemptEnd::Uncertain(AttemptError::CommitUncertain(e)));
             }
-            if self.hooks.at(Checkpoint::AfterCommit { attempt }) == Control::DropLink {
+            // A link dropped here loses the ack even if it already sits in the socket's
+            // receive queue (Linux still hands that out after shutdown).
+            let dropped = self.hooks.at(Checkpoint::AfterCommit { attempt }) == Control::DropLink;
+            if dropped {
                 c.drop_link();
             }
             // The destination acks once it owns the guest, before resuming it; within
             // the read timeout, or the handover stays unknown.
-            match c.r.read_frame() {
+            let ack = if dropped {
+                Err(crate::migrate::wire::WireError::Closed)
+            } else {
+                c.r.read_frame()
+            };
+            match ack {
                 Ok(Frame::CommitAck) => Handover::Acknowledged,
                 Ok(other) => {
                     log::warn!("expected CommitAck, got {:?}", other.kind());
