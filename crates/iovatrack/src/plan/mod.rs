@@ -17,6 +17,8 @@
 pub mod combine;
 pub mod filter;
 pub mod limits;
+// The report runs START on an emulated device, so it needs the `track` feature.
+#[cfg(feature = "track")]
 pub mod report;
 mod strategy;
 
