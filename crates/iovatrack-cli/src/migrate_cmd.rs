@@ -16,6 +16,7 @@ use std::fmt::Write as _;
 use std::io::IsTerminal;
 use std::net::TcpListener;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -553,7 +554,7 @@ pub fn run(a: MigrateArgs) -> Result<ExitCode, BoxError> {
         }
         Some(Mode::Send { to, common }) => {
             let cfg = config(&common)?;
-            let connect = engine::connector(to.as_str())?;
+            let connect = engine::connector(to.as_str(), Arc::new(engine::PlainTcp))?;
             (
                 demo::run_source(&cfg, connect, &mut |e| progress.on(e))?,
                 common.json,

@@ -133,9 +133,9 @@ pub fn strictest(devices: &[DeviceLimits]) -> DeviceLimits {
 
 /// The demo source: builds the guest, the devices and their workloads, runs the engine,
 /// and reports.
-pub fn run_source(
+pub fn run_source<C: Into<Box<dyn engine::Channel>>>(
     cfg: &MigrateConfig,
-    connect: impl FnMut() -> io::Result<TcpStream>,
+    connect: impl FnMut() -> io::Result<C>,
     events: &mut dyn FnMut(Event),
 ) -> Result<Summary, MigrateError> {
     let t0 = Instant::now();

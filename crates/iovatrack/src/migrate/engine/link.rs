@@ -1,8 +1,10 @@
 //! The source's TCP link: a rate cap, dead-link detection, and a connector that keeps
 //! trying while a link is briefly down.
 
+use super::channel::{Channel, Transport};
 use std::io::{self, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A writer that counts bytes and caps the rate.
@@ -55,7 +57,7 @@ impl<W: Write> Write for Link<W> {
 /// declared dead (TCP_USER_TIMEOUT, and keepalive probes for an idle reader).
 const DEAD_LINK: Duration = Duration::from_secs(10);
 /// Source socket write timeout: a backstop behind [`DEAD_LINK`].
-pub(super) const WRITE_TIMEOUT: Duration = Duration::from_secs(15);
+const WRITE_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long [`connector`] keeps trying (a link that is briefly down, a receiver not yet
 /// listening).
 const CONNECT_WINDOW: Duration = Duration::from_secs(15);
@@ -98,9 +100,22 @@ pub(super) fn detect_dead_link(stream: &TcpStream) -> io::Result<()> {
     )
 }
 
-/// Connect to `addr`, for [`super::run_source`]: each call keeps trying, with backoff, for up to
-/// 15 s, so a retry after a dropped link reconnects once the link is back.
-pub fn connector(addr: impl ToSocketAddrs) -> io::Result<impl FnMut() -> io::Result<TcpStream>> {
+/// The source's socket options, before any byte (a TLS handshake included) crosses: no
+/// Nagle delay, dead-link detection, and a write timeout behind it.
+pub(super) fn prepare_source_socket(tcp: &TcpStream) -> io::Result<()> {
+    tcp.set_nodelay(true)?;
+    detect_dead_link(tcp)?;
+    tcp.set_write_timeout(Some(WRITE_TIMEOUT))
+}
+
+/// Connect to `addr` over `transport`, for [`super::run_source`]: each call keeps trying,
+/// with backoff, for up to 15 s, so a retry after a dropped link reconnects once the link
+/// is back. Each failed try is logged as a warning (an operator watching a source that
+/// waits for its destination sees why).
+pub fn connector(
+    addr: impl ToSocketAddrs,
+    transport: Arc<dyn Transport>,
+) -> io::Result<impl FnMut() -> io::Result<Box<dyn Channel>>> {
     let addrs: Vec<_> = addr.to_socket_addrs()?.collect();
     Ok(move || {
         let deadline = Instant::now() + CONNECT_WINDOW;
@@ -111,15 +126,21 @@ pub fn connector(addr: impl ToSocketAddrs) -> io::Result<impl FnMut() -> io::Res
                 let left = deadline.saturating_duration_since(Instant::now());
                 let wait = left.clamp(Duration::from_millis(100), Duration::from_secs(5));
                 match TcpStream::connect_timeout(a, wait) {
-                    Ok(s) => return Ok(s),
-                    Err(e) => last = e,
+                    Ok(s) => {
+                        prepare_source_socket(&s)?;
+                        return transport.client(s);
+                    }
+                    Err(e) => last = io::Error::new(e.kind(), format!("{a}: {e}")),
                 }
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(last);
             }
-            log::info!("connect: {last}; trying again in {backoff:?}");
+            log::warn!(
+                "connect {last}; trying again in {backoff:?} (giving up in {:.0?})",
+                left
+            );
             std::thread::sleep(backoff.min(left));
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }

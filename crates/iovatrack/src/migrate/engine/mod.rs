@@ -28,11 +28,13 @@ use serde::Serialize;
 use std::io;
 use std::time::Duration;
 
+mod channel;
 mod destination;
 mod hooks;
 mod link;
 mod source;
 
+pub use channel::{Channel, PlainTcp, Transport};
 pub use destination::{DestLimits, DestReport, Destination, Received, Refusal};
 pub use hooks::{Checkpoint, Control, NoHooks, SourceHooks, Verifier};
 pub use link::connector;

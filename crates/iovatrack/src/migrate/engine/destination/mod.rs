@@ -14,7 +14,9 @@
 
 mod session;
 
+use super::channel::{Channel, PlainTcp, Transport};
 use super::hooks::Verifier;
+use super::link::detect_dead_link;
 use super::{MigrateError, PAGE};
 use crate::bitmap::DirtyBitmap;
 use crate::migrate::seams::{DeviceMigration, GuestRam};
@@ -135,6 +137,15 @@ pub enum Refusal {
         /// The limit.
         limit: u64,
     },
+    /// The transport refused the peer (a failed TLS handshake: no or an unknown
+    /// certificate).
+    #[error("{transport} handshake: {error}")]
+    Handshake {
+        /// The transport.
+        transport: &'static str,
+        /// What failed.
+        error: io::Error,
+    },
     /// More vCPU states than [`DestLimits::max_vcpus`].
     #[error("more than {limit} vCPU states")]
     TooManyVcpus {
@@ -196,6 +207,19 @@ pub struct Destination {
     verify_result: Option<bool>,
     /// Set by a source in the same process that failed before connecting.
     give_up: Arc<AtomicBool>,
+    /// How accepted connections become channels.
+    transport: Arc<dyn Transport>,
+}
+
+/// What one connection came to.
+pub enum Served {
+    /// A verified (or not) migration; when verified, committed.
+    Complete(Box<Received>),
+    /// The source went away or aborted: its next attempt continues into this memory.
+    Interrupted(String),
+    /// Not a source of ours, or one that broke the protocol or a limit (counted in
+    /// [`DestReport::refused_connections`]).
+    Refused,
 }
 
 impl Destination {
@@ -224,7 +248,15 @@ impl Destination {
             session_id,
             verify_result: None,
             give_up: Arc::new(AtomicBool::new(false)),
+            transport: Arc::new(PlainTcp),
         }
+    }
+
+    /// Accept connections over `transport` (TLS, to authenticate the source) instead of
+    /// plain TCP.
+    pub fn transport(mut self, transport: Arc<dyn Transport>) -> Self {
+        self.transport = transport;
+        self
     }
 
     /// Verify with `verifier` (the source must use the same one).
@@ -292,31 +324,23 @@ impl Destination {
         // Sessions of a source of ours (past Hello, not refused): a stranger uses none.
         let mut tries = 0u32;
         while tries < max_sessions {
-            let (stream, peer) = self.accept(listener, deadline, accept_timeout)?;
-            stream.set_nonblocking(false)?;
-            let wrote_before = self.report.pages_received;
-            match self.serve(stream)? {
-                session::SessionEnd::Complete => {
-                    self.report.verified = self.verify_result == Some(true);
-                    self.report.session_id = self.session_id;
-                    return Ok(Received {
-                        report: self.report.clone(),
-                        vcpu_states: std::mem::take(&mut self.vcpus),
-                    });
+            let (tcp, peer) = self.accept(listener, deadline, accept_timeout)?;
+            tcp.set_nonblocking(false)?;
+            let peer = peer.to_string();
+            let channel = match self.open(tcp) {
+                Ok(ch) => ch,
+                Err(why) => {
+                    self.refuse(&peer, &why, false)?;
+                    continue;
                 }
-                session::SessionEnd::Interrupted(why) => {
+            };
+            match self.serve_channel(channel, &peer)? {
+                Served::Complete(received) => return Ok(*received),
+                Served::Interrupted(_) => {
                     tries += 1;
                     deadline = Instant::now() + accept_timeout;
-                    log::info!(
-                        "destination: session {} from {peer} interrupted: {why}; keeping memory for a retry",
-                        self.report.sessions
-                    );
-                    self.report.interrupted.push(why);
                 }
-                session::SessionEnd::Refused(why) => {
-                    let wrote = self.report.pages_received > wrote_before;
-                    self.refuse(peer, &why, wrote)?;
-                }
+                Served::Refused => {}
             }
         }
         Err(MigrateError::Destination(format!(
@@ -325,10 +349,62 @@ impl Destination {
         )))
     }
 
+    /// An accepted socket's options (a peer that sends nothing is bounded by the Hello
+    /// timeout; a dead link ends the session within the dead-link time), then the
+    /// transport's handshake.
+    fn open(&self, tcp: TcpStream) -> Result<Box<dyn Channel>, Refusal> {
+        let setup = || -> io::Result<()> {
+            tcp.set_read_timeout(Some(self.limits.hello_timeout))?;
+            tcp.set_write_timeout(Some(self.limits.hello_timeout))?;
+            tcp.set_nodelay(true)?;
+            detect_dead_link(&tcp)
+        };
+        let handshake = |error| Refusal::Handshake {
+            transport: self.transport.name(),
+            error,
+        };
+        setup().map_err(handshake)?;
+        self.transport.server(tcp).map_err(handshake)
+    }
+
+    /// Serve one connection that is already open (over whatever transport the VMM
+    /// brings; [`Destination::run`] calls it for each accepted socket). `peer` names the
+    /// other end in logs and refusals.
+    pub fn serve_channel(
+        &mut self,
+        channel: Box<dyn Channel>,
+        peer: &str,
+    ) -> Result<Served, MigrateError> {
+        let wrote_before = self.report.pages_received;
+        Ok(match self.serve(channel)? {
+            session::SessionEnd::Complete => {
+                self.report.verified = self.verify_result == Some(true);
+                self.report.session_id = self.session_id;
+                Served::Complete(Box::new(Received {
+                    report: self.report.clone(),
+                    vcpu_states: std::mem::take(&mut self.vcpus),
+                }))
+            }
+            session::SessionEnd::Interrupted(why) => {
+                log::info!(
+                    "destination: session {} from {peer} interrupted: {why}; keeping memory for a retry",
+                    self.report.sessions
+                );
+                self.report.interrupted.push(why.clone());
+                Served::Interrupted(why)
+            }
+            session::SessionEnd::Refused(why) => {
+                let wrote = self.report.pages_received > wrote_before;
+                self.refuse(peer, &why, wrote)?;
+                Served::Refused
+            }
+        })
+    }
+
     /// Count and log a refusal; a refused peer that wrote pages costs the memory its
     /// session id (and the pages it wrote), so no source continues into what a stranger
     /// may have changed.
-    fn refuse(&mut self, peer: SocketAddr, why: &Refusal, wrote: bool) -> Result<(), MigrateError> {
+    fn refuse(&mut self, peer: &str, why: &Refusal, wrote: bool) -> Result<(), MigrateError> {
         self.report.refused_connections += 1;
         let line = format!("{peer}: {why}");
         log::warn!("destination: refused connection from {line}");

@@ -2,18 +2,17 @@
 
 use super::{Destination, Refusal};
 use crate::device::MigState;
-use crate::migrate::engine::link::detect_dead_link;
+use crate::migrate::engine::channel::{Channel, Duplex};
 use crate::migrate::engine::{MigrateError, PAGE};
 use crate::migrate::wire::{
     Frame, FrameReader, FrameWriter, Limits, MemoryLayout, StreamState, Validator, WireError,
 };
 use std::borrow::Cow;
 use std::io;
-use std::net::TcpStream;
 
 /// One connection's state.
 struct Session {
-    w: FrameWriter<TcpStream>,
+    w: FrameWriter<Duplex>,
     /// The stream's validator, once Hello was accepted.
     v: Option<Validator>,
     /// The memory's hashes when the source said Complete.
@@ -52,16 +51,17 @@ impl From<Refusal> for SessionEnd {
 impl Destination {
     /// One connection. What the peer does wrong is a refusal; only the destination's own
     /// failures (its memory, its socket options) are errors.
-    pub(super) fn serve(&mut self, stream: TcpStream) -> Result<SessionEnd, MigrateError> {
-        stream.set_read_timeout(Some(self.limits.hello_timeout))?;
-        stream.set_nodelay(true)?;
-        // A source behind a dead link ends the session within the dead-link time, so the
-        // retry's connection (waiting in the listen backlog) is served; a source that is
-        // merely busy (hashing memory before Complete) still answers keepalives.
-        detect_dead_link(&stream)?;
-        let mut r = FrameReader::new(io::BufReader::with_capacity(1 << 20, stream.try_clone()?));
+    pub(super) fn serve(&mut self, channel: Box<dyn Channel>) -> Result<SessionEnd, MigrateError> {
+        // The Hello comes within the Hello timeout (set by `Destination::open` for TCP; a
+        // VMM's own channel brings its own bounds).
+        let tcp = channel
+            .tcp()
+            .map(std::net::TcpStream::try_clone)
+            .transpose()?;
+        let duplex = Duplex::new(channel);
+        let mut r = FrameReader::new(io::BufReader::with_capacity(1 << 20, duplex.clone()));
         let mut s = Session {
-            w: FrameWriter::new(stream),
+            w: FrameWriter::new(duplex),
             v: None,
             at_complete: None,
             resuming: vec![false; self.devices.len()],
@@ -72,8 +72,12 @@ impl Destination {
             return Ok(end);
         }
         self.report.sessions += 1;
-        s.w.get_ref()
-            .set_read_timeout(Some(self.limits.read_timeout))?;
+        if let Some(t) = &tcp {
+            // Past Hello: a live source may be busy a while between frames (hashing a
+            // large guest); a dead one is found by the dead-link detection.
+            t.set_read_timeout(Some(self.limits.read_timeout))?;
+            t.set_write_timeout(Some(self.limits.read_timeout))?;
+        }
         // Nothing from an interrupted session counts for this one but the memory itself.
         self.vcpus.clear();
         self.report.device_state_restored = false;
@@ -100,7 +104,7 @@ impl Destination {
     /// The frames after Hello, to the session's end.
     fn frames(
         &mut self,
-        r: &mut FrameReader<io::BufReader<TcpStream>>,
+        r: &mut FrameReader<io::BufReader<Duplex>>,
         s: &mut Session,
     ) -> Result<SessionEnd, MigrateError> {
         loop {
@@ -129,7 +133,7 @@ impl Destination {
     /// memory's session id.
     fn handshake(
         &mut self,
-        r: &mut FrameReader<io::BufReader<TcpStream>>,
+        r: &mut FrameReader<io::BufReader<Duplex>>,
         s: &mut Session,
     ) -> Result<Option<SessionEnd>, MigrateError> {
         let hello = match r.read_frame() {
@@ -324,7 +328,7 @@ impl Destination {
 
     /// After a good verdict: the guest is resumed here only once the source hands it
     /// over.
-    fn await_commit(r: &mut FrameReader<io::BufReader<TcpStream>>, s: &mut Session) -> SessionEnd {
+    fn await_commit(r: &mut FrameReader<io::BufReader<Duplex>>, s: &mut Session) -> SessionEnd {
         let v = s.v.as_mut().expect("set by the handshake");
         match r.read_frame() {
             Ok(f @ Frame::Commit) if v.validate(&f).is_ok() => {

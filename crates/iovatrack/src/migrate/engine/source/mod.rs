@@ -7,8 +7,9 @@ mod stop;
 
 pub use converge::Switchover;
 
+use super::channel::{Channel, Duplex};
 use super::hooks::{Checkpoint, Control, SourceHooks, Verifier};
-use super::link::{detect_dead_link, Link, WRITE_TIMEOUT};
+use super::link::{prepare_source_socket, Link};
 use super::{
     AttemptError, DeviceReport, EngineConfig, Event, Handover, MigrateError, PassStats,
     SourceReport, TimeoutAction, FRAME_PAGES, PAGE,
@@ -67,9 +68,10 @@ impl<E: Into<AttemptError>> From<E> for AttemptEnd {
 
 /// One connection to the destination.
 struct Conn {
-    w: FrameWriter<Link<io::BufWriter<TcpStream>>>,
-    r: FrameReader<TcpStream>,
-    stream: TcpStream,
+    w: FrameWriter<Link<io::BufWriter<Duplex>>>,
+    r: FrameReader<Duplex>,
+    /// The TCP socket under the channel, if any, to end the connection at once.
+    tcp: Option<TcpStream>,
     /// Bytes written up to what the destination last acknowledged.
     acked_bytes: u64,
 }
@@ -77,7 +79,9 @@ struct Conn {
 impl Conn {
     /// Drop the link as a failure would (an injected fault, or before a retry).
     fn drop_link(&self) {
-        let _ = self.stream.shutdown(Shutdown::Both);
+        if let Some(t) = &self.tcp {
+            let _ = t.shutdown(Shutdown::Both);
+        }
     }
 
     /// Tell the destination this attempt ends, best effort.
@@ -290,24 +294,25 @@ impl<'a, 'h> Source<'a, 'h> {
     /// One attempt over one connection.
     fn attempt(
         &mut self,
-        stream: TcpStream,
+        channel: Box<dyn Channel>,
         attempt: u32,
         started: Instant,
         events: &mut dyn FnMut(Event),
     ) -> Result<Verdict, AttemptEnd> {
-        stream.set_nodelay(true)?;
-        detect_dead_link(&stream)?;
-        stream.set_read_timeout(Some(self.cfg.read_timeout))?;
-        // A backstop: a dead link fails the write via TCP_USER_TIMEOUT first.
-        stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+        let tcp = channel.tcp().map(TcpStream::try_clone).transpose()?;
+        if let Some(t) = &tcp {
+            prepare_source_socket(t)?;
+            t.set_read_timeout(Some(self.cfg.read_timeout))?;
+        }
+        let duplex = Duplex::new(channel);
         let link = Link::new(
-            io::BufWriter::with_capacity(1 << 20, stream.try_clone()?),
+            io::BufWriter::with_capacity(1 << 20, duplex.clone()),
             self.cfg.bandwidth,
         );
         let mut c = Conn {
             w: FrameWriter::new(link),
-            r: FrameReader::new(stream.try_clone()?),
-            stream,
+            r: FrameReader::new(duplex),
+            tcp,
             acked_bytes: 0,
         };
         self.conn_pages = 0;
@@ -529,11 +534,11 @@ fn expect<R: Read>(
 /// cancel up to `cfg.retries` times. Tracking starts here (nothing is spent on it
 /// before), and is stopped on return. On success the source's vCPUs stay paused (the
 /// guest runs at the destination); after a clean failure they run again.
-pub fn run_source(
+pub fn run_source<C: Into<Box<dyn Channel>>>(
     cfg: &EngineConfig,
     vm: SourceVm<'_>,
     hooks: &mut dyn SourceHooks,
-    mut connect: impl FnMut() -> io::Result<TcpStream>,
+    mut connect: impl FnMut() -> io::Result<C>,
     events: &mut dyn FnMut(Event),
 ) -> Result<SourceReport, MigrateError> {
     let mut src = Source::new(cfg, vm, hooks)?;
@@ -547,7 +552,7 @@ pub fn run_source(
     let outcome = loop {
         let started = Instant::now();
         let res = match connect() {
-            Ok(stream) => src.attempt(stream, attempt, started, events),
+            Ok(ch) => src.attempt(ch.into(), attempt, started, events),
             Err(e) => Err(AttemptEnd::Retry(AttemptError::Connect(e))),
         };
         match res {
