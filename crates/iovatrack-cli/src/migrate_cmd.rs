@@ -21,13 +21,17 @@ use std::time::Duration;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Arguments of `iovatrack migrate`.
+/// Arguments of `iovatrack migrate`. Without a subcommand both ends run in this process;
+/// flags given before `send`/`receive` are refused rather than silently ignored.
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct MigrateArgs {
     #[command(subcommand)]
     mode: Option<Mode>,
     #[command(flatten)]
-    common: Common,
+    guest: GuestArgs,
+    #[command(flatten)]
+    source: SourceArgs,
 }
 
 #[derive(Subcommand)]
@@ -38,7 +42,9 @@ enum Mode {
         #[arg(long, value_name = "ADDR")]
         to: String,
         #[command(flatten)]
-        common: Common,
+        guest: GuestArgs,
+        #[command(flatten)]
+        source: SourceArgs,
     },
     /// Run the destination: receive, verify and resume a guest.
     Receive {
@@ -57,7 +63,7 @@ enum Mode {
         #[arg(long, default_value = "64M", value_parser = parse_rate)]
         max_device_state: u64,
         #[command(flatten)]
-        common: Common,
+        guest: GuestArgs,
     },
 }
 
@@ -94,8 +100,10 @@ enum TimeoutArg {
     Force,
 }
 
+/// What both ends must agree on: the guest's memory map and devices, and the session
+/// budget and timeouts.
 #[derive(Args, Clone)]
-struct Common {
+struct GuestArgs {
     /// Guest memory map: `info mtree -f` text or JSON. Default: the q35-2g preset.
     #[arg(long, value_name = "FILE")]
     layout: Option<String>,
@@ -105,6 +113,26 @@ struct Common {
     /// Shrink every RAM section by this factor (keeps the layout's shape).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     scale: u64,
+    /// An emulated device's driver profile; repeat for several devices (dma0, dma1, ...).
+    #[arg(long, value_enum, default_values = ["mlx5"])]
+    device: Vec<DeviceArg>,
+    /// Attempts after a dropped or cancelled one (the receiver serves as many sessions
+    /// after an interrupted one).
+    #[arg(long, default_value_t = 2)]
+    retries: u32,
+    /// Seconds either side waits for the peer's next frame (a dead link is found sooner
+    /// by keepalives; this bounds a live but silent peer, so it must cover the longest
+    /// work between frames, such as hashing a large guest).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    read_timeout: u64,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The source's guest, workload, convergence and faults.
+#[derive(Args, Clone)]
+struct SourceArgs {
     /// Use the software vCPU even where /dev/kvm exists.
     #[arg(long)]
     no_kvm: bool,
@@ -135,9 +163,6 @@ struct Common {
     /// Which pages the device writes.
     #[arg(long, value_enum, default_value = "ring")]
     pattern: PatternArg,
-    /// An emulated device's driver profile; repeat for several devices (dma0, dma1, ...).
-    #[arg(long, value_enum, default_values = ["mlx5"])]
-    device: Vec<DeviceArg>,
     /// Containers to spread the devices over (device i in container i mod N); each
     /// container plans its ranges for its strictest device.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
@@ -191,23 +216,12 @@ struct Common {
     /// With --viommu: bytes logged below the lowest mapped IOVA at each START (K/M/G).
     #[arg(long, default_value = "128K", value_parser = parse_rate)]
     headroom: u64,
-    /// Attempts after a dropped or cancelled one.
-    #[arg(long, default_value_t = 2)]
-    retries: u32,
     /// Negative control: do not track device DMA (the destination must end up wrong).
     #[arg(long)]
     no_device_tracking: bool,
     /// Random seed of the DMA pattern.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Seconds either side waits for the peer's next frame (a dead link is found sooner
-    /// by keepalives; this bounds a live but silent peer, so it must cover the longest
-    /// work between frames, such as hashing a large guest).
-    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
-    read_timeout: u64,
-    /// Print the summary as JSON.
-    #[arg(long)]
-    json: bool,
 }
 
 /// A fault for `--inject`: the engine's, or a vIOMMU negative control.
@@ -246,7 +260,7 @@ fn parse_rate(s: &str) -> Result<u64, String> {
     parse_size(s.trim().trim_end_matches("/s")).map_err(|e| format!("{s:?}: {e}"))
 }
 
-fn layout_of(c: &Common) -> Result<Layout, BoxError> {
+fn layout_of(c: &GuestArgs) -> Result<Layout, BoxError> {
     let l = match (&c.layout, &c.preset) {
         (Some(f), _) => layout::load_file(f, None)?,
         (None, Some(p)) => presets::get(p)?,
@@ -255,8 +269,30 @@ fn layout_of(c: &Common) -> Result<Layout, BoxError> {
     Ok(scale_ram(&l, c.scale))
 }
 
-fn config(c: &Common) -> Result<MigrateConfig, BoxError> {
-    let mut cfg = MigrateConfig::new(layout_of(c)?);
+/// The configuration both ends share.
+fn guest_config(g: &GuestArgs) -> Result<MigrateConfig, BoxError> {
+    let mut cfg = MigrateConfig::new(layout_of(g)?);
+    cfg.devices = g
+        .device
+        .iter()
+        .map(|d| {
+            match d {
+                DeviceArg::Generic => DeviceProfile::Generic,
+                DeviceArg::Mlx5 => DeviceProfile::Mlx5,
+                DeviceArg::Pds => DeviceProfile::Pds,
+                DeviceArg::Pds66 => DeviceProfile::Pds66,
+            }
+            .limits()
+        })
+        .collect();
+    cfg.engine.retries = g.retries;
+    cfg.engine.read_timeout = Duration::from_secs(g.read_timeout);
+    Ok(cfg)
+}
+
+/// The source's whole configuration.
+fn config(g: &GuestArgs, c: &SourceArgs) -> Result<MigrateConfig, BoxError> {
+    let mut cfg = guest_config(g)?;
     cfg.use_kvm = !c.no_kvm;
     cfg.cpu_rate = c.cpu_rate;
     cfg.warm_pct = c.warm.unwrap_or_else(|| {
@@ -280,19 +316,6 @@ fn config(c: &Common) -> Result<MigrateConfig, BoxError> {
         seed: c.seed,
         ..DmaConfig::default()
     };
-    cfg.devices = c
-        .device
-        .iter()
-        .map(|d| {
-            match d {
-                DeviceArg::Generic => DeviceProfile::Generic,
-                DeviceArg::Mlx5 => DeviceProfile::Mlx5,
-                DeviceArg::Pds => DeviceProfile::Pds,
-                DeviceArg::Pds66 => DeviceProfile::Pds66,
-            }
-            .limits()
-        })
-        .collect();
     cfg.containers = c.containers as usize;
     cfg.device_tracking = !c.no_device_tracking;
     cfg.tracking = match c.tracking {
@@ -310,11 +333,9 @@ fn config(c: &Common) -> Result<MigrateConfig, BoxError> {
         TimeoutArg::Force => TimeoutAction::Force,
     };
     cfg.engine.bandwidth = c.bandwidth;
-    cfg.engine.retries = c.retries;
     cfg.engine.auto_converge = c.auto_converge;
     cfg.engine.throttle_initial = c.throttle_initial;
     cfg.engine.throttle_increment = c.throttle_increment;
-    cfg.engine.read_timeout = Duration::from_secs(c.read_timeout);
     cfg.faults = c
         .inject
         .iter()
@@ -446,7 +467,9 @@ impl Progress {
 }
 
 /// The summary as text or JSON.
-fn summary_text(s: &Summary, json: bool) -> Result<String, BoxError> {
+/// `local`: the destination ran in this process (else only the receiver knows whether
+/// the guest resumed there).
+fn summary_text(s: &Summary, json: bool, local: bool) -> Result<String, BoxError> {
     if json {
         return Ok(serde_json::to_string_pretty(s)? + "\n");
     }
@@ -492,13 +515,21 @@ fn summary_text(s: &Summary, json: bool) -> Result<String, BoxError> {
         "  dirt            cpu {} pages, device {} pages; DMA writes {} ({} untracked)",
         s.cpu_dirty_pages, s.device_dirty_pages, s.dma_writes, s.untracked_dma_writes
     );
-    let _ = writeln!(
-        out,
-        "  destination     resumed: {}, device state restored: {}",
-        s.resumed_on_destination, s.device_state_restored
-    );
+    if local {
+        let _ = writeln!(
+            out,
+            "  destination     resumed: {}, device state restored: {}",
+            s.resumed_on_destination, s.device_state_restored
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "  destination     see the receiver's report for its resume and device restore"
+        );
+    }
     if s.viommu {
-        println!(
+        let _ = writeln!(
+            out,
             "  vIOMMU          {} maps, {} unmaps ({} queried first), {} re-arm(s) adding {} page(s), maps held {:.1} ms (longest {:.1} ms), {} blocked DMA(s)",
             s.viommu_maps,
             s.viommu_unmaps,
@@ -544,20 +575,22 @@ pub fn hint(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
 /// Run `iovatrack migrate`.
 pub fn run(a: MigrateArgs) -> Result<ExitCode, BoxError> {
     let mut progress = Progress::new();
-    let (summary, json) = match a.mode {
+    let (summary, json, local) = match a.mode {
         None => {
-            let cfg = config(&a.common)?;
+            let cfg = config(&a.guest, &a.source)?;
             (
                 demo::run_local(&cfg, &mut |e| progress.on(e))?,
-                a.common.json,
+                a.guest.json,
+                true,
             )
         }
-        Some(Mode::Send { to, common }) => {
-            let cfg = config(&common)?;
+        Some(Mode::Send { to, guest, source }) => {
+            let cfg = config(&guest, &source)?;
             let connect = engine::connector(to.as_str(), Arc::new(engine::PlainTcp))?;
             (
                 demo::run_source(&cfg, connect, &mut |e| progress.on(e))?,
-                common.json,
+                guest.json,
+                false,
             )
         }
         Some(Mode::Receive {
@@ -565,9 +598,9 @@ pub fn run(a: MigrateArgs) -> Result<ExitCode, BoxError> {
             accept_timeout,
             max_refused,
             max_device_state,
-            common,
+            guest,
         }) => {
-            let cfg = config(&common)?;
+            let cfg = guest_config(&guest)?;
             let limits = engine::DestLimits {
                 max_refused,
                 device_state_bytes: max_device_state,
@@ -586,7 +619,7 @@ pub fn run(a: MigrateArgs) -> Result<ExitCode, BoxError> {
                 cfg.engine.retries + 1,
                 Duration::from_secs(accept_timeout),
             )?;
-            let text = if common.json {
+            let text = if guest.json {
                 serde_json::to_string_pretty(&report)? + "\n"
             } else {
                 format!(
@@ -611,7 +644,7 @@ pub fn run(a: MigrateArgs) -> Result<ExitCode, BoxError> {
             });
         }
     };
-    if !emit(&summary_text(&summary, json)?)? {
+    if !emit(&summary_text(&summary, json, local)?)? {
         return Ok(ExitCode::from(EXIT_BROKEN_PIPE));
     }
     if summary.downtime_exceeded {

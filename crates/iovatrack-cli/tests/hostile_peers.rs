@@ -9,7 +9,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_iovatrack");
-const COMMON: &[&str] = &["--scale", "8", "--cpu-rate", "2000", "--json"];
+/// What both ends are given; the source also gets [`WORKLOAD`] (the receiver refuses
+/// source-only flags).
+const COMMON: &[&str] = &["--scale", "8", "--json"];
+const WORKLOAD: &[&str] = &["--cpu-rate", "2000"];
 
 /// A port free now (the receiver binds it a moment later).
 fn free_port() -> u16 {
@@ -70,6 +73,7 @@ fn receiver_refuses_strangers_and_still_migrates() {
     let source = Command::new(BIN)
         .args(["migrate", "send", "--to", &addr])
         .args(COMMON)
+        .args(WORKLOAD)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .output()
