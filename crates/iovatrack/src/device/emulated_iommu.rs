@@ -62,6 +62,8 @@ pub struct EmulatedIommu {
     faults: AtomicU64,
     read_fault: Mutex<Option<(u64, Errno)>>,
     set_fault: Mutex<Option<Errno>>,
+    /// Refuse reads without clearing, as type1 does.
+    type1_reads: bool,
 }
 
 impl std::fmt::Debug for EmulatedIommu {
@@ -84,11 +86,19 @@ impl EmulatedIommu {
             faults: AtomicU64::new(0),
             read_fault: Mutex::new(None),
             set_fault: Mutex::new(None),
+            type1_reads: false,
         };
         for &r in mapped {
             me.map(r)?;
         }
         Ok(me)
+    }
+
+    /// Read as a type1 container does: every read clears, and a read without clearing is
+    /// EOPNOTSUPP (type1 has no NO_CLEAR flag; `vfio_iova_dirty_bitmap` always re-arms).
+    pub fn type1_reads(mut self) -> Self {
+        self.type1_reads = true;
+        self
     }
 
     /// Rename.
@@ -305,6 +315,14 @@ impl IommuDirtyTracker for EmulatedIommu {
         if let Some(errno) = self.take_read_fault() {
             return Err(e(errno, Rule::Injected));
         }
+        if self.type1_reads && !clear {
+            return Err(e(
+                Errno::EOPNOTSUPP,
+                Rule::Unsupported {
+                    what: "type1 GET_BITMAP without clearing",
+                },
+            ));
+        }
         if !self.is_tracking() {
             // The driver refuses, iommu_read_and_clear_dirty drops the error.
             return Ok(());
@@ -336,6 +354,10 @@ impl IommuDirtyTracker for EmulatedIommu {
             i += 1;
         }
         Ok(())
+    }
+
+    fn clears_on_every_read(&self) -> bool {
+        self.type1_reads
     }
 
     fn mapped_areas(&self) -> Option<Vec<IovaRange>> {

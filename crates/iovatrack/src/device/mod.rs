@@ -123,6 +123,13 @@ pub trait IommuDirtyTracker: Send + Sync {
         bitmap: &mut [u64],
         clear: bool,
     ) -> Result<(), DeviceError>;
+    /// Every read clears (type1's `VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP`: the kernel's
+    /// `vfio_iova_dirty_bitmap` re-populates each mapping's bitmap after copying it out,
+    /// and there is no read-only form). A caller's final read before an unmap is then one
+    /// clearing read.
+    fn clears_on_every_read(&self) -> bool {
+        false
+    }
     /// The mapped areas, sorted, if the backend knows them. iommufd's read stops at the
     /// first unmapped hole (`iopt_area_contig_next`), so a reader must never span one; a
     /// backend that cannot list its mappings returns `None` and the caller reads per

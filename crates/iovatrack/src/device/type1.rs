@@ -67,6 +67,10 @@ impl IommuDirtyTracker for Type1Container {
         // sys refuses a bitmap that does not hold every bit of the range.
         sys::type1_get_bitmap(&self.fd, range, page_size, bitmap)
     }
+
+    fn clears_on_every_read(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

@@ -527,8 +527,9 @@ impl Tracker {
                     return Err(TrackError::NotStarted);
                 };
                 // Unmap: a final read without clearing, then a clearing one so a later
-                // mapping at this IOVA starts clean.
-                let passes: &[bool] = if only.is_some() {
+                // mapping at this IOVA starts clean. Where every read clears (type1), the
+                // one clearing read is the final read: the caller unmaps right after.
+                let passes: &[bool] = if only.is_some() && !iommu.clears_on_every_read() {
                     &[false, true]
                 } else {
                     &[true]

@@ -530,6 +530,32 @@ fn unmap_queries_first_iommu_mode() {
     assert_eq!(pending_set(&l), BTreeSet::from([(gone.iova + 9 * K4) / K4]));
 }
 
+/// type1 has no read without clearing: the query before an unmap is one clearing read,
+/// not a failed read that marks the whole window dirty and counts a REPORT error.
+#[test]
+fn unmap_queries_first_on_type1() {
+    let regions = five();
+    let b = Arc::new(EmulatedDevice::new(DeviceLimits::generic()).without_logging());
+    let iommu = Arc::new(EmulatedIommu::new(&regions).unwrap().type1_reads());
+    let mut t = Tracker::new(container("c", &[&b]).iommu(iommu.clone()), Planner::new());
+    t.start(&layout(&regions)).unwrap();
+    let mut l = DirtLedger::new(&regions, K4).unwrap();
+    let gone = regions[2];
+    iommu.dma_write(gone.iova + 9 * K4, 1);
+    // The emulation is as harsh as type1: a read without clearing is refused.
+    let mut bm = vec![0u64; (gone.length / K4).div_ceil(64) as usize];
+    assert!(iommu.read_dirty(gone, K4, &mut bm, false).is_err());
+    let s = t.unmap(gone, &mut l).unwrap();
+    assert_eq!(
+        (s.reports, s.report_errors, s.newly_pending),
+        (1, 0, 1),
+        "one clearing read, no error"
+    );
+    iommu.unmap(gone).unwrap();
+    t.collect(&mut l).unwrap();
+    assert_eq!(pending_set(&l), BTreeSet::from([(gone.iova + 9 * K4) / K4]));
+}
+
 #[test]
 fn restart_recomputes_ranges_and_keeps_the_ledger() {
     let small = five()[..3].to_vec();
