@@ -20,7 +20,7 @@ use rustls::{
 };
 use std::fmt;
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{IpAddr, TcpStream};
 use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -390,27 +390,14 @@ impl Tls {
     /// Check the destination's certificate against `name` (a DNS name, or an IP address
     /// the certificate must list as an IP SAN) instead of the address connected to.
     pub fn server_name(mut self, name: &str) -> Result<Self, TlsError> {
-        let bare = name.trim_start_matches('[').trim_end_matches(']');
-        let parsed = match bare.parse::<IpAddr>() {
-            Ok(ip) => ServerName::IpAddress(ip.into()),
-            Err(_) => {
-                ServerName::try_from(bare.to_owned()).map_err(|_| TlsError::BadServerName {
-                    name: name.to_owned(),
-                })?
-            }
-        };
-        self.server_name = Some(parsed);
+        self.server_name = Some(parse_server_name(name)?);
         Ok(self)
     }
 
     /// Check the destination's certificate against the host part of `addr` (`host:port`,
     /// `[v6]:port`): a DNS name as written, an IP address as an IP SAN.
     pub fn server_name_for_addr(self, addr: &str) -> Result<Self, TlsError> {
-        if let Ok(sa) = addr.parse::<SocketAddr>() {
-            return self.server_name(&sa.ip().to_string());
-        }
-        let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
-        self.server_name(host)
+        self.server_name(host_of(addr))
     }
 
     /// The longest a handshake may take when the socket has no read timeout (default
@@ -426,6 +413,28 @@ impl Tls {
             .ok()
             .flatten()
             .unwrap_or(self.handshake_timeout)
+    }
+}
+
+/// A DNS name or an IP address (bare, or in brackets) as a TLS server name.
+fn parse_server_name(name: &str) -> Result<ServerName<'static>, TlsError> {
+    let bare = name.trim_start_matches('[').trim_end_matches(']');
+    match bare.parse::<IpAddr>() {
+        Ok(ip) => Ok(ServerName::IpAddress(ip.into())),
+        Err(_) => ServerName::try_from(bare.to_owned()).map_err(|_| TlsError::BadServerName {
+            name: name.to_owned(),
+        }),
+    }
+}
+
+/// The host part of `host:port`, `[v6]:port`, or of a bare host.
+fn host_of(addr: &str) -> &str {
+    if addr.parse::<IpAddr>().is_ok() {
+        return addr;
+    }
+    match addr.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() => host,
+        _ => addr,
     }
 }
 
@@ -605,5 +614,43 @@ impl Transport for Tls {
 
     fn name(&self) -> &'static str {
         "tls"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(s: &str) -> String {
+        parse_server_name(s).map_or_else(|e| format!("error: {e}"), |n| n.to_str().into_owned())
+    }
+
+    #[test]
+    fn the_host_of_an_address_is_its_server_name() {
+        assert_eq!(host_of("10.0.0.2:7000"), "10.0.0.2");
+        assert_eq!(host_of("[::1]:7000"), "[::1]");
+        assert_eq!(host_of("::1"), "::1");
+        assert_eq!(host_of("dst.example:7000"), "dst.example");
+        assert_eq!(host_of("dst.example"), "dst.example");
+        assert_eq!(name(host_of("[::1]:7000")), "::1");
+        assert_eq!(name("10.0.0.2"), "10.0.0.2");
+        assert_eq!(name("dst.example"), "dst.example");
+        assert!(matches!(
+            parse_server_name("10.0.0.2"),
+            Ok(ServerName::IpAddress(_))
+        ));
+        // Negative controls: what is neither a name nor an address is refused, naming it.
+        assert_eq!(
+            name("not a name!"),
+            "error: \"not a name!\" is not a TLS server name (a DNS name or an IP address)"
+        );
+        assert!(name("dst.example:7000").starts_with("error"));
+    }
+
+    #[test]
+    fn certificate_names_read_as_written() {
+        assert_eq!(tidy_name("IpAddress(10.0.0.2)"), "10.0.0.2");
+        assert_eq!(tidy_name("DnsName(\"dst.example\")"), "dst.example");
+        assert_eq!(tidy_name("Other(x)"), "Other(x)");
     }
 }
