@@ -480,21 +480,59 @@ where
     }
 }
 
-/// Drive `conn`'s handshake on `tcp` to its end within `budget` (each read bounded by
-/// what is left, so a peer trickling bytes cannot stretch it).
+/// Drive `conn`'s handshake on `tcp` to its end by `deadline`. Each read is bounded by
+/// the time left, and the deadline is checked between reads, so a peer trickling bytes
+/// cannot stretch it (rustls's `complete_io` keeps reading while bytes come).
 fn handshake<S: SideData>(
     conn: &mut ConnectionCommon<S>,
     tcp: &mut TcpStream,
     deadline: Instant,
 ) -> io::Result<()> {
-    while conn.is_handshaking() {
-        set_left(tcp, deadline)?;
-        conn.complete_io(tcp)?;
+    loop {
+        while conn.wants_write() {
+            conn.write_tls(tcp)?;
+        }
+        if !conn.is_handshaking() {
+            return Ok(());
+        }
+        read_some(conn, tcp, deadline)?;
     }
-    while conn.wants_write() {
-        conn.write_tls(tcp)?;
+}
+
+/// One read from `tcp` into `conn`, by `deadline`, and its processing. A TLS error goes
+/// back as `InvalidData` around the `rustls::Error`, after the alert that tells the peer
+/// why (best effort).
+fn read_some<S: SideData>(
+    conn: &mut ConnectionCommon<S>,
+    tcp: &mut TcpStream,
+    deadline: Instant,
+) -> io::Result<()> {
+    set_left(tcp, deadline)?;
+    if conn.read_tls(tcp)? == 0 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
     }
+    conn.process_new_packets().map_err(|e| {
+        let _ = conn.write_tls(tcp);
+        io::Error::new(io::ErrorKind::InvalidData, e)
+    })?;
     Ok(())
+}
+
+/// The destination's first plaintext byte, by `deadline`.
+fn confirmation(
+    conn: &mut ClientConnection,
+    tcp: &mut TcpStream,
+    deadline: Instant,
+) -> io::Result<u8> {
+    loop {
+        let mut b = [0u8; 1];
+        match conn.reader().read(&mut b) {
+            Ok(1) => return Ok(b[0]),
+            Ok(_) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => read_some(conn, tcp, deadline)?,
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Bound the next read by the time left to `deadline` (at least 1 ms: 0 means "none").
@@ -577,20 +615,17 @@ impl Transport for Tls {
         let deadline = Instant::now() + budget;
         let fail = |e| -> io::Error { classify(e, Peer::Destination, &self.ca, budget).into() };
         handshake(&mut *conn, &mut tcp, deadline).map_err(fail)?;
-        let mut stream = StreamOwned::new(conn, tcp);
         // The destination accepts this source's certificate, or says why not.
-        let mut ok = [0u8; 1];
-        set_left(&stream.sock, deadline)
-            .and_then(|()| stream.read_exact(&mut ok))
-            .map_err(fail)?;
-        if ok[0] != ACCEPTED {
+        let ok = confirmation(&mut conn, &mut tcp, deadline).map_err(fail)?;
+        if ok != ACCEPTED {
             return Err(HandshakeError::NotTls {
                 peer: Peer::Destination,
-                detail: format!("confirmation byte {:#04x}", ok[0]),
+                detail: format!("confirmation byte {ok:#04x}"),
             }
             .into());
         }
-        stream.sock.set_read_timeout(before)?;
+        tcp.set_read_timeout(before)?;
+        let stream = StreamOwned::new(conn, tcp);
         log::info!(
             "TLS 1.3 with the destination ({:?})",
             stream.conn.negotiated_cipher_suite().map(|s| s.suite())
