@@ -6,7 +6,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use iovatrack::layout::{self, parse_size, presets, Layout};
 use iovatrack::migrate::demo::viommu::{ViommuConfig, ViommuFault};
 use iovatrack::migrate::demo::{self, DmaConfig, DmaPattern, Fault, MigrateConfig, Summary};
-use iovatrack::migrate::engine::{self, Event, MigrateError, TimeoutAction};
+use iovatrack::migrate::engine::{
+    self, Event, MigrateError, TimeoutAction, Tls, TlsError, Transport,
+};
 use iovatrack::migrate::guest::GuestError;
 use iovatrack::migrate::{self, scale_ram};
 use iovatrack::plan::limits::DeviceProfile;
@@ -15,6 +17,7 @@ use iovatrack::track::ModeChoice;
 use std::fmt::Write as _;
 use std::io::IsTerminal;
 use std::net::TcpListener;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,6 +35,51 @@ pub struct MigrateArgs {
     guest: GuestArgs,
     #[command(flatten)]
     source: SourceArgs,
+    /// One process: both ends use the same certificate, which must name 127.0.0.1 (or
+    /// --tls-hostname).
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// With --tls-*: the name the destination's certificate must carry (default: the
+    /// address connected to).
+    #[arg(long, value_name = "NAME", requires = "tls_cert")]
+    tls_hostname: Option<String>,
+}
+
+/// TLS 1.3 with mutual authentication: all three files, or none (plain TCP).
+#[derive(Args, Clone)]
+struct TlsArgs {
+    /// This side's certificate chain, PEM, leaf first (with --tls-key and --tls-ca: TLS
+    /// with mutual authentication; a receiver then refuses sources without a certificate
+    /// signed by the CA).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert, PEM.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_ca"])]
+    tls_key: Option<PathBuf>,
+    /// The CA certificate(s), PEM, that must have signed the peer's certificate.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The transport these flags ask for; a source checks the destination's certificate
+    /// against `hostname`, else the host of `to`, else the address it connects to.
+    fn transport(
+        &self,
+        hostname: Option<&str>,
+        to: Option<&str>,
+    ) -> Result<Arc<dyn Transport>, BoxError> {
+        let (Some(cert), Some(key), Some(ca)) = (&self.tls_cert, &self.tls_key, &self.tls_ca)
+        else {
+            return Ok(Arc::new(engine::PlainTcp));
+        };
+        let tls = Tls::from_pem_files(cert, key, ca)?;
+        Ok(Arc::new(match (hostname, to) {
+            (Some(h), _) => tls.server_name(h)?,
+            (None, Some(to)) => tls.server_name_for_addr(to)?,
+            (None, None) => tls,
+        }))
+    }
 }
 
 #[derive(Subcommand)]
@@ -41,6 +89,12 @@ enum Mode {
         /// The receiver's address, e.g. 10.0.0.2:7000.
         #[arg(long, value_name = "ADDR")]
         to: String,
+        #[command(flatten)]
+        tls: TlsArgs,
+        /// With --tls-*: the name the destination's certificate must carry (default: the
+        /// host part of --to; an IP address must be an IP SAN of the certificate).
+        #[arg(long, value_name = "NAME", requires = "tls_cert")]
+        tls_hostname: Option<String>,
         #[command(flatten)]
         guest: GuestArgs,
         #[command(flatten)]
@@ -62,6 +116,8 @@ enum Mode {
         /// Device-state bytes one device may receive in one session (K/M/G suffixes).
         #[arg(long, default_value = "64M", value_parser = parse_rate)]
         max_device_state: u64,
+        #[command(flatten)]
+        tls: TlsArgs,
         #[command(flatten)]
         guest: GuestArgs,
     },
@@ -498,6 +554,15 @@ fn summary_text(s: &Summary, json: bool, local: bool) -> Result<String, BoxError
         human_bytes(s.bytes_sent as u128),
         human_bytes(s.bytes_on_wire as u128)
     );
+    let _ = writeln!(
+        out,
+        "  transport       {}",
+        match s.transport.as_str() {
+            "tls" => "tls (TLS 1.3, both ends authenticated by certificate)",
+            "tcp" => "tcp (unauthenticated)",
+            other => other,
+        }
+    );
     let _ = writeln!(out, "  handover        {:?}", s.handover);
     let _ = writeln!(
         out,
@@ -564,6 +629,9 @@ fn summary_text(s: &Summary, json: bool, local: bool) -> Result<String, BoxError
 /// What the operator can do about an error, in this CLI's terms (the library's errors
 /// name no flags).
 pub fn hint(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    if let Some(t) = e.downcast_ref::<TlsError>() {
+        return tls_hint(t);
+    }
     match e.downcast_ref::<MigrateError>()? {
         MigrateError::Guest(GuestError::PageTablesTooLarge { .. }) => {
             Some("--scale N shrinks every RAM section N times, keeping the layout's shape")
@@ -572,21 +640,53 @@ pub fn hint(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
     }
 }
 
+/// What to do about a TLS setup error.
+fn tls_hint(e: &TlsError) -> Option<&'static str> {
+    Some(match e {
+        TlsError::Read { .. } => {
+            "--tls-cert, --tls-key and --tls-ca take PEM files; README \"Authentication (TLS)\" shows how to make them"
+        }
+        TlsError::NoCertificate { holds_key: true, .. }
+        | TlsError::NoKey {
+            holds_certificate: true,
+            ..
+        } => "--tls-cert takes the certificate and --tls-key its private key: swapped?",
+        TlsError::BadPem { .. } | TlsError::NoCertificate { .. } | TlsError::NoKey { .. } => {
+            "--tls-cert and --tls-ca hold `BEGIN CERTIFICATE` sections, --tls-key a `BEGIN PRIVATE KEY` section"
+        }
+        TlsError::KeyMismatch { .. } => {
+            "--tls-key must be the key --tls-cert was issued for (compare `openssl x509 -noout -pubkey -in CERT` with `openssl pkey -pubout -in KEY`)"
+        }
+        TlsError::BadServerName { .. } => {
+            "--tls-hostname takes a DNS name or an IP address, without a port"
+        }
+        _ => return None,
+    })
+}
+
 /// Run `iovatrack migrate`.
 pub fn run(a: MigrateArgs) -> Result<ExitCode, BoxError> {
     let mut progress = Progress::new();
     let (summary, json, local) = match a.mode {
         None => {
-            let cfg = config(&a.guest, &a.source)?;
+            let mut cfg = config(&a.guest, &a.source)?;
+            cfg.transport = a.tls.transport(a.tls_hostname.as_deref(), None)?;
             (
                 demo::run_local(&cfg, &mut |e| progress.on(e))?,
                 a.guest.json,
                 true,
             )
         }
-        Some(Mode::Send { to, guest, source }) => {
-            let cfg = config(&guest, &source)?;
-            let connect = engine::connector(to.as_str(), Arc::new(engine::PlainTcp))?;
+        Some(Mode::Send {
+            to,
+            tls,
+            tls_hostname,
+            guest,
+            source,
+        }) => {
+            let mut cfg = config(&guest, &source)?;
+            cfg.transport = tls.transport(tls_hostname.as_deref(), Some(&to))?;
+            let connect = engine::connector(to.as_str(), cfg.transport.clone())?;
             (
                 demo::run_source(&cfg, connect, &mut |e| progress.on(e))?,
                 guest.json,
@@ -598,9 +698,11 @@ pub fn run(a: MigrateArgs) -> Result<ExitCode, BoxError> {
             accept_timeout,
             max_refused,
             max_device_state,
+            tls,
             guest,
         }) => {
             let cfg = guest_config(&guest)?;
+            let transport = tls.transport(None, None)?;
             let limits = engine::DestLimits {
                 max_refused,
                 device_state_bytes: max_device_state,
@@ -612,8 +714,14 @@ pub fn run(a: MigrateArgs) -> Result<ExitCode, BoxError> {
             };
             let listener = TcpListener::bind(&listen)
                 .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-            eprintln!("receiving on {}", listener.local_addr()?);
-            let dest = demo::DemoDestination::new(&cfg.layout, &cfg.devices)?.limits(limits);
+            eprintln!(
+                "receiving on {} over {}",
+                listener.local_addr()?,
+                transport.name()
+            );
+            let dest = demo::DemoDestination::new(&cfg.layout, &cfg.devices)?
+                .limits(limits)
+                .transport(transport);
             let report = dest.run(
                 &listener,
                 cfg.engine.retries + 1,
@@ -623,8 +731,9 @@ pub fn run(a: MigrateArgs) -> Result<ExitCode, BoxError> {
                 serde_json::to_string_pretty(&report)? + "\n"
             } else {
                 format!(
-                    "{}: {} session(s), {} refused connection(s), {} pages received, {} mismatched, {} duplicate(s), resumed: {}, device state restored: {}",
+                    "{}: over {}, {} session(s), {} refused connection(s), {} pages received, {} mismatched, {} duplicate(s), resumed: {}, device state restored: {}\n",
                     if report.verified && report.resumed { "VERIFIED" } else { "NOT VERIFIED" },
+                    report.transport,
                     report.sessions,
                     report.refused_connections,
                     report.pages_received,

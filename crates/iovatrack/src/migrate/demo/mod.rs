@@ -19,7 +19,8 @@ pub use summary::{merge_destination, Summary};
 use crate::device::{DmaLogger, EmulatedDevice, EmulatedIommu, IommuDirtyTracker};
 use crate::layout::Layout;
 use crate::migrate::engine::{
-    self, DestReport, Destination, EngineConfig, Event, MigrateError, SourceVm, TimeoutAction,
+    self, DestReport, Destination, EngineConfig, Event, MigrateError, PlainTcp, SourceVm,
+    TimeoutAction, Transport,
 };
 use crate::migrate::guest::{self, GuestConfig, GuestMemory};
 use crate::migrate::guest_regions;
@@ -71,6 +72,9 @@ pub struct MigrateConfig {
     /// Behind a vIOMMU: the guest maps and unmaps its DMA, every container tracks in IOVA
     /// space (`None`: the devices DMA to guest physical addresses).
     pub viommu: Option<viommu::ViommuConfig>,
+    /// What the connection runs over (plain TCP, or TLS with mutual authentication):
+    /// both ends of [`run_local`], and what [`run_source`] reports.
+    pub transport: Arc<dyn Transport>,
 }
 
 impl MigrateConfig {
@@ -93,6 +97,7 @@ impl MigrateConfig {
             vcpus: 1,
             working_set: 0,
             viommu: None,
+            transport: Arc::new(PlainTcp),
         }
     }
 
@@ -282,6 +287,7 @@ pub fn run_source<C: Into<Box<dyn engine::Channel>>>(
     let mut summary = Summary::from_engine(report, guest.kind(), cfg.devices.len());
     summary.downtime_budget_ms = cfg.engine.downtime_ms;
     summary.migration_ms = migration_ms;
+    summary.transport = cfg.transport.name().to_string();
     summary.faults = cfg.faults.iter().map(|f| f.to_string()).collect();
     summary.faults_fired = hooks.fired.iter().map(|f| f.to_string()).collect();
     summary.dma_writes = demo.iter().map(|d| d.workload().writes()).sum();
@@ -372,6 +378,13 @@ impl DemoDestination {
         self
     }
 
+    /// Accept connections over `transport` (TLS: only sources with a certificate of the
+    /// trusted CA).
+    pub fn transport(mut self, transport: Arc<dyn Transport>) -> Self {
+        self.dest = self.dest.transport(transport);
+        self
+    }
+
     /// A flag that makes [`DemoDestination::run`] stop waiting for a connection.
     pub fn give_up_flag(&self) -> Arc<std::sync::atomic::AtomicBool> {
         self.dest.give_up_flag()
@@ -410,14 +423,15 @@ impl DemoDestination {
     }
 }
 
-/// Source and destination in one process over loopback TCP.
+/// Source and destination in one process over loopback TCP (`cfg.transport` on both
+/// ends).
 pub fn run_local(
     cfg: &MigrateConfig,
     events: &mut dyn FnMut(Event),
 ) -> Result<Summary, MigrateError> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
-    let dest = DemoDestination::new(&cfg.layout, &cfg.devices)?;
+    let dest = DemoDestination::new(&cfg.layout, &cfg.devices)?.transport(cfg.transport.clone());
     let sessions = cfg.engine.retries + 1;
     let give_up = dest.give_up_flag();
     let handle = std::thread::Builder::new()
@@ -425,7 +439,10 @@ pub fn run_local(
         .spawn(move || dest.run(&listener, sessions, Duration::from_secs(120)))?;
     let summary = run_source(
         cfg,
-        || TcpStream::connect_timeout(&addr, Duration::from_secs(5)),
+        || {
+            let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            cfg.transport.client(tcp)
+        },
         events,
     );
     give_up.store(true, SeqCst);

@@ -31,6 +31,8 @@ pub struct Summary {
     /// (Commit sent, no CommitAck: the guest is paused here, the destination's state is
     /// unknown), or `none` (no Commit sent).
     pub handover: Handover,
+    /// What the connection ran over: `tcp`, or `tls` (mutual authentication).
+    pub transport: String,
     /// Connections the destination refused (one-process runs; 0 otherwise).
     pub refused_connections: u32,
     /// Distinct pages sent: each had to travel at least once (non-zero at the start, or

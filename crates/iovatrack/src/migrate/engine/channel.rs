@@ -36,6 +36,12 @@ pub trait Transport: Send + Sync {
     fn name(&self) -> &'static str;
 }
 
+impl std::fmt::Debug for dyn Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Transport({})", self.name())
+    }
+}
+
 /// Plain TCP: anyone who can connect is taken at their word.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PlainTcp;

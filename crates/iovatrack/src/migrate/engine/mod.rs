@@ -33,12 +33,14 @@ mod destination;
 mod hooks;
 mod link;
 mod source;
+mod tls;
 
 pub use channel::{Channel, PlainTcp, Transport};
 pub use destination::{DestLimits, DestReport, Destination, Received, Refusal};
 pub use hooks::{Checkpoint, Control, NoHooks, SourceHooks, Verifier};
 pub use link::connector;
 pub use source::{run_source, SourceVm, Switchover};
+pub use tls::{HandshakeError, Peer, Tls, TlsError};
 
 const PAGE: u64 = 4096;
 /// Pages per Pages frame (1 MiB).

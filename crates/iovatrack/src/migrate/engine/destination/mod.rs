@@ -31,6 +31,8 @@ use std::time::{Duration, Instant};
 /// What the destination saw and did.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct DestReport {
+    /// The transport connections arrive over (`tcp`, `tls`).
+    pub transport: &'static str,
     /// Sessions that got past Hello (the session budget counts those not refused).
     pub sessions: u32,
     /// Connections refused: garbage, a bad Hello, over a limit, or closed before Hello.
@@ -241,6 +243,7 @@ impl Destination {
             vcpus: Vec::new(),
             report: DestReport {
                 session_id,
+                transport: PlainTcp.name(),
                 ..DestReport::default()
             },
             seen: bitmaps.clone(),
@@ -255,6 +258,7 @@ impl Destination {
     /// Accept connections over `transport` (TLS, to authenticate the source) instead of
     /// plain TCP.
     pub fn transport(mut self, transport: Arc<dyn Transport>) -> Self {
+        self.report.transport = transport.name();
         self.transport = transport;
         self
     }
