@@ -20,7 +20,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_iovatrack");
-const COMMON: &[&str] = &["--scale", "8", "--cpu-rate", "2000", "--json"];
+/// What both ends are given; sources also get [`WORKLOAD`] (a receiver refuses it).
+const COMMON: &[&str] = &["--scale", "8", "--json"];
+const WORKLOAD: &[&str] = &["--cpu-rate", "2000"];
 
 /// A CA that signs certificates.
 struct Ca {
@@ -157,6 +159,7 @@ fn send(to: &str, extra: &[String]) -> Output {
         .args(["migrate", "send", "--to", to])
         .args(extra)
         .args(COMMON)
+        .args(WORKLOAD)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .output()
@@ -374,6 +377,7 @@ fn tls_one_process_says_which_transport() {
             .args(pki.flags("host", "ca"))
             .args(extra)
             .args(COMMON)
+            .args(WORKLOAD)
             .output()
             .unwrap()
     };
@@ -395,6 +399,7 @@ fn tls_one_process_says_which_transport() {
     let plain = Command::new(BIN)
         .args(["migrate"])
         .args(COMMON)
+        .args(WORKLOAD)
         .output()
         .unwrap();
     let logs = text(&plain);
@@ -512,6 +517,7 @@ fn tls_bad_inputs_are_clear_errors() {
             .arg("migrate")
             .args(args)
             .args(COMMON)
+            .args(WORKLOAD)
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
