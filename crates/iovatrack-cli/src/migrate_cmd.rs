@@ -493,11 +493,15 @@ fn summary_text(s: &Summary, json: bool) -> Result<String, BoxError> {
     );
     let _ = writeln!(
         out,
-        "  destination     resumed: {}, device state restored: {}",
-        s.resumed_on_destination, s.device_state_restored
+        "  destination     resumed: {}, device state restored: {}, received as sent: {}",
+        s.resumed_on_destination, s.device_state_restored, s.device_state_matched
     );
+    if let Some(c) = &s.negative_control {
+        let _ = writeln!(out, "  the negative control proved {}: {}", c.proved, c.why);
+    }
     if s.viommu {
-        println!(
+        let _ = writeln!(
+            out,
             "  vIOMMU          {} maps, {} unmaps ({} queried first), {} re-arm(s) adding {} page(s), maps held {:.1} ms (longest {:.1} ms), {} blocked DMA(s)",
             s.viommu_maps,
             s.viommu_unmaps,
@@ -589,7 +593,7 @@ pub fn run(a: MigrateArgs) -> Result<ExitCode, BoxError> {
                 serde_json::to_string_pretty(&report)? + "\n"
             } else {
                 format!(
-                    "{}: {} session(s), {} refused connection(s), {} pages received, {} mismatched, {} duplicate(s), resumed: {}, device state restored: {}",
+                    "{}: {} session(s), {} refused connection(s), {} pages received, {} mismatched, {} duplicate(s), resumed: {}, device state restored: {}{}",
                     if report.verified && report.resumed { "VERIFIED" } else { "NOT VERIFIED" },
                     report.sessions,
                     report.refused_connections,
@@ -597,7 +601,12 @@ pub fn run(a: MigrateArgs) -> Result<ExitCode, BoxError> {
                     report.mismatched_pages,
                     report.duplicate_pages_received,
                     report.resumed,
-                    report.device_state_restored
+                    report.device_state_restored,
+                    report
+                        .handover_refused
+                        .as_ref()
+                        .map(|why| format!(", the source refused the handover: {why}"))
+                        .unwrap_or_default()
                 )
             };
             if !emit(&text)? {
