@@ -173,8 +173,9 @@ struct Common {
     #[arg(long, default_value = "0", value_parser = parse_rate)]
     bandwidth: u64,
     /// Inject a fault (repeatable): report-fail@N, start-e2big, drop@N, cancel@N,
-    /// drop-before-commit, drop-after-commit, iommu-across-holes; with --viommu also the
-    /// negative controls viommu-no-unmap-query, viommu-naive-rearm, viommu-no-translate.
+    /// drop-before-commit, drop-after-commit, iommu-across-holes, corrupt-device-state; with
+    /// --viommu also the negative controls viommu-no-unmap-query, viommu-naive-rearm,
+    /// viommu-no-translate.
     #[arg(long = "inject", value_name = "FAULT")]
     inject: Vec<Inject>,
     /// Put the devices behind a vIOMMU: the guest maps and unmaps its own DMA (rings and

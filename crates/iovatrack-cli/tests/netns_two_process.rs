@@ -281,6 +281,15 @@ fn assert_verified(ns: &Netns, s_st: ExitStatus, r_st: ExitStatus) -> (Value, Va
     assert_eq!(r["verified"], true, "{logs}");
     assert_eq!(r["resumed"], true, "{logs}");
     assert_eq!(r["device_state_restored"], true, "{logs}");
+    assert_eq!(
+        num(&r, "devices_restored"),
+        1,
+        "one device migrates: {logs}"
+    );
+    assert!(
+        r["counter"][1].as_u64() > r["counter"][0].as_u64(),
+        "the resumed guest made progress: {logs}"
+    );
     assert_eq!(num(&r, "mismatched_pages"), 0, "{logs}");
     assert_eq!(num(&r, "duplicate_pages_received"), 0, "{logs}");
     // The device state: the source's digest of what it sent is the one the receiver

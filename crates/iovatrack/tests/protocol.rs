@@ -522,6 +522,7 @@ fn destination_counts_a_page_sent_twice_in_a_pass() {
     assert_eq!(d.refused_connections, 0, "{d:#?}");
     assert_eq!(d.pages_received, 6, "{d:#?}");
     assert_eq!(d.duplicate_pages_received, 2, "{d:#?}");
+    assert_eq!(d.interrupted.len(), 1, "{d:#?}");
 }
 
 /// Timing and activity counters against each other and the configuration: the migration
