@@ -255,8 +255,9 @@ struct SourceArgs {
     #[arg(long, default_value = "0", value_parser = parse_rate)]
     bandwidth: u64,
     /// Inject a fault (repeatable): report-fail@N, start-e2big, drop@N, cancel@N,
-    /// drop-before-commit, drop-after-commit, iommu-across-holes; with --viommu also the
-    /// negative controls viommu-no-unmap-query, viommu-naive-rearm, viommu-no-translate.
+    /// drop-before-commit, drop-after-commit, iommu-across-holes, corrupt-device-state; with
+    /// --viommu also the negative controls viommu-no-unmap-query, viommu-naive-rearm,
+    /// viommu-no-translate.
     #[arg(long = "inject", value_name = "FAULT")]
     inject: Vec<Inject>,
     /// Put the devices behind a vIOMMU: the guest maps and unmaps its own DMA (rings and
@@ -583,14 +584,18 @@ fn summary_text(s: &Summary, json: bool, local: bool) -> Result<String, BoxError
     if local {
         let _ = writeln!(
             out,
-            "  destination     resumed: {}, device state restored: {}",
-            s.resumed_on_destination, s.device_state_restored
+            "  destination     resumed: {}, device state restored: {}, received as sent: {}",
+            s.resumed_on_destination, s.device_state_restored, s.device_state_matched
         );
     } else {
         let _ = writeln!(
             out,
-            "  destination     see the receiver's report for its resume and device restore"
+            "  destination     device state received as sent: {}; its resume is in the receiver's report",
+            s.device_state_matched
         );
+    }
+    if let Some(c) = &s.negative_control {
+        let _ = writeln!(out, "  the negative control proved {}: {}", c.proved, c.why);
     }
     if s.viommu {
         let _ = writeln!(
@@ -731,7 +736,7 @@ pub fn run(a: MigrateArgs) -> Result<ExitCode, BoxError> {
                 serde_json::to_string_pretty(&report)? + "\n"
             } else {
                 format!(
-                    "{}: over {}, {} session(s), {} refused connection(s), {} pages received, {} mismatched, {} duplicate(s), resumed: {}, device state restored: {}\n",
+                    "{}: over {}, {} session(s), {} refused connection(s), {} pages received, {} mismatched, {} duplicate(s), resumed: {}, device state restored: {}{}\n",
                     if report.verified && report.resumed { "VERIFIED" } else { "NOT VERIFIED" },
                     report.transport,
                     report.sessions,
@@ -740,7 +745,12 @@ pub fn run(a: MigrateArgs) -> Result<ExitCode, BoxError> {
                     report.mismatched_pages,
                     report.duplicate_pages_received,
                     report.resumed,
-                    report.device_state_restored
+                    report.device_state_restored,
+                    report
+                        .handover_refused
+                        .as_ref()
+                        .map(|why| format!(", the source refused the handover: {why}"))
+                        .unwrap_or_default()
                 )
             };
             if !emit(&text)? {

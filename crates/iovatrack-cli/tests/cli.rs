@@ -242,6 +242,8 @@ fn migrate_json_verifies() {
     assert_eq!(v["mismatched_pages"], 0);
     assert_eq!(v["untracked_dma_writes"], 0);
     assert_eq!(v["duplicate_pages_sent"], 0);
+    assert_eq!(v["device_state_matched"], true);
+    assert!(v["negative_control"].is_null(), "{out}");
     if std::path::Path::new("/dev/kvm").exists() {
         assert_eq!(v["guest"], "kvm");
     }
@@ -259,6 +261,20 @@ fn migrate_json_verifies() {
     assert_eq!(code, 1, "the negative control must fail");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["verified"], false);
+    assert!(v["mismatched_pages"].as_u64().unwrap() > 0, "{out}");
+    assert_eq!(v["negative_control"]["proved"], "loss", "{out}");
+    // In words too, and a run with tracking says nothing about a control.
+    let (code, out, _) = run(&[
+        "migrate",
+        "--scale",
+        "8",
+        "--no-device-tracking",
+        "--dma-rate",
+        "1",
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("the negative control proved loss: "), "{out}");
+    assert!(!out.contains("proved nothing"), "{out}");
     let (code, _, err) = run(&["migrate", "--inject", "explode@3"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("unknown fault"), "{err}");

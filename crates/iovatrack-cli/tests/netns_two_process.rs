@@ -1,5 +1,6 @@
 //! Source and destination as two processes in two network namespaces joined by a veth
-//! pair: a clean migration, and the link going down in the middle of one.
+//! pair: a clean migration, one whose device state changes on the way, and the link going
+//! down in the middle of one.
 //!
 //! Needs root and `ip` (iproute2). Without them the tests report a skip, and fail only
 //! under CI (`CI` set). Addresses are 10.213.X.1/.2 on a /30 that exists only inside the
@@ -280,8 +281,26 @@ fn assert_verified(ns: &Netns, s_st: ExitStatus, r_st: ExitStatus) -> (Value, Va
     assert_eq!(r["verified"], true, "{logs}");
     assert_eq!(r["resumed"], true, "{logs}");
     assert_eq!(r["device_state_restored"], true, "{logs}");
+    assert_eq!(
+        num(&r, "devices_restored"),
+        1,
+        "one device migrates: {logs}"
+    );
+    assert!(
+        r["counter"][1].as_u64() > r["counter"][0].as_u64(),
+        "the resumed guest made progress: {logs}"
+    );
     assert_eq!(num(&r, "mismatched_pages"), 0, "{logs}");
     assert_eq!(num(&r, "duplicate_pages_received"), 0, "{logs}");
+    // The device state: the source's digest of what it sent is the one the receiver
+    // computed over what it received (each in its own process).
+    assert_eq!(s["device_state_matched"], true, "{logs}");
+    assert_ne!(num(&s, "sent_state_digest"), 0, "{logs}");
+    assert_eq!(
+        num(&s, "sent_state_digest"),
+        num(&r, "received_state_digest"),
+        "{logs}"
+    );
     (s, r)
 }
 
@@ -309,6 +328,39 @@ fn two_processes_over_veth_verify() {
     assert_eq!(s["handover"], "acknowledged", "{}", ns.logs());
     assert_eq!(num(&r, "refused_connections"), 0, "{}", ns.logs());
     assert_eq!(num(&s, "new_destination_sessions"), 0, "{}", ns.logs());
+}
+
+/// The negative control of the device-state digest across two processes: a record changed
+/// after the source's digest (`--inject corrupt-device-state`) makes the receiver's digest
+/// differ; the memory matches, yet neither side verifies, and the receiver says why.
+#[test]
+fn two_processes_catch_a_changed_device_state() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut ns) = setup() else { return };
+    let (s_st, r_st) = ns.migrate(&["--inject", "corrupt-device-state"], None);
+    let logs = ns.logs();
+    assert_eq!(s_st.code(), Some(1), "{logs}");
+    assert_eq!(r_st.code(), Some(1), "{logs}");
+    let s = ns
+        .json("send")
+        .unwrap_or_else(|| panic!("no source JSON\n{logs}"));
+    let r = ns
+        .json("recv")
+        .unwrap_or_else(|| panic!("no receiver JSON\n{logs}"));
+    assert_eq!(s["verified"], false, "{logs}");
+    assert_eq!(s["device_state_matched"], false, "{logs}");
+    assert_eq!(s["faults_fired"][0], "corrupt-device-state", "{logs}");
+    assert_eq!(num(&s, "mismatched_pages"), 0, "{logs}");
+    assert_eq!(s["handover"], "none", "{logs}");
+    assert_eq!(s["source_running_after_abort"], true, "{logs}");
+    assert_ne!(
+        num(&s, "sent_state_digest"),
+        num(&r, "received_state_digest"),
+        "{logs}"
+    );
+    assert_eq!(r["verified"], false, "{logs}");
+    assert_eq!(r["resumed"], false, "{logs}");
+    assert!(r["handover_refused"].is_string(), "{logs}");
 }
 
 /// Run with the link down from `at` for `len`: either it ends verified (TCP survived, or

@@ -144,6 +144,6 @@ fn the_source_leaves_the_resume_to_the_receivers_report() {
     assert!(source.status.success() && r.status.success(), "{logs}");
     assert!(r_out.contains("resumed: true"), "{logs}");
     assert!(!s_out.contains("resumed: false"), "{logs}");
-    assert!(s_out.contains("see the receiver's report"), "{logs}");
+    assert!(s_out.contains("in the receiver's report"), "{logs}");
     assert!(s_out.contains("Acknowledged"), "{logs}");
 }

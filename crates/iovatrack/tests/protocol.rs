@@ -419,3 +419,133 @@ fn port_scan_does_not_end_the_destination() {
     assert!(s.verified, "{s:#?}");
     assert_eq!(s.refused_connections, 20);
 }
+
+/// The device-state digest (issue 11): a record changed after the source's digest took it
+/// in (`corrupt-device-state`) arrives intact as far as the frame's CRC can tell, but the
+/// destination's digest of what it received differs. The source refuses the handover and
+/// resumes, and the destination hears why instead of waiting for a retry.
+#[test]
+fn device_state_digest_catches_a_changed_record() {
+    let mut cfg = small();
+    cfg.faults = vec![Fault::CorruptDeviceState];
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dest = DemoDestination::new(&cfg.layout, &cfg.devices).unwrap();
+    let h = std::thread::spawn(move || dest.run(&listener, 1, Duration::from_secs(60)));
+    let mut s = run_source(
+        &cfg,
+        || TcpStream::connect_timeout(&addr, Duration::from_secs(5)),
+        &mut |_| {},
+    )
+    .unwrap();
+    let d = h.join().unwrap().unwrap();
+    assert_eq!(s.faults_fired, ["corrupt-device-state"], "{s:#?}");
+    assert!(!s.verified && !s.device_state_matched, "{s:#?}");
+    assert_eq!(s.mismatched_pages, 0, "the memory matched: {s:#?}");
+    assert_eq!(s.handover, Handover::None, "{s:#?}");
+    assert!(
+        s.aborted.as_deref().unwrap_or("").contains("device state"),
+        "{s:#?}"
+    );
+    assert_eq!(s.source_running_after_abort, Some(true), "{s:#?}");
+    assert_ne!(d.received_state_digest, s.sent_state_digest, "{d:#?}");
+    assert!(!d.verified && !d.resumed, "{d:#?}");
+    assert!(d.handover_refused.is_some(), "{d:#?}");
+    merge_destination(&mut s, Ok(d));
+    assert!(!s.verified && !s.device_state_restored, "{s:#?}");
+
+    // Unchanged, the two digests are equal and the same run verifies.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dest = DemoDestination::new(&cfg.layout, &cfg.devices).unwrap();
+    let mut clean = small();
+    clean.faults.clear();
+    let s = migrate_to(&clean, listener, dest, 1);
+    assert!(s.verified && s.device_state_matched, "{s:#?}");
+    assert_ne!(s.sent_state_digest, 0, "{s:#?}");
+}
+
+/// The destination counts a page it receives twice in one pass (the source's selection
+/// never repeats one; a stranger's or a broken sender's stream can).
+#[test]
+fn destination_counts_a_page_sent_twice_in_a_pass() {
+    let cfg = small();
+    let memory = Arc::new(GuestMemory::new(&guest_regions(&cfg.layout)).unwrap());
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let h = std::thread::spawn(move || {
+        let mut d = Destination::new(memory, Vec::new());
+        // The stream ends after its pass: an interrupted session, not a refusal.
+        assert!(d.run(&listener, 1, Duration::from_secs(60)).is_err());
+        d.report().clone()
+    });
+    let data = vec![0x11; 2 * PAGE as usize];
+    stranger(
+        addr,
+        &[
+            hello_for(&cfg, "kvm").hello(),
+            Frame::PassBegin { pass: 0, pages: 5 },
+            Frame::Pages {
+                gpa: 0x10_0000,
+                count: 2,
+                data: Cow::Borrowed(&data),
+            },
+            // The second page again, and a new one.
+            Frame::Pages {
+                gpa: 0x10_1000,
+                count: 2,
+                data: Cow::Borrowed(&data),
+            },
+            Frame::Pages {
+                gpa: 0x10_0000,
+                count: 1,
+                data: Cow::Borrowed(&data[..PAGE as usize]),
+            },
+            Frame::PassEnd {
+                pass: 0,
+                pages_sent: 5,
+            },
+            // The next pass may send the same pages again.
+            Frame::PassBegin { pass: 1, pages: 1 },
+            Frame::Pages {
+                gpa: 0x10_0000,
+                count: 1,
+                data: Cow::Borrowed(&data[..PAGE as usize]),
+            },
+            Frame::PassEnd {
+                pass: 1,
+                pages_sent: 1,
+            },
+        ],
+        &[],
+    );
+    let d = h.join().unwrap();
+    assert_eq!(d.refused_connections, 0, "{d:#?}");
+    assert_eq!(d.pages_received, 6, "{d:#?}");
+    assert_eq!(d.duplicate_pages_received, 2, "{d:#?}");
+    assert_eq!(d.interrupted.len(), 1, "{d:#?}");
+}
+
+/// Timing and activity counters against each other and the configuration: the migration
+/// is part of the wall time, the pause part of the migration, the budget the one given;
+/// every dirty-log bit is a page the guest wrote, and the device wrote.
+#[test]
+fn timing_and_activity_counters_are_consistent() {
+    let mut cfg = small();
+    cfg.engine.downtime_ms = 250;
+    let s = run_local(&cfg, &mut |_| {}).unwrap();
+    assert!(s.verified, "{s:#?}");
+    assert_eq!(s.downtime_budget_ms, 250);
+    assert_eq!(s.downtime_exceeded, s.downtime_ms > 250.0, "{s:#?}");
+    assert!(
+        s.downtime_ms > 0.0 && s.downtime_ms <= s.migration_ms,
+        "{s:#?}"
+    );
+    assert!(
+        s.migration_ms + cfg.warmup.as_secs_f64() * 1000.0 <= s.total_ms,
+        "{s:#?}"
+    );
+    assert!(s.cpu_dirty_pages <= s.guest_pages_written, "{s:#?}");
+    assert!(s.guest_pages_written > 0 && s.dma_writes > 0, "{s:#?}");
+    assert!(s.device_dirty_pages <= s.dma_writes, "{s:#?}");
+    assert_eq!(s.negative_control, None, "{s:#?}");
+}

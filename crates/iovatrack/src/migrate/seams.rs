@@ -78,8 +78,26 @@ pub trait GuestRam: Send + Sync {
             .regions()
             .get(index)
             .ok_or_else(|| VmError::memory(GuestError::NoSuchRegion { index }))?;
+        self.page_hashes_in(index, 0, r.length / 4096)
+    }
+    /// One hash per page of pages `first..first + count` of region `index` (verification
+    /// of a large region, a run at a time).
+    fn page_hashes_in(&self, index: usize, first: u64, count: u64) -> Result<Vec<u64>, VmError> {
+        let r = *self
+            .regions()
+            .get(index)
+            .ok_or_else(|| VmError::memory(GuestError::NoSuchRegion { index }))?;
+        if first
+            .checked_add(count)
+            .is_none_or(|end| end > r.length / 4096)
+        {
+            return Err(VmError::memory(GuestError::OutOfRange {
+                gpa: r.iova.saturating_add(first.saturating_mul(4096)),
+                len: count.saturating_mul(4096),
+            }));
+        }
         let mut buf = [0u8; 4096];
-        (0..r.length / 4096)
+        (first..first + count)
             .map(|p| {
                 self.read_page(r.iova + p * 4096, &mut buf)?;
                 Ok(guest::hash_page_bytes(&buf))
@@ -110,6 +128,9 @@ impl GuestRam for GuestMemory {
     }
     fn page_hashes(&self, index: usize) -> Result<Vec<u64>, VmError> {
         GuestMemory::page_hashes(self, index).map_err(VmError::memory)
+    }
+    fn page_hashes_in(&self, index: usize, first: u64, count: u64) -> Result<Vec<u64>, VmError> {
+        GuestMemory::page_hashes_in(self, index, first, count).map_err(VmError::memory)
     }
 }
 
@@ -408,6 +429,14 @@ mod tests {
         let fast = GuestRam::page_hashes(&m, 0).unwrap();
         let plain = Plain(m);
         assert_eq!(plain.page_hashes(0).unwrap(), fast);
+        // A run is the same slice of the region's hashes, read or through pagemap.
+        assert_eq!(plain.page_hashes_in(0, 2, 5).unwrap(), fast[2..7]);
+        assert_eq!(
+            GuestRam::page_hashes_in(&plain.0, 0, 2, 5).unwrap(),
+            fast[2..7]
+        );
+        assert!(plain.page_hashes_in(0, 15, 2).is_err());
+        assert!(GuestRam::page_hashes_in(&plain.0, 0, 16, 1).is_err());
         assert!(!plain.is_zero_page(0x3000).unwrap());
         assert!(plain.is_zero_page(0x4000).unwrap());
         assert!(plain.page_hashes(1).is_err());

@@ -85,6 +85,8 @@ struct Shared {
     writes: AtomicU64,
     logged: AtomicBool,
     unlogged: AtomicU64,
+    /// Writes made by [`DmaWorkload::write_now`].
+    proofs: AtomicU64,
 }
 
 /// Running DMA writer threads.
@@ -147,6 +149,7 @@ impl DmaWorkload {
             writes: AtomicU64::new(0),
             logged: AtomicBool::new(true),
             unlogged: AtomicU64::new(0),
+            proofs: AtomicU64::new(0),
         });
         let n = cfg.threads.max(1);
         let threads = if shared.total_pages() == 0 {
@@ -195,6 +198,40 @@ impl DmaWorkload {
     /// Writes made while no tracker logged them.
     pub fn unlogged_writes(&self) -> u64 {
         self.shared.unlogged.load(SeqCst)
+    }
+
+    /// One DMA write now, from the caller's thread, through the same sinks and counters as
+    /// the workload's own, unless the device is quiesced; returns whether it was made. The
+    /// k-th such write goes to the k-th page from the top of the targets (the guest's
+    /// working set, when smaller than RAM, is at the bottom), one word at offset 8, a value
+    /// the workload never writes.
+    pub fn write_now(&self) -> bool {
+        let sh = &self.shared;
+        let total = sh.total_pages();
+        if total == 0 {
+            return false;
+        }
+        sh.active.fetch_add(1, SeqCst);
+        let made = !sh.paused.load(SeqCst) && {
+            let k = sh.proofs.fetch_add(1, SeqCst);
+            let gpa = sh.page_gpa(total - 1 - k % total) + 8;
+            match sh.memory.words(gpa, 8) {
+                Ok(words) => {
+                    words[0].store(0xD0C0_0000_0000_0000 | k, SeqCst);
+                    for s in &sh.sinks {
+                        s.dma_write(gpa, 8);
+                    }
+                    if !sh.logged.load(SeqCst) {
+                        sh.unlogged.fetch_add(1, SeqCst);
+                    }
+                    sh.writes.fetch_add(1, SeqCst);
+                    true
+                }
+                Err(_) => false,
+            }
+        };
+        sh.active.fetch_sub(1, SeqCst);
+        made
     }
 
     /// Stop and join the threads.
@@ -272,8 +309,10 @@ fn writer(sh: Arc<Shared>, cfg: DmaConfig, id: u64, n: u64) {
         if per_thread_rate > 0 && done.is_multiple_of(16) {
             let due = Duration::from_secs_f64(done as f64 / per_thread_rate as f64);
             let el = started.elapsed();
-            if due > el {
-                std::thread::sleep(due - el);
+            // In slices, so a slow device still stops promptly.
+            let wake = Instant::now() + due.saturating_sub(el);
+            while !sh.stop.load(SeqCst) && Instant::now() < wake {
+                std::thread::sleep((wake - Instant::now()).min(Duration::from_millis(20)));
             }
         }
     }

@@ -27,12 +27,16 @@ pub enum Fault {
     /// CommitAck can arrive (first attempt): the handover is unacknowledged, the source
     /// stays paused and says so.
     DropAfterCommit,
+    /// Negative control of the device-state digest: one byte of the first device-state
+    /// record is flipped after the source's digest took it in (first attempt), so the
+    /// destination's digest differs and the migration must not verify.
+    CorruptDeviceState,
 }
 
 impl Fault {
     /// Every fault's syntax, for help and errors.
     pub const SYNTAX: &'static str =
-        "report-fail@N, start-e2big, drop@N, cancel@N, drop-before-commit, drop-after-commit, iommu-across-holes";
+        "report-fail@N, start-e2big, drop@N, cancel@N, drop-before-commit, drop-after-commit, iommu-across-holes, corrupt-device-state";
 }
 
 impl std::str::FromStr for Fault {
@@ -50,6 +54,7 @@ impl std::str::FromStr for Fault {
             None if s == "drop-before-commit" => Ok(Fault::DropBeforeCommit),
             None if s == "iommu-across-holes" => Ok(Fault::IommuAcrossHoles),
             None if s == "drop-after-commit" => Ok(Fault::DropAfterCommit),
+            None if s == "corrupt-device-state" => Ok(Fault::CorruptDeviceState),
             _ => Err(format!("unknown fault {s:?} ({})", Fault::SYNTAX)),
         }
     }
@@ -65,6 +70,7 @@ impl std::fmt::Display for Fault {
             Fault::DropBeforeCommit => write!(f, "drop-before-commit"),
             Fault::IommuAcrossHoles => write!(f, "iommu-across-holes"),
             Fault::DropAfterCommit => write!(f, "drop-after-commit"),
+            Fault::CorruptDeviceState => write!(f, "corrupt-device-state"),
         }
     }
 }
@@ -92,12 +98,18 @@ impl IommuDirtyTracker for HideMappings {
 }
 
 /// The demo's hooks: fires the configured faults on the first attempt and records which
-/// fired; tells the DMA workloads whether their writes are logged.
+/// fired; tells the DMA workloads whether their writes are logged. When no tracker logs
+/// them (the negative control), every device makes one DMA write at the start of each
+/// pass after pass 0, waited for here: the last lands just before stop-and-copy, after
+/// pass 0 sent its page and past the last collection, so the control always has a write
+/// to lose.
 pub struct FaultInjector {
     faults: Vec<Fault>,
     devices: Vec<Arc<EmulatedDevice>>,
     demo: Vec<Arc<DemoDevice>>,
     report_fired: bool,
+    /// Device DMA is logged by some tracker.
+    logged: bool,
     /// Faults that fired, in order.
     pub fired: Vec<Fault>,
 }
@@ -119,6 +131,7 @@ impl FaultInjector {
             devices,
             demo,
             report_fired: false,
+            logged: true,
             fired: Vec::new(),
         }
     }
@@ -134,6 +147,13 @@ impl FaultInjector {
 
 impl SourceHooks for FaultInjector {
     fn at(&mut self, point: Checkpoint) -> Control {
+        if let Checkpoint::PassStart { pass: 1.., .. } = point {
+            if !self.logged {
+                for d in &self.demo {
+                    d.workload().write_now();
+                }
+            }
+        }
         match point {
             Checkpoint::Collect {
                 attempt: 0,
@@ -198,8 +218,19 @@ impl SourceHooks for FaultInjector {
     }
 
     fn tracking_started(&mut self, logged: bool) {
+        self.logged = logged;
         for d in &self.demo {
             d.workload().set_logged(logged);
+        }
+    }
+
+    fn device_state_out(&mut self, _device: &str, bytes: &mut Vec<u8>) {
+        if self.faults.contains(&Fault::CorruptDeviceState) && self.fire(Fault::CorruptDeviceState)
+        {
+            match bytes.first_mut() {
+                Some(b) => *b ^= 0x01,
+                None => bytes.push(0x01),
+            }
         }
     }
 }

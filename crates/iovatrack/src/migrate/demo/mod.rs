@@ -14,7 +14,7 @@ pub mod viommu;
 pub use devices::{DemoDevice, DemoMigration};
 pub use dma::{DmaConfig, DmaPattern};
 pub use faults::{Fault, FaultInjector};
-pub use summary::{merge_destination, Summary};
+pub use summary::{merge_destination, NegativeControl, Summary};
 
 use crate::device::{DmaLogger, EmulatedDevice, EmulatedIommu, IommuDirtyTracker};
 use crate::layout::Layout;
@@ -295,13 +295,14 @@ pub fn run_source<C: Into<Box<dyn engine::Channel>>>(
         viommu::fill_summary(&mut summary, &viommus);
     }
     summary.guest_pages_written = guest.progress().pages_written;
-    // Writes nobody logged: outside the devices' ranges in device mode; the IOMMU sees
-    // every DMA in IOMMU mode, and all-dirty mode needs no log.
-    let outside = if summary.mode == "device" {
-        emulated.iter().map(|d| d.untracked_writes()).sum::<u64>()
-    } else {
-        0
-    };
+    // Writes nobody logged: outside a device's ranges when its own container runs device
+    // mode; the IOMMU sees every DMA in IOMMU mode, and all-dirty mode needs no log.
+    let outside: u64 = emulated
+        .iter()
+        .zip(&summary.device_reports)
+        .filter(|(_, r)| r.mode == "device")
+        .map(|(d, _)| d.untracked_writes())
+        .sum();
     summary.untracked_dma_writes = outside
         + demo
             .iter()
@@ -309,6 +310,7 @@ pub fn run_source<C: Into<Box<dyn engine::Channel>>>(
             .sum::<u64>();
     summary.device_state_digest =
         devices_digest(emulated.iter().map(|d| d.migration().data().to_vec()));
+    summary.judge_control();
     if summary.aborted.is_some() {
         // The engine resumed the guest after a clean failure: see that it runs.
         let before = guest.progress().pages_written;

@@ -10,10 +10,10 @@ use serde::Serialize;
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Summary {
     /// Destination memory equals the source's at the pause, page for page, the devices'
-    /// states were restored, and the guest ran on at the destination.
+    /// states arrived as sent and were restored, and the guest ran on at the destination.
     pub verified: bool,
-    /// Pages whose contents differ (page-level hash comparison; regions for guests too
-    /// large for a frame of page hashes).
+    /// Pages whose contents differ (page hashes compared; for guests too large for a
+    /// frame of page hashes, page by page in the regions whose hash differed).
     pub mismatched_pages: u64,
     /// Acknowledged passes over all attempts.
     pub passes: u32,
@@ -59,8 +59,13 @@ pub struct Summary {
     pub passes_cut: u32,
     /// Pages the devices reported over all passes.
     pub device_dirty_pages: u64,
-    /// DMA writes no tracker logged (must be 0 unless tracking is off).
+    /// DMA writes no tracker logged (must be 0 unless tracking is off): outside the
+    /// logged ranges of each device whose container runs device tracking, and every write
+    /// once migration started when no container tracks.
     pub untracked_dma_writes: u64,
+    /// The negative control (no device tracking): whether it proved that untracked DMA
+    /// loses pages, or proved nothing; `null` for any other run.
+    pub negative_control: Option<NegativeControl>,
     /// `kvm` or `software`.
     pub guest: String,
     /// Tracking mode of the first container: `device`, `iommu`, `all-dirty`, or `none`
@@ -83,6 +88,12 @@ pub struct Summary {
     pub device_state_restored: bool,
     /// Hash of the source devices' states at stop-and-copy.
     pub device_state_digest: u64,
+    /// The destination's digest of the device state it received equalled the source's of
+    /// what it sent (told in its verdict, so it holds across two processes).
+    pub device_state_matched: bool,
+    /// The engine's digest of the device state sent on the connection of the last verdict
+    /// (the receiver's `received_state_digest` must equal it).
+    pub sent_state_digest: u64,
     /// Ranges the first container's devices logged (last attempt).
     pub ranges: Vec<IovaRange>,
     /// REPORT failures turned into "whole range dirty".
@@ -133,7 +144,44 @@ pub struct Summary {
     pub untranslated_bits: u64,
 }
 
+/// What a negative control showed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NegativeControl {
+    /// `loss` (NOT VERIFIED, pages differ) or `nothing`.
+    pub proved: String,
+    /// Why, in words.
+    pub why: String,
+}
+
 impl Summary {
+    /// For a run without device tracking: say whether it proved loss or nothing.
+    pub fn judge_control(&mut self) {
+        if self.mode != "none" {
+            return;
+        }
+        let n = self.untracked_dma_writes;
+        let (proved, why) = if !self.verified && self.mismatched_pages > 0 {
+            (
+                "loss",
+                format!(
+                    "{} page(s) differ after {n} untracked DMA write(s)",
+                    self.mismatched_pages
+                ),
+            )
+        } else if n == 0 {
+            ("nothing", "no DMA write went untracked".to_string())
+        } else {
+            (
+                "nothing",
+                format!("{n} DMA write(s) went untracked, but no page was found different"),
+            )
+        };
+        self.negative_control = Some(NegativeControl {
+            proved: proved.into(),
+            why,
+        });
+    }
+
     /// The engine's counters, for a guest of `guest` kind with `devices` devices.
     pub fn from_engine(r: SourceReport, guest: &str, devices: usize) -> Self {
         Summary {
@@ -155,6 +203,8 @@ impl Summary {
             throttle_pct: r.throttle_pct,
             passes_cut: r.passes_cut,
             device_dirty_pages: r.device_dirty_pages,
+            device_state_matched: r.device_state_matched,
+            sent_state_digest: r.sent_state_digest,
             guest: guest.to_string(),
             mode: r.mode,
             attempts: r.attempts,
@@ -188,6 +238,7 @@ pub fn merge_destination(summary: &mut Summary, dest: Result<DestReport, Migrate
                 && d.resumed
                 && summary.device_state_restored
                 && summary.aborted.is_none();
+            summary.judge_control();
         }
         Err(e) => {
             summary.verified = false;
@@ -195,5 +246,49 @@ pub fn merge_destination(summary: &mut Summary, dest: Result<DestReport, Migrate
                 summary.aborted = Some(format!("destination: {e}"));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn control(verified: bool, mismatched_pages: u64, untracked: u64) -> Option<NegativeControl> {
+        let mut s = Summary {
+            mode: "none".into(),
+            verified,
+            mismatched_pages,
+            untracked_dma_writes: untracked,
+            ..Summary::default()
+        };
+        s.judge_control();
+        s.negative_control
+    }
+
+    #[test]
+    fn a_control_says_what_it_proved() {
+        let c = control(false, 3, 40).unwrap();
+        assert_eq!(c.proved, "loss");
+        assert_eq!(c.why, "3 page(s) differ after 40 untracked DMA write(s)");
+        let c = control(true, 0, 0).unwrap();
+        assert_eq!(
+            (c.proved.as_str(), c.why.as_str()),
+            ("nothing", "no DMA write went untracked")
+        );
+        // Aborted before any verdict: nothing found different, so nothing proved.
+        let c = control(false, 0, 40).unwrap();
+        assert_eq!(c.proved, "nothing");
+        assert!(
+            c.why.starts_with("40 DMA write(s) went untracked"),
+            "{}",
+            c.why
+        );
+        // Not a control: nothing said.
+        let mut s = Summary {
+            mode: "device".into(),
+            ..Summary::default()
+        };
+        s.judge_control();
+        assert_eq!(s.negative_control, None);
     }
 }

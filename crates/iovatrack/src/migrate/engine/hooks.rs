@@ -74,6 +74,10 @@ pub trait SourceHooks {
     /// Dirty tracking (re)started: `logged` says whether device DMA is now logged by
     /// anyone (false when no container tracks devices).
     fn tracking_started(&mut self, _logged: bool) {}
+    /// A device-state record is about to be sent, after the source's device-state digest
+    /// took it in: a harness may alter it here to show that the destination's digest
+    /// catches what changed on the way.
+    fn device_state_out(&mut self, _device: &str, _bytes: &mut Vec<u8>) {}
 }
 
 /// No hooks: what a VMM passes.
@@ -89,4 +93,16 @@ pub trait Verifier: Send + Sync {
     fn hashes(&self, memory: &dyn GuestRam, max_hashes: usize) -> Result<Vec<u64>, VmError>;
     /// A digest of `hashes`.
     fn digest(&self, hashes: &[u64]) -> u64;
+    /// One hash per page of pages `first..first + count` of region `region`: after
+    /// [`Verifier::hashes`] gave one hash per region and some differed, both sides compare
+    /// these to count the pages that differ.
+    fn page_hashes(
+        &self,
+        memory: &dyn GuestRam,
+        region: usize,
+        first: u64,
+        count: u64,
+    ) -> Result<Vec<u64>, VmError> {
+        memory.page_hashes_in(region, first, count)
+    }
 }

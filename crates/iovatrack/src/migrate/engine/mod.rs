@@ -30,6 +30,7 @@ use std::time::Duration;
 
 mod channel;
 mod destination;
+mod digest;
 mod hooks;
 mod link;
 mod source;
@@ -37,6 +38,7 @@ mod tls;
 
 pub use channel::{Channel, PlainTcp, Transport};
 pub use destination::{DestLimits, DestReport, Destination, Received, Refusal};
+pub use digest::StateDigest;
 pub use hooks::{Checkpoint, Control, NoHooks, SourceHooks, Verifier};
 pub use link::connector;
 pub use source::{run_source, SourceVm, Switchover};
@@ -45,6 +47,13 @@ pub use tls::{HandshakeError, Peer, Tls, TlsError};
 const PAGE: u64 = 4096;
 /// Pages per Pages frame (1 MiB).
 const FRAME_PAGES: usize = 256;
+
+/// Most hashes one Verify or VerifyPages frame carries within the default payload limit
+/// (the rest of the payload is its small fields). Both sides use it: it decides whether
+/// verification is per page or per region (and then in runs of pages).
+fn max_hashes() -> usize {
+    (crate::migrate::wire::Limits::default().max_payload as usize - 64) / 8
+}
 
 /// What to do when pre-copy has not converged by the timeout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -274,8 +283,26 @@ pub enum AttemptError {
     #[error("sending Commit failed ({0}): the destination may be running the guest, so the source stays paused")]
     CommitUncertain(#[source] WireError),
     /// The destination's memory differs from the source's.
-    #[error("the destination's memory differs in {0} page(s) (or regions): the source resumed")]
+    #[error("the destination's memory differs in {0} page(s): the source resumed")]
     Mismatch(u64),
+    /// The destination's memory differs, but counting the pages stopped early.
+    #[error("the destination's memory differs in {regions} region(s), at least {pages} page(s) (counting them stopped: {why}): the source resumed")]
+    MismatchUncounted {
+        /// Regions whose hash differed.
+        regions: u64,
+        /// Pages found different before counting stopped.
+        pages: u64,
+        /// Why it stopped.
+        why: String,
+    },
+    /// The destination received other device state than the source sent.
+    #[error("the destination's digest of the device state it received ({theirs:#018x}) differs from the source's of what it sent ({ours:#018x}): no handover, the source resumed")]
+    DeviceStateMismatch {
+        /// The source's digest.
+        ours: u64,
+        /// The destination's.
+        theirs: u64,
+    },
 }
 
 /// Whether the destination confirmed it took the guest over.
@@ -308,11 +335,19 @@ pub struct DeviceReport {
 /// What the source engine did: counters of acknowledged work.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct SourceReport {
-    /// The destination verified its memory and took the guest over.
+    /// The destination verified its memory, its digest of the device state it received
+    /// equalled the source's of what it sent, and it took the guest over.
     pub verified: bool,
-    /// Pages (or regions, for guests too large for page hashes) the destination found
-    /// different.
+    /// Pages the destination found different (for guests too large for a frame of page
+    /// hashes, counted page by page in the regions whose hash differed).
     pub mismatched_pages: u64,
+    /// The destination's digest of the device state it received equalled the source's
+    /// of what it sent (at the last verdict; false when no verdict came).
+    pub device_state_matched: bool,
+    /// The source's digest ([`StateDigest`]) of the device state it sent on the connection
+    /// of the last verdict (0 when no verdict came): equals the destination's
+    /// `received_state_digest` when they matched.
+    pub sent_state_digest: u64,
     /// Acknowledged passes over all attempts.
     pub passes: u32,
     /// Pages of acknowledged passes over all attempts.

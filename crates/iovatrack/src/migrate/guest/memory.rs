@@ -279,19 +279,28 @@ impl GuestMemory {
     /// look at every page. A page merely read maps the shared zero page and shows as
     /// present: it is not reported here, which is safe.
     pub fn never_written(&self, index: usize) -> Option<Vec<u64>> {
+        let pages = self.maps.get(index)?.range.length / PAGE_SIZE;
+        self.never_written_in(index, 0, pages)
+    }
+
+    /// [`GuestMemory::never_written`] for pages `first..first + count` of region `index`
+    /// (bit k = page `first + k`); `None` also when the run is outside the region.
+    pub fn never_written_in(&self, index: usize, first: u64, count: u64) -> Option<Vec<u64>> {
         use std::io::{Read, Seek, SeekFrom};
         const PRESENT: u64 = 1 << 63;
         const SWAPPED: u64 = 1 << 62;
         let m = self.maps.get(index)?;
-        let pages = m.range.length / PAGE_SIZE;
-        let host_page = self.host_page_index(index)?;
+        if first.checked_add(count)? > m.range.length / PAGE_SIZE {
+            return None;
+        }
+        let host_page = self.host_page_index(index)?.checked_add(first)?;
         let mut f = std::fs::File::open("/proc/self/pagemap").ok()?;
         f.seek(SeekFrom::Start(host_page.checked_mul(8)?)).ok()?;
-        let mut out = vec![0u64; pages.div_ceil(64) as usize];
+        let mut out = vec![0u64; count.div_ceil(64) as usize];
         let mut buf = vec![0u8; 8 * 4096];
         let mut page = 0u64;
-        while page < pages {
-            let n = ((pages - page) as usize).min(4096);
+        while page < count {
+            let n = ((count - page) as usize).min(4096);
             f.read_exact(&mut buf[..n * 8]).ok()?;
             for (i, e) in buf[..n * 8].chunks_exact(8).enumerate() {
                 let entry = u64::from_le_bytes(e.try_into().ok()?);
@@ -327,24 +336,45 @@ impl GuestMemory {
 
     /// Hashes of every page of region `index`, in page order.
     pub fn page_hashes(&self, index: usize) -> Result<Vec<u64>, GuestError> {
+        let pages = self.region_pages(index)?;
+        self.page_hashes_in(index, 0, pages)
+    }
+
+    /// Hashes of pages `first..first + count` of region `index`, in page order (a run,
+    /// so a large region is hashed in bounded memory).
+    pub fn page_hashes_in(
+        &self,
+        index: usize,
+        first: u64,
+        count: u64,
+    ) -> Result<Vec<u64>, GuestError> {
         let r = *self
             .regions
             .get(index)
             .ok_or(GuestError::NoSuchRegion { index })?;
+        if first
+            .checked_add(count)
+            .is_none_or(|end| end > r.length / PAGE_SIZE)
+        {
+            return Err(GuestError::OutOfRange {
+                gpa: r.iova.saturating_add(first.saturating_mul(PAGE_SIZE)),
+                len: count.saturating_mul(PAGE_SIZE),
+            });
+        }
         let m = &self.maps[index];
         // A never-written page is zero: its hash is known without faulting it in.
-        let never = self.never_written(index);
+        let never = self.never_written_in(index, first, count);
         let zero = hash_words(std::iter::repeat_n(0u64, PAGE_WORDS));
-        Ok((0..r.length / PAGE_SIZE)
-            .map(|p| {
+        Ok((0..count)
+            .map(|k| {
                 if never
                     .as_ref()
-                    .is_some_and(|w| w[(p / 64) as usize] >> (p % 64) & 1 == 1)
+                    .is_some_and(|w| w[(k / 64) as usize] >> (k % 64) & 1 == 1)
                 {
                     return zero;
                 }
                 hash_words(
-                    m.words(p * PAGE_SIZE, PAGE_WORDS)
+                    m.words((first + k) * PAGE_SIZE, PAGE_WORDS)
                         .iter()
                         .map(|w| w.load(Ordering::Relaxed)),
                 )
@@ -365,11 +395,19 @@ fn check_page_buf(len: usize) -> Result<(), GuestError> {
 
 /// FNV-1a (64-bit) over whole words: one xor and one multiply per 8 bytes.
 pub fn hash_words(words: impl IntoIterator<Item = u64>) -> u64 {
-    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    hash_words_from(HASH_SEED, words)
+}
+
+/// Where [`hash_words`] starts (the FNV-1a offset basis).
+pub const HASH_SEED: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// [`hash_words`] continued from `h` ([`HASH_SEED`], or the hash of the words before), so
+/// a long run of words is hashed in pieces.
+pub fn hash_words_from(h: u64, words: impl IntoIterator<Item = u64>) -> u64 {
     const PRIME: u64 = 0x0000_0100_0000_01b3;
     words
         .into_iter()
-        .fold(OFFSET, |h, w| (h ^ w).wrapping_mul(PRIME))
+        .fold(h, |h, w| (h ^ w).wrapping_mul(PRIME))
 }
 
 /// Hash of a 4096-byte page held in a byte buffer; equals [`GuestMemory::hash_page`] of a

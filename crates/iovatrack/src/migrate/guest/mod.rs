@@ -34,7 +34,9 @@ pub mod x86;
 use std::sync::Arc;
 
 pub use kvm::KvmGuest;
-pub use memory::{hash_page_bytes, hash_words, GuestMemory, PAGE_SIZE, PAGE_WORDS};
+pub use memory::{
+    hash_page_bytes, hash_words, hash_words_from, GuestMemory, HASH_SEED, PAGE_SIZE, PAGE_WORDS,
+};
 pub use soft::SoftGuest;
 pub use walk::WalkTable;
 pub use warm::{warm_fill, warm_pattern};

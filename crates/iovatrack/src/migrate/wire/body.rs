@@ -4,9 +4,11 @@
 //! Not here, on purpose:
 //! * bodies that are one integer (Ack's pass, VcpuState's index, Verify's digest) are read
 //!   and written as that integer: a one-field struct would say nothing more;
-//! * VerifyResult's `ok` byte and digest: the byte is checked (0 or 1) before the digest
-//!   is read, so a bad byte reports as such even in a short payload, and a struct read
+//! * VerifyResult's `ok` byte and digests: the byte is checked (0 or 1) before the digests
+//!   are read, so a bad byte reports as such even in a short payload, and a struct read
 //!   would turn that into "too short";
+//! * VerifyPages and VerifyPagesResult: a region and a first page before a list or a
+//!   count, read field by field like VerifyResult;
 //! * strings and counted lists have no fixed size and stay with the cursor in the codec.
 
 use super::header::PAGES_PREFIX_LEN;

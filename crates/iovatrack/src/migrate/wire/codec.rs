@@ -117,10 +117,12 @@ pub(super) fn encode_parts<'f>(
         Frame::VerifyResult {
             ok,
             digest,
+            device_digest,
             mismatched_regions,
         } => {
             out.put_u8(u8::from(*ok));
             out.put_u64(*digest);
+            out.put_u64(*device_digest);
             put_count(out, kind, mismatched_regions.len())?;
             for i in mismatched_regions.iter() {
                 out.put_u32(*i);
@@ -130,6 +132,29 @@ pub(super) fn encode_parts<'f>(
         Frame::Abort { reason } => reason.as_bytes(),
         Frame::Ack { pass } => {
             out.put_u32(*pass);
+            &[]
+        }
+        Frame::VerifyPages {
+            region,
+            first,
+            hashes,
+        } => {
+            out.put_u32(*region);
+            out.put_u64(*first);
+            put_count(out, kind, hashes.len())?;
+            for h in hashes.iter() {
+                out.put_u64(*h);
+            }
+            &[]
+        }
+        Frame::VerifyPagesResult {
+            region,
+            first,
+            mismatched,
+        } => {
+            out.put_u32(*region);
+            out.put_u64(*first);
+            out.put_u64(*mismatched);
             &[]
         }
     })
@@ -284,10 +309,12 @@ fn decode_payload(kind: FrameKind, payload: &[u8]) -> Result<Frame<'_>, WireErro
                 _ => return Err(malformed(kind, Malformation::BadBool)),
             };
             let digest = c.u64()?;
+            let device_digest = c.u64()?;
             let mismatched = c.list::<U32>()?;
             Frame::VerifyResult {
                 ok,
                 digest,
+                device_digest,
                 mismatched_regions: Cow::Owned(mismatched.iter().map(|i| i.get()).collect()),
             }
         }
@@ -298,6 +325,21 @@ fn decode_payload(kind: FrameKind, payload: &[u8]) -> Result<Frame<'_>, WireErro
             }
         }
         FrameKind::Ack => Frame::Ack { pass: c.u32()? },
+        FrameKind::VerifyPages => {
+            let region = c.u32()?;
+            let first = c.u64()?;
+            let hashes = c.list::<U64>()?;
+            Frame::VerifyPages {
+                region,
+                first,
+                hashes: Cow::Owned(hashes.iter().map(|h| h.get()).collect()),
+            }
+        }
+        FrameKind::VerifyPagesResult => Frame::VerifyPagesResult {
+            region: c.u32()?,
+            first: c.u64()?,
+            mismatched: c.u64()?,
+        },
     };
     c.end()?;
     Ok(frame)

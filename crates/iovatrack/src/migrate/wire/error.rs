@@ -183,6 +183,16 @@ pub enum WireError {
         /// The guest page size.
         page_size: u64,
     },
+    /// A VerifyPages run that is empty or not inside its region.
+    #[error("VerifyPages: {count} page hashes from page {first} of region {region} are not inside that region")]
+    VerifyPagesOutside {
+        /// Region index.
+        region: u32,
+        /// First page.
+        first: u64,
+        /// Hashes in the run.
+        count: u64,
+    },
     /// A run of pages not wholly inside one guest region.
     #[error("{count} pages at {gpa:#x} are not inside one guest memory region")]
     PagesOutsideGuest {

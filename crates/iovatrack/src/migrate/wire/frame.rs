@@ -40,6 +40,11 @@ pub enum FrameKind {
     /// Destination → source: the destination took the guest over after Commit (sent
     /// before it resumes the guest).
     CommitAck = 15,
+    /// Source → destination, after a verdict that found regions different: per-page
+    /// hashes of one run of a mismatched region, so the count is in pages.
+    VerifyPages = 16,
+    /// Destination → source: how many pages of that run differ.
+    VerifyPagesResult = 17,
 }
 
 impl FrameKind {
@@ -62,6 +67,8 @@ impl FrameKind {
             13 => Commit,
             14 => PassCut,
             15 => CommitAck,
+            16 => VerifyPages,
+            17 => VerifyPagesResult,
             _ => return None,
         })
     }
@@ -158,6 +165,9 @@ pub enum Frame<'a> {
         ok: bool,
         /// The destination's whole-memory digest.
         digest: u64,
+        /// The destination's digest of the device state it received this session (see
+        /// `engine::StateDigest`); the source compares it with what it sent.
+        device_digest: u64,
         /// Indices (regions, or pages for page-level verification) whose hash differed.
         mismatched_regions: Cow<'a, [u32]>,
     },
@@ -175,6 +185,27 @@ pub enum Frame<'a> {
     Commit,
     /// The destination owns the guest (after a [`Frame::Commit`]).
     CommitAck,
+    /// After a [`Frame::VerifyResult`] that found regions different (region-level
+    /// verification, for guests too large for a frame of page hashes): the hashes of
+    /// `hashes.len()` pages of region `region` from its page `first`. The source sends
+    /// every page of each mismatched region, in order, in runs that fit a frame.
+    VerifyPages {
+        /// Region index, in [`Frame::Hello`] order.
+        region: u32,
+        /// First page of the run, counted from the region's start.
+        first: u64,
+        /// One hash per page.
+        hashes: Cow<'a, [u64]>,
+    },
+    /// The destination's count of pages that differ in one [`Frame::VerifyPages`] run.
+    VerifyPagesResult {
+        /// The run's region.
+        region: u32,
+        /// The run's first page.
+        first: u64,
+        /// Pages of the run whose hash differed.
+        mismatched: u64,
+    },
 }
 
 /// A frame that owns all its data (as returned by [`decode_all`](super::decode_all)).
@@ -203,6 +234,8 @@ impl Frame<'_> {
             Frame::VerifyResult { .. } => FrameKind::VerifyResult,
             Frame::Abort { .. } => FrameKind::Abort,
             Frame::Ack { .. } => FrameKind::Ack,
+            Frame::VerifyPages { .. } => FrameKind::VerifyPages,
+            Frame::VerifyPagesResult { .. } => FrameKind::VerifyPagesResult,
         }
     }
 
@@ -258,16 +291,36 @@ impl Frame<'_> {
             Frame::VerifyResult {
                 ok,
                 digest,
+                device_digest,
                 mismatched_regions,
             } => Frame::VerifyResult {
                 ok,
                 digest,
+                device_digest,
                 mismatched_regions: owned(mismatched_regions),
             },
             Frame::Abort { reason } => Frame::Abort {
                 reason: owned(reason),
             },
             Frame::Ack { pass } => Frame::Ack { pass },
+            Frame::VerifyPages {
+                region,
+                first,
+                hashes,
+            } => Frame::VerifyPages {
+                region,
+                first,
+                hashes: owned(hashes),
+            },
+            Frame::VerifyPagesResult {
+                region,
+                first,
+                mismatched,
+            } => Frame::VerifyPagesResult {
+                region,
+                first,
+                mismatched,
+            },
         }
     }
 }

@@ -207,8 +207,12 @@ pub enum StreamState {
     InPass,
     /// After Complete; only Verify (or Abort) may come.
     Completed,
-    /// After Verify; only Commit (or Abort) may come.
+    /// After Verify; only Commit, VerifyPages (after a verdict that found regions
+    /// different) or Abort may come.
     Verified,
+    /// After a VerifyPages; only more VerifyPages (or Abort) may come: no Commit follows
+    /// a verdict that found differences.
+    Narrowing,
     /// After Commit; nothing may come.
     Committed,
     /// After Abort; nothing may come.
@@ -219,8 +223,10 @@ pub enum StreamState {
 /// our layout; passes numbered 0, 1, 2, …; Pages only inside a pass, each run valid
 /// ([`MemoryLayout::locate`]); a pass's announced, received and reported page counts equal;
 /// device and vCPU state between passes; Complete's total equal to all pages received; then
-/// only Verify. Abort is accepted anywhere and ends the stream. Frames only the destination
-/// sends (HelloAck, Ack, VerifyResult) are rejected.
+/// only Verify, then Commit or runs of VerifyPages inside one region each. Abort is accepted
+/// anywhere and ends the stream. Frames only the destination sends (HelloAck, Ack,
+/// VerifyResult, VerifyPagesResult) are rejected. Which regions the VerifyPages runs must
+/// cover is the destination's verdict, checked by the destination itself.
 #[derive(Clone, Debug)]
 pub struct Validator {
     layout: MemoryLayout,
@@ -350,6 +356,31 @@ impl Validator {
                 self.state = Verified;
             }
             (Verified, Frame::Commit) => self.state = Committed,
+            (
+                Verified | Narrowing,
+                Frame::VerifyPages {
+                    region,
+                    first,
+                    hashes,
+                },
+            ) => {
+                let n = hashes.len() as u64;
+                let pages = self
+                    .layout
+                    .regions
+                    .get(*region as usize)
+                    .map(|r| r.length / self.layout.page_size);
+                let inside = pages
+                    .is_some_and(|p| n > 0 && first.checked_add(n).is_some_and(|end| end <= p));
+                if !inside {
+                    return Err(WireError::VerifyPagesOutside {
+                        region: *region,
+                        first: *first,
+                        count: n,
+                    });
+                }
+                self.state = Narrowing;
+            }
             (state, _) => return unexpected(state),
         }
         Ok(None)

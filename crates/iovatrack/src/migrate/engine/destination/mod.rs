@@ -44,10 +44,14 @@ pub struct DestReport {
     /// Times the memory was reset (written pages zeroed, a new session id chosen) because
     /// a refused peer had written pages.
     pub memory_resets: u32,
-    /// A session completed and the memory matched.
+    /// A session completed, the memory matched, and the source handed the guest over.
     pub verified: bool,
-    /// Pages (or regions) whose hash differed from the source's.
+    /// Pages whose hash differed from the source's (for guests too large for a frame of
+    /// page hashes, counted page by page in the regions whose hash differed).
     pub mismatched_pages: u64,
+    /// The source refused the handover after a good memory verdict, and why (e.g. the
+    /// device state received differs from what it sent).
+    pub handover_refused: Option<String>,
     /// Pages received more than once within one pass.
     pub duplicate_pages_received: u64,
     /// Pages received over all sessions.
@@ -62,6 +66,9 @@ pub struct DestReport {
     pub devices_restored: u32,
     /// Hash of the restored device state (demo devices).
     pub device_state_digest: u64,
+    /// The engine's digest of the device state the last session received (what its
+    /// VerifyResult told the source).
+    pub received_state_digest: u64,
     /// Why sessions ended early, in order.
     pub interrupted: Vec<String>,
 }
@@ -387,6 +394,18 @@ impl Destination {
                 Served::Complete(Box::new(Received {
                     report: self.report.clone(),
                     vcpu_states: std::mem::take(&mut self.vcpus),
+                }))
+            }
+            session::SessionEnd::HandoverRefused(why) => {
+                // The source found the device state (or memory) differs: it keeps the
+                // guest, and nothing here may resume it.
+                log::warn!("destination: the source refused the handover: {why}");
+                self.report.verified = false;
+                self.report.handover_refused = Some(why);
+                self.report.session_id = self.session_id;
+                Served::Complete(Box::new(Received {
+                    report: self.report.clone(),
+                    vcpu_states: Vec::new(),
                 }))
             }
             session::SessionEnd::Interrupted(why) => {

@@ -1,11 +1,13 @@
 //! One connection: the handshake, the frames, verification and the Commit handover.
 
+mod narrow;
+
 use super::{Destination, Refusal};
 use crate::device::MigState;
 use crate::migrate::engine::channel::{Channel, Duplex};
-use crate::migrate::engine::{MigrateError, PAGE};
+use crate::migrate::engine::{max_hashes, MigrateError, StateDigest, PAGE};
 use crate::migrate::wire::{
-    Frame, FrameReader, FrameWriter, Limits, MemoryLayout, StreamState, Validator, WireError,
+    Frame, FrameReader, FrameWriter, MemoryLayout, StreamState, Validator, WireError,
 };
 use std::borrow::Cow;
 use std::io;
@@ -23,6 +25,8 @@ struct Session {
     state_bytes: Vec<u64>,
     /// Every device state change and write so far succeeded.
     device_ok: bool,
+    /// The device state given to the devices this session (the source compares it).
+    state: StateDigest,
 }
 
 /// What a frame leads to.
@@ -30,6 +34,8 @@ enum Step {
     Next,
     End(SessionEnd),
     AwaitCommit,
+    /// The verdict named regions that differ: count their pages from the source's hashes.
+    Narrow(Vec<u32>),
 }
 
 /// How a session ended.
@@ -40,6 +46,9 @@ pub(super) enum SessionEnd {
     Interrupted(String),
     /// Not a source of ours, or one that broke the protocol or a limit.
     Refused(Refusal),
+    /// After a good memory verdict the source refused the handover (its Abort says why,
+    /// e.g. the device state received differs from what it sent).
+    HandoverRefused(String),
 }
 
 impl From<Refusal> for SessionEnd {
@@ -67,6 +76,7 @@ impl Destination {
             resuming: vec![false; self.devices.len()],
             state_bytes: vec![0; self.devices.len()],
             device_ok: true,
+            state: StateDigest::new(),
         };
         if let Some(end) = self.handshake(&mut r, &mut s)? {
             return Ok(end);
@@ -123,6 +133,7 @@ impl Destination {
                 Ok(Step::Next) => {}
                 Ok(Step::End(end)) => return Ok(end),
                 Ok(Step::AwaitCommit) => return Ok(Self::await_commit(r, s)),
+                Ok(Step::Narrow(regions)) => return self.narrow(r, s, &regions),
                 Err(FrameError::Refused(why)) => return Ok(refuse(s, why)),
                 Err(FrameError::Local(e)) => return Err(e),
             }
@@ -296,7 +307,12 @@ impl Destination {
             s.device_ok &= d.set_state(MigState::Resuming).is_ok();
             s.resuming[i] = true;
         }
-        s.device_ok &= d.write_data(bytes).is_ok();
+        let delivered = d.write_data(bytes).is_ok();
+        s.device_ok &= delivered;
+        // Only what a device took counts: bytes it refused differ from what was sent.
+        if delivered {
+            s.state.add(name, bytes);
+        }
         Ok(())
     }
 
@@ -311,16 +327,28 @@ impl Destination {
             None => Vec::new(),
         };
         let ok = mismatched.is_empty();
-        self.report.mismatched_pages = mismatched.len() as u64;
+        // Per region (a guest too large for a frame of page hashes): the pages are
+        // counted next, from the source's page hashes of those regions.
+        let total_pages: u64 = self.memory.regions().iter().map(|r| r.length / PAGE).sum();
+        let per_region = ours.len() as u64 != total_pages;
+        self.report.mismatched_pages = if per_region {
+            0
+        } else {
+            mismatched.len() as u64
+        };
         self.verify_result = Some(ok);
+        self.report.received_state_digest = s.state.value();
         let digest = self.verifier.as_ref().map_or(0, |v| v.digest(&ours));
         s.w.write_frame(&Frame::VerifyResult {
             ok,
             digest,
-            mismatched_regions: Cow::Owned(mismatched),
+            device_digest: self.report.received_state_digest,
+            mismatched_regions: Cow::Borrowed(&mismatched),
         })?;
         Ok(if ok {
             Step::AwaitCommit
+        } else if per_region {
+            Step::Narrow(mismatched)
         } else {
             Step::End(SessionEnd::Complete)
         })
@@ -339,6 +367,8 @@ impl Destination {
                 }
                 SessionEnd::Complete
             }
+            // The source will not hand over (it says why): nothing to wait for.
+            Ok(Frame::Abort { reason }) => SessionEnd::HandoverRefused(reason.into_owned()),
             Ok(other) => {
                 SessionEnd::Interrupted(format!("expected Commit, got {:?}", other.kind()))
             }
@@ -348,9 +378,8 @@ impl Destination {
 
     /// The verifier's hashes of the received memory (none without a verifier).
     fn hashes(&self) -> Result<Vec<u64>, MigrateError> {
-        let max_hashes = (Limits::default().max_payload as usize - 64) / 8;
         match &self.verifier {
-            Some(v) => Ok(v.hashes(self.memory.as_ref(), max_hashes)?),
+            Some(v) => Ok(v.hashes(self.memory.as_ref(), max_hashes())?),
             None => Ok(Vec::new()),
         }
     }

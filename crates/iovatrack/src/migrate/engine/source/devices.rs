@@ -105,6 +105,9 @@ impl Source<'_, '_> {
             if let Some(r) = self.report.devices.get_mut(i) {
                 r.state_bytes += bytes.len() as u64;
             }
+            // Digest what the device gave, before a harness may alter it on its way.
+            self.sent_state.add(d.name(), &bytes);
+            self.hooks.device_state_out(d.name(), &mut bytes);
             c.w.write_frame(&Frame::DeviceState {
                 name: Cow::Borrowed(d.name()),
                 bytes: Cow::Owned(bytes),

@@ -3,7 +3,9 @@
 mod converge;
 mod devices;
 mod pass;
+mod sent;
 mod stop;
+mod verify;
 
 pub use converge::Switchover;
 
@@ -12,7 +14,7 @@ use super::hooks::{Checkpoint, Control, SourceHooks, Verifier};
 use super::link::{prepare_source_socket, Link};
 use super::{
     AttemptError, DeviceReport, EngineConfig, Event, Handover, MigrateError, PassStats,
-    SourceReport, TimeoutAction, FRAME_PAGES, PAGE,
+    SourceReport, StateDigest, TimeoutAction, FRAME_PAGES, PAGE,
 };
 use crate::bitmap::DirtyBitmap;
 use crate::layout::Layout;
@@ -95,9 +97,10 @@ impl Conn {
 
 /// The destination's verdict, as the source heard it.
 struct Verdict {
+    /// Memory and device state matched: the handover may go ahead.
     ok: bool,
     handover: Handover,
-    mismatched: u64,
+    heard: verify::Heard,
     downtime_ms: f64,
 }
 
@@ -123,6 +126,9 @@ struct Source<'a, 'h> {
     bandwidth: f64,
     /// Pages sent on the current connection (its Complete frame reports them).
     conn_pages: u64,
+    /// The device state sent on the current connection (the destination's digest of what
+    /// it received must equal it).
+    sent_state: StateDigest,
     /// Auto-converge.
     throttle: converge::Throttle,
     /// Pre-copy time and CPU dirt, for the dirty rate.
@@ -160,6 +166,7 @@ impl<'a, 'h> Source<'a, 'h> {
             report: SourceReport::default(),
             bandwidth: 0.0,
             conn_pages: 0,
+            sent_state: StateDigest::new(),
             throttle: converge::Throttle::default(),
             dirty_window: (Duration::ZERO, 0),
         })
@@ -316,6 +323,8 @@ impl<'a, 'h> Source<'a, 'h> {
             acked_bytes: 0,
         };
         self.conn_pages = 0;
+        // A new connection is a new destination session: its device streams start over.
+        self.sent_state.clear();
         let regions = self.vm.memory.regions().to_vec();
         let layout = MemoryLayout::new(PAGE, self.vm.vcpus.kind(), regions)
             .map_err(|e| AttemptEnd::Abort(AttemptError::Layout(e)))?;
@@ -558,13 +567,16 @@ pub fn run_source<C: Into<Box<dyn Channel>>>(
         match res {
             Ok(v) if v.ok => break Ok(v),
             Ok(v) => {
-                // A destination that verified wrong memory keeps nothing running there:
-                // the source takes its guest back.
-                src.report.mismatched_pages = v.mismatched;
+                // A destination that verified wrong memory or device state keeps nothing
+                // running there: the source takes its guest back.
+                src.report.mismatched_pages = v.heard.mismatched;
+                src.report.device_state_matched = v.heard.device_state_matched();
+                src.report.sent_state_digest = v.heard.device_digests.0;
                 // The guest was paused that long, whatever the verdict.
                 src.report.downtime_ms = v.downtime_ms;
                 src.take_back();
-                break Err(AttemptError::Mismatch(v.mismatched));
+                let e = v.heard.failure().unwrap_or(AttemptError::Mismatch(0));
+                break Err(e);
             }
             Err(AttemptEnd::Uncertain(e)) => break Err(e),
             Err(AttemptEnd::Retry(e)) if attempt < cfg.retries => {
@@ -606,7 +618,9 @@ pub fn run_source<C: Into<Box<dyn Channel>>>(
                     "Commit was sent but the destination never acknowledged it: the guest stays paused here and the destination's state is unknown (check it before resuming either side)".into(),
                 );
             }
-            src.report.mismatched_pages = v.mismatched;
+            src.report.mismatched_pages = v.heard.mismatched;
+            src.report.device_state_matched = v.heard.device_state_matched();
+            src.report.sent_state_digest = v.heard.device_digests.0;
             src.report.downtime_ms = v.downtime_ms;
             src.report.downtime_exceeded = v.downtime_ms > cfg.downtime_ms as f64;
         }

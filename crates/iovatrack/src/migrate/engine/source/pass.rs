@@ -101,10 +101,6 @@ impl Source<'_, '_> {
                 let n = (first + len - at).min(FRAME_PAGES as u64);
                 for i in 0..n {
                     let bit = at + i;
-                    if self.sent[region].is_set(bit) {
-                        self.report.duplicate_pages_sent += 1;
-                    }
-                    let _ = self.sent[region].set(bit);
                     let _ = self.touched[region].set(bit);
                     let _ = self.at_dest[region].set(bit);
                     let off = (i * PAGE) as usize;
@@ -121,6 +117,8 @@ impl Source<'_, '_> {
                     n as u32,
                     &self.page_buf[..(n * PAGE) as usize],
                 )?;
+                self.report.duplicate_pages_sent +=
+                    super::sent::record_run(&mut self.sent[region], at, n);
                 sent += n;
                 at += n;
                 if sent.is_multiple_of(8192) || at == first + len {

@@ -3,7 +3,7 @@
 use super::{expect, AttemptEnd, Conn, Source, Verdict};
 use crate::migrate::engine::hooks::{Checkpoint, Control};
 use crate::migrate::engine::{AttemptError, Event, Handover, PassStats};
-use crate::migrate::wire::{Frame, Limits};
+use crate::migrate::wire::Frame;
 use std::borrow::Cow;
 use std::time::Instant;
 
@@ -71,13 +71,17 @@ impl Source<'_, '_> {
             est_downtime_ms: downtime_ms,
             final_pass: true,
         }));
-        let (ok, mismatched) = self.verify(c)?;
+        let heard = self.verify(c)?;
+        let ok = heard.memory_ok && heard.device_state_matched();
+        if heard.memory_ok && !heard.device_state_matched() {
+            // The memory matched but the devices would resume from other state than
+            // theirs: no handover, and the destination hears why.
+            c.abort("the device state received differs from what was sent");
+        }
         if ok && self.hooks.at(Checkpoint::BeforeCommit { attempt }) == Control::DropLink {
             c.drop_link();
             return Err(AttemptEnd::Retry(AttemptError::DroppedBeforeCommit));
         }
-        // The destination answered the verdict: it read everything before it.
-        c.acked_bytes = c.w.get_ref().bytes;
         let handover = if ok {
             // Hand the guest over. Until Commit the destination does not run it, so any
             // failure before this point lets the source resume safely; after a failed
@@ -116,49 +120,8 @@ impl Source<'_, '_> {
         Ok(Verdict {
             ok,
             handover,
-            mismatched,
+            heard,
             downtime_ms,
         })
-    }
-
-    /// Complete, Verify, and the destination's verdict: (ok, mismatched pages or
-    /// regions).
-    fn verify(&mut self, c: &mut Conn) -> Result<(bool, u64), AttemptEnd> {
-        let max_hashes = (Limits::default().max_payload as usize - 64) / 8;
-        let regions = self.vm.memory.regions().len();
-        let (digest, hashes) = match self.vm.verifier {
-            Some(v) => {
-                let h = v
-                    .hashes(self.vm.memory, max_hashes)
-                    .map_err(|e| AttemptEnd::Abort(e.into()))?;
-                (v.digest(&h), h)
-            }
-            // Unverified: one placeholder per region, which a destination without a
-            // verifier does not compare.
-            None => (0, vec![0; regions]),
-        };
-        c.w.write_frame(&Frame::Complete {
-            total_pages: self.conn_pages,
-            digest,
-        })?;
-        c.w.write_frame(&Frame::Verify {
-            digest,
-            region_hashes: Cow::Owned(hashes),
-        })?;
-        c.w.flush()?;
-        match c.r.read_frame()? {
-            Frame::VerifyResult {
-                ok,
-                mismatched_regions,
-                ..
-            } => Ok((ok, mismatched_regions.len() as u64)),
-            Frame::Abort { reason } => Err(AttemptEnd::Abort(AttemptError::DestinationAborted(
-                reason.into_owned(),
-            ))),
-            other => Err(AttemptEnd::Abort(AttemptError::Unexpected {
-                expected: "VerifyResult",
-                got: other.kind(),
-            })),
-        }
     }
 }

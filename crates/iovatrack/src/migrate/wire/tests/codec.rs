@@ -6,7 +6,7 @@ use super::*;
 fn round_trip_every_frame_type() {
     let frames = every_frame();
     let kinds: std::collections::HashSet<_> = frames.iter().map(|f| f.kind()).collect();
-    assert_eq!(kinds.len(), 13, "every frame kind is covered");
+    assert_eq!(kinds.len(), 15, "every frame kind is covered");
     let bytes = encode(&frames);
     assert_eq!(decode_all(&bytes, &Limits::default()).unwrap(), frames);
     // And through the streaming reader, which borrows its buffer.
@@ -177,8 +177,20 @@ fn malformed_payloads() {
     );
     check(FrameKind::DeviceState, &[5, 0, b'a'], Malformation::Short);
     let mut vr = vec![2u8];
-    vr.extend_from_slice(&[0; 12]);
+    vr.extend_from_slice(&[0; 20]);
     check(FrameKind::VerifyResult, &vr, Malformation::BadBool);
+    // A version-2 VerifyResult (no device digest) is too short for this version.
+    check(FrameKind::VerifyResult, &[1; 9], Malformation::Short);
+    check(FrameKind::VerifyPagesResult, &[0; 19], Malformation::Short);
+    check(
+        FrameKind::VerifyPagesResult,
+        &[0; 21],
+        Malformation::Trailing,
+    );
+    let mut v = vec![0u8; 12];
+    v.extend_from_slice(&2u32.to_le_bytes());
+    v.extend_from_slice(&[0; 8]);
+    check(FrameKind::VerifyPages, &v, Malformation::CountMismatch);
     // A hostile list count: claims 2^32 − 1 hashes, carries one.
     let mut v = vec![0u8; 8];
     v.extend_from_slice(&u32::MAX.to_le_bytes());

@@ -50,6 +50,7 @@ fn loopback_tcp_stream_of_pages() {
                     writer.write_frame(&Frame::VerifyResult {
                         ok: true,
                         digest: 0,
+                        device_digest: 0,
                         mismatched_regions: Cow::Borrowed(&[]),
                     })?;
                     return Ok((v.pages_received(), frames));

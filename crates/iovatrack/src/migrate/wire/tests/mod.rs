@@ -70,12 +70,24 @@ fn every_frame() -> Vec<OwnedFrame> {
         Frame::VerifyResult {
             ok: false,
             digest: 5,
+            device_digest: 6,
             mismatched_regions: Cow::Owned(vec![0, 2]),
         },
         Frame::VerifyResult {
             ok: true,
             digest: 5,
+            device_digest: u64::MAX,
             mismatched_regions: Cow::Owned(vec![]),
+        },
+        Frame::VerifyPages {
+            region: 1,
+            first: 1 << 40,
+            hashes: Cow::Owned(vec![0, 1, u64::MAX]),
+        },
+        Frame::VerifyPagesResult {
+            region: u32::MAX,
+            first: 3,
+            mismatched: u64::MAX,
         },
         Frame::Abort {
             reason: Cow::Owned("device refused STOP_COPY".into()),

@@ -53,13 +53,32 @@ fn arb_frame() -> impl Strategy<Value = OwnedFrame> {
         (
             any::<bool>(),
             any::<u64>(),
+            any::<u64>(),
             proptest::collection::vec(any::<u32>(), 0..6)
         )
-            .prop_map(|(ok, digest, m)| Frame::VerifyResult {
+            .prop_map(|(ok, digest, device_digest, m)| Frame::VerifyResult {
                 ok,
                 digest,
+                device_digest,
                 mismatched_regions: Cow::Owned(m)
             }),
+        (
+            any::<u32>(),
+            any::<u64>(),
+            proptest::collection::vec(any::<u64>(), 0..6)
+        )
+            .prop_map(|(region, first, h)| Frame::VerifyPages {
+                region,
+                first,
+                hashes: Cow::Owned(h)
+            }),
+        (any::<u32>(), any::<u64>(), any::<u64>()).prop_map(|(region, first, mismatched)| {
+            Frame::VerifyPagesResult {
+                region,
+                first,
+                mismatched,
+            }
+        }),
         ".{0,20}".prop_map(|r| Frame::Abort {
             reason: Cow::Owned(r)
         }),

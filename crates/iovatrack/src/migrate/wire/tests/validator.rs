@@ -312,7 +312,13 @@ fn validator_rejections() {
         Frame::VerifyResult {
             ok: true,
             digest: 0,
+            device_digest: 0,
             mismatched_regions: Cow::Borrowed(&[]),
+        },
+        Frame::VerifyPagesResult {
+            region: 0,
+            first: 0,
+            mismatched: 1,
         },
     ] {
         assert!(unexpected(v.validate(&f), f.kind(), StreamState::Idle));
@@ -539,6 +545,64 @@ fn validator_takes_a_cut_pass_for_what_it_sent() {
     v.validate(&Frame::Complete {
         total_pages: 3,
         digest: 0,
+    })
+    .unwrap();
+}
+
+/// After a verdict that found regions different, the source sends page hashes of those
+/// regions: each run non-empty and inside its region; no Commit after one.
+#[test]
+fn validator_takes_page_hashes_inside_a_region_after_verify() {
+    let l = layout();
+    let hello = l.hello().into_owned();
+    let mut v = Validator::new(l);
+    v.validate(&hello).unwrap();
+    let run = |region, first, n| Frame::VerifyPages {
+        region,
+        first,
+        hashes: Cow::Owned(vec![7; n]),
+    };
+    // Not before Verify.
+    assert!(matches!(
+        v.clone().validate(&run(0, 0, 1)),
+        Err(WireError::UnexpectedFrame {
+            state: StreamState::Idle,
+            ..
+        })
+    ));
+    v.validate(&Frame::Complete {
+        total_pages: 0,
+        digest: 0,
+    })
+    .unwrap();
+    v.validate(&Frame::Verify {
+        digest: 0,
+        region_hashes: Cow::Owned(vec![1, 2, 3]),
+    })
+    .unwrap();
+    // Region 2 is 256 pages: its last page is fine, one past it, an empty run, or a region
+    // that does not exist are not.
+    for (region, first, n) in [
+        (2, 256, 1),
+        (2, 200, 57),
+        (0, 0, 0),
+        (3, 0, 1),
+        (2, u64::MAX, 1),
+    ] {
+        assert!(
+            matches!(
+                v.clone().validate(&run(region, first, n)),
+                Err(WireError::VerifyPagesOutside { .. })
+            ),
+            "{region} {first} {n}"
+        );
+    }
+    v.validate(&run(2, 255, 1)).unwrap();
+    assert_eq!(v.state(), StreamState::Narrowing);
+    v.validate(&run(0, 0, 3)).unwrap();
+    assert!(v.clone().validate(&Frame::Commit).is_err());
+    v.validate(&Frame::Abort {
+        reason: Cow::Borrowed("done"),
     })
     .unwrap();
 }
