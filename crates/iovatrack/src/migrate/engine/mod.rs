@@ -35,7 +35,7 @@ mod link;
 mod source;
 
 pub use channel::{Channel, PlainTcp, Transport};
-pub use destination::{DestLimits, DestReport, Destination, Received, Refusal};
+pub use destination::{DestLimits, DestReport, Destination, Received, Refusal, Served};
 pub use hooks::{Checkpoint, Control, NoHooks, SourceHooks, Verifier};
 pub use link::connector;
 pub use source::{run_source, SourceVm, Switchover};

@@ -314,11 +314,18 @@ impl Destination {
         self.report.mismatched_pages = mismatched.len() as u64;
         self.verify_result = Some(ok);
         let digest = self.verifier.as_ref().map_or(0, |v| v.digest(&ours));
-        s.w.write_frame(&Frame::VerifyResult {
+        let verdict = Frame::VerifyResult {
             ok,
             digest,
             mismatched_regions: Cow::Owned(mismatched),
-        })?;
+        };
+        if let Err(e) = s.w.write_frame(&verdict) {
+            // The peer went away before hearing the verdict: a dropped connection (its
+            // retry continues into this memory), not a failure of the destination.
+            return Ok(Step::End(SessionEnd::Interrupted(format!(
+                "sending VerifyResult: {e}"
+            ))));
+        }
         Ok(if ok {
             Step::AwaitCommit
         } else {
