@@ -1,5 +1,8 @@
 //! Shared checks for the fuzz targets: plan a parsed layout every way and check the
-//! invariants every successful plan must keep.
+//! invariants every successful plan must keep; the `receiver` target's harness.
+
+pub mod fixture;
+pub mod receiver;
 
 use iovatrack::layout::Layout;
 use iovatrack::plan::{Planner, Strategy};

@@ -5,7 +5,8 @@
 //! in guest memory. `PROPTEST_CASES` sets the number of sequences (default 64); the
 //! cargo-fuzz target `receiver` (fuzz/) drives the same path with coverage guidance.
 
-use iovatrack::migrate::engine::{DestLimits, Destination};
+use iovatrack::migrate::demo::verify::{page_hashes, PageHashes};
+use iovatrack::migrate::engine::{Channel, DestLimits, Destination, Served};
 use iovatrack::migrate::guest::GuestMemory;
 use iovatrack::migrate::wire::{Frame, FrameWriter, MemoryLayout, OwnedFrame};
 use iovatrack::range::IovaRange;
@@ -154,4 +155,162 @@ proptest! {
             }
         }
     }
+}
+
+/// A peer as an in-memory channel: reads come from `input`; the destination's writes
+/// succeed for its first `writes_ok` frames, then fail (the peer is gone).
+struct Scripted {
+    input: std::io::Cursor<Vec<u8>>,
+    writes_ok: usize,
+    writes: usize,
+}
+
+impl Scripted {
+    fn new(frames: &[Frame<'_>], writes_ok: usize) -> Box<Self> {
+        let mut w = FrameWriter::new(Vec::new());
+        for f in frames {
+            w.write_frame(f).unwrap();
+        }
+        Box::new(Scripted {
+            input: std::io::Cursor::new(w.into_inner()),
+            writes_ok,
+            writes: 0,
+        })
+    }
+}
+
+impl Read for Scripted {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.input.read(buf)
+    }
+}
+
+impl Write for Scripted {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.write_vectored(&[std::io::IoSlice::new(buf)])
+    }
+    // One call a frame: the frame writer hands a whole frame to one vectored write.
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        self.writes += 1;
+        if self.writes > self.writes_ok {
+            return Err(std::io::ErrorKind::BrokenPipe.into());
+        }
+        Ok(bufs.iter().map(|b| b.len()).sum())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Channel for Scripted {
+    fn tcp(&self) -> Option<&TcpStream> {
+        None
+    }
+}
+
+/// A destination over `REGIONS` that verifies page by page, as the demo's does.
+fn verifying_destination() -> (Arc<GuestMemory>, Destination) {
+    let memory = Arc::new(GuestMemory::new(&REGIONS).unwrap());
+    let d = Destination::new(memory.clone(), Vec::new())
+        .vcpu_kind("software")
+        .verifier(Arc::new(PageHashes));
+    (memory, d)
+}
+
+/// A whole migration of one page of `fill` at 1 MiB, verified against `expect` (the
+/// memory the source has), then Commit.
+fn one_page_migration(fill: u8, expect: &GuestMemory) -> Vec<OwnedFrame> {
+    let layout = layout();
+    vec![
+        layout.hello().into_owned(),
+        Frame::PassBegin { pass: 0, pages: 1 },
+        Frame::Pages {
+            gpa: 1 << 20,
+            count: 1,
+            data: Cow::Owned(vec![fill; PAGE as usize]),
+        },
+        Frame::PassEnd {
+            pass: 0,
+            pages_sent: 1,
+        },
+        Frame::Complete {
+            total_pages: 1,
+            digest: 0,
+        },
+        Frame::Verify {
+            digest: 0,
+            region_hashes: Cow::Owned(page_hashes(expect).unwrap()),
+        },
+        Frame::Commit,
+    ]
+}
+
+/// Fuzz finding (`receiver`): a peer that went away just before the verdict (the write
+/// of VerifyResult failed) made `serve_channel` return an error, so `Destination::run`
+/// gave up on its real source. It is a dropped connection: the session is interrupted
+/// and the next one continues into the same memory.
+#[test]
+fn a_peer_gone_before_the_verdict_interrupts_the_session() {
+    let (_memory, mut d) = verifying_destination();
+    let zero = GuestMemory::new(&REGIONS).unwrap();
+    let hashes = page_hashes(&zero).unwrap();
+    let layout = layout();
+    let frames = [
+        layout.hello(),
+        Frame::Complete {
+            total_pages: 0,
+            digest: 0,
+        },
+        Frame::Verify {
+            digest: 0,
+            region_hashes: Cow::Borrowed(&hashes),
+        },
+    ];
+    // HelloAck goes out; the verdict does not.
+    let served = d.serve_channel(Scripted::new(&frames, 1), "gone").unwrap();
+    assert!(matches!(served, Served::Interrupted(_)));
+    assert_eq!(d.report().refused_connections, 0);
+    // The source's next connection completes.
+    let source = GuestMemory::new(&REGIONS).unwrap();
+    source.write_page(1 << 20, &[9; PAGE as usize]).unwrap();
+    let served = d
+        .serve_channel(Scripted::new(&one_page_migration(9, &source), 9), "source")
+        .unwrap();
+    let Served::Complete(r) = served else {
+        panic!("the retry did not complete");
+    };
+    assert!(r.report.verified);
+}
+
+/// Fuzz finding (`receiver`): after a committed migration the destination still took
+/// connections into the memory the guest now runs on: a stranger's pages landed in it,
+/// and a refused stranger's pages would have been zeroed in the running guest. Every
+/// later connection is refused and the memory is left alone.
+#[test]
+fn after_a_committed_migration_every_connection_is_refused() {
+    let (memory, mut d) = verifying_destination();
+    let source = GuestMemory::new(&REGIONS).unwrap();
+    source.write_page(1 << 20, &[7; PAGE as usize]).unwrap();
+    let served = d
+        .serve_channel(Scripted::new(&one_page_migration(7, &source), 9), "source")
+        .unwrap();
+    assert!(matches!(served, Served::Complete(r) if r.report.verified));
+    // A stranger with pages of its own, then one that breaks the protocol after a page.
+    let stranger = one_page_migration(0xee, &source);
+    for frames in [&stranger[..], &stranger[..3]] {
+        let served = d
+            .serve_channel(Scripted::new(frames, 9), "stranger")
+            .unwrap();
+        assert!(matches!(served, Served::Refused));
+    }
+    assert_eq!(d.report().refused_connections, 2);
+    assert!(
+        d.report().refusals[0].contains("handed over"),
+        "{:?}",
+        d.report().refusals
+    );
+    assert_eq!(d.report().memory_resets, 0);
+    let mut page = vec![0u8; PAGE as usize];
+    memory.read_page(1 << 20, &mut page).unwrap();
+    assert!(page.iter().all(|b| *b == 7), "the guest's page changed");
 }

@@ -37,7 +37,7 @@ mod source;
 mod tls;
 
 pub use channel::{Channel, PlainTcp, Transport};
-pub use destination::{DestLimits, DestReport, Destination, Received, Refusal};
+pub use destination::{DestLimits, DestReport, Destination, Received, Refusal, Served};
 pub use digest::StateDigest;
 pub use hooks::{Checkpoint, Control, NoHooks, SourceHooks, Verifier};
 pub use link::connector;

@@ -20,7 +20,7 @@ use super::link::detect_dead_link;
 use super::{MigrateError, PAGE};
 use crate::bitmap::DirtyBitmap;
 use crate::migrate::seams::{DeviceMigration, GuestRam};
-use crate::migrate::wire::WireError;
+use crate::migrate::wire::{Frame, FrameWriter, WireError};
 use serde::Serialize;
 use std::io::{self, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -155,6 +155,10 @@ pub enum Refusal {
         /// What failed.
         error: io::Error,
     },
+    /// A migration into this memory was committed: the guest was handed over and may be
+    /// running on it, so no later connection may write to it (nor, refused, zero it).
+    #[error("the guest was already handed over (a migration into this memory was committed)")]
+    HandedOver,
     /// More vCPU states than [`DestLimits::max_vcpus`].
     #[error("more than {limit} vCPU states")]
     TooManyVcpus {
@@ -218,6 +222,8 @@ pub struct Destination {
     give_up: Arc<AtomicBool>,
     /// How accepted connections become channels.
     transport: Arc<dyn Transport>,
+    /// A verified session was committed: the memory is the guest's now.
+    handed_over: bool,
 }
 
 /// What one connection came to.
@@ -259,6 +265,7 @@ impl Destination {
             verify_result: None,
             give_up: Arc::new(AtomicBool::new(false)),
             transport: Arc::new(PlainTcp),
+            handed_over: false,
         }
     }
 
@@ -380,16 +387,31 @@ impl Destination {
 
     /// Serve one connection that is already open (over whatever transport the VMM
     /// brings; [`Destination::run`] calls it for each accepted socket). `peer` names the
-    /// other end in logs and refusals.
+    /// other end in logs and refusals. Once a migration was committed here, every later
+    /// connection is refused ([`Refusal::HandedOver`]) without a byte read: the memory is
+    /// the running guest's.
     pub fn serve_channel(
         &mut self,
         channel: Box<dyn Channel>,
         peer: &str,
     ) -> Result<Served, MigrateError> {
+        if self.handed_over {
+            // Whoever this is, the guest may already run on this memory: tell them why
+            // (best effort) and touch nothing.
+            let why = Refusal::HandedOver;
+            let _ = FrameWriter::new(channel).write_frame(&Frame::Abort {
+                reason: why.to_string().into(),
+            });
+            self.refuse(peer, &why, false)?;
+            return Ok(Served::Refused);
+        }
         let wrote_before = self.report.pages_received;
         Ok(match self.serve(channel)? {
             session::SessionEnd::Complete => {
                 self.report.verified = self.verify_result == Some(true);
+                // Complete and verified means committed (a failed verdict completes
+                // without a Commit and leaves the guest with the source).
+                self.handed_over = self.report.verified;
                 self.report.session_id = self.session_id;
                 Served::Complete(Box::new(Received {
                     report: self.report.clone(),

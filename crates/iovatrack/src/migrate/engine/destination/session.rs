@@ -339,12 +339,19 @@ impl Destination {
         self.verify_result = Some(ok);
         self.report.received_state_digest = s.state.value();
         let digest = self.verifier.as_ref().map_or(0, |v| v.digest(&ours));
-        s.w.write_frame(&Frame::VerifyResult {
+        let verdict = Frame::VerifyResult {
             ok,
             digest,
             device_digest: self.report.received_state_digest,
             mismatched_regions: Cow::Borrowed(&mismatched),
-        })?;
+        };
+        if let Err(e) = s.w.write_frame(&verdict) {
+            // The peer went away before hearing the verdict: a dropped connection (its
+            // retry continues into this memory), not a failure of the destination.
+            return Ok(Step::End(SessionEnd::Interrupted(format!(
+                "sending VerifyResult: {e}"
+            ))));
+        }
         Ok(if ok {
             Step::AwaitCommit
         } else if per_region {
