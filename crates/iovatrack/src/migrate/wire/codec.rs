@@ -4,7 +4,7 @@
 //! counted lists, bulk bytes) go through the shared [`le`] cursor, whose short
 //! reads become [`Malformation::Short`] for the frame at hand.
 
-use super::body::{CompleteBody, HelloPrefix, PagesPrefix, PassBody, RegionEntry};
+use super::body::{CompleteBody, HelloPrefix, JoinBody, PagesPrefix, PassBody, RegionEntry};
 use super::crc::Crc;
 use super::error::{malformed, Malformation, WireError};
 use super::frame::{Frame, FrameKind, OwnedFrame};
@@ -130,6 +130,21 @@ pub(super) fn encode_parts<'f>(
         Frame::Abort { reason } => reason.as_bytes(),
         Frame::Ack { pass } => {
             out.put_u32(*pass);
+            &[]
+        }
+        Frame::Streams { count } => {
+            out.put_u32(*count);
+            &[]
+        }
+        Frame::Join { session, stream } => {
+            out.put(&JoinBody {
+                session: U64::new(*session),
+                stream: U32::new(*stream),
+            });
+            &[]
+        }
+        Frame::StreamEnd { pass, pages } => {
+            out.put(&pass_body(*pass, *pages));
             &[]
         }
     })
@@ -298,6 +313,21 @@ fn decode_payload(kind: FrameKind, payload: &[u8]) -> Result<Frame<'_>, WireErro
             }
         }
         FrameKind::Ack => Frame::Ack { pass: c.u32()? },
+        FrameKind::Streams => Frame::Streams { count: c.u32()? },
+        FrameKind::Join => {
+            let b: JoinBody = c.read()?;
+            Frame::Join {
+                session: b.session.get(),
+                stream: b.stream.get(),
+            }
+        }
+        FrameKind::StreamEnd => {
+            let b: PassBody = c.read()?;
+            Frame::StreamEnd {
+                pass: b.pass.get(),
+                pages: b.pages.get(),
+            }
+        }
     };
     c.end()?;
     Ok(frame)

@@ -40,6 +40,14 @@ pub enum FrameKind {
     /// Destination → source: the destination took the guest over after Commit (sent
     /// before it resumes the guest).
     CommitAck = 15,
+    /// Source → destination, on the main channel right after HelloAck: pages travel over
+    /// `count` channels, this one and `count - 1` that join the session.
+    Streams = 16,
+    /// Source → destination, the first frame of an extra channel: it joins a session as
+    /// one of its streams.
+    Join = 17,
+    /// Source → destination, on an extra channel: its share of a pass is all sent.
+    StreamEnd = 18,
 }
 
 impl FrameKind {
@@ -62,6 +70,9 @@ impl FrameKind {
             13 => Commit,
             14 => PassCut,
             15 => CommitAck,
+            16 => Streams,
+            17 => Join,
+            18 => StreamEnd,
             _ => return None,
         })
     }
@@ -175,6 +186,30 @@ pub enum Frame<'a> {
     Commit,
     /// The destination owns the guest (after a [`Frame::Commit`]).
     CommitAck,
+    /// Pages of this session travel over `count` channels: the main one (this) and
+    /// `count - 1` extra ones that join with [`Frame::Join`]. Sent once, before pass 0;
+    /// without it a session has one channel.
+    Streams {
+        /// Channels carrying pages, the main one included (≥ 1).
+        count: u32,
+    },
+    /// The first frame of an extra channel: it joins the destination's memory session
+    /// `session` (as in [`Frame::HelloAck`]) as stream `stream`.
+    Join {
+        /// The destination's session id.
+        session: u64,
+        /// This channel's index, 1 ..< the [`Frame::Streams`] count (the main channel is 0).
+        stream: u32,
+    },
+    /// An extra channel's share of pass `pass` is on the wire: `pages` pages. Every
+    /// stream ends every pass with one (a share may be empty); the destination
+    /// acknowledges a pass only when every stream has ended it.
+    StreamEnd {
+        /// Pass number.
+        pass: u32,
+        /// Pages this stream carried in this pass.
+        pages: u64,
+    },
 }
 
 /// A frame that owns all its data (as returned by [`decode_all`](super::decode_all)).
@@ -203,6 +238,9 @@ impl Frame<'_> {
             Frame::VerifyResult { .. } => FrameKind::VerifyResult,
             Frame::Abort { .. } => FrameKind::Abort,
             Frame::Ack { .. } => FrameKind::Ack,
+            Frame::Streams { .. } => FrameKind::Streams,
+            Frame::Join { .. } => FrameKind::Join,
+            Frame::StreamEnd { .. } => FrameKind::StreamEnd,
         }
     }
 
@@ -268,6 +306,9 @@ impl Frame<'_> {
                 reason: owned(reason),
             },
             Frame::Ack { pass } => Frame::Ack { pass },
+            Frame::Streams { count } => Frame::Streams { count },
+            Frame::Join { session, stream } => Frame::Join { session, stream },
+            Frame::StreamEnd { pass, pages } => Frame::StreamEnd { pass, pages },
         }
     }
 }

@@ -8,8 +8,9 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// Frame magic, the first four bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"IOVT";
-/// The protocol version this code speaks; peers must match exactly.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// The protocol version this code speaks; peers must match exactly (3: pages over several
+/// streams, with the Streams, Join and StreamEnd frames).
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Bytes before the payload: magic, version, type, length, sequence.
 pub const HEADER_LEN: usize = 20;
 /// Bytes after the payload: the CRC-32C.
