@@ -63,7 +63,7 @@ fn receiver_refuses_strangers_and_still_migrates() {
     // 20 bytes of garbage; a frame header with a bad CRC; a connect that sends nothing.
     poke(&addr, &[0x42; 20]);
     let mut bad = b"IOVT".to_vec();
-    bad.extend_from_slice(&2u16.to_le_bytes()); // version
+    bad.extend_from_slice(&iovatrack::migrate::wire::PROTOCOL_VERSION.to_le_bytes());
     bad.extend_from_slice(&1u16.to_le_bytes()); // Hello
     bad.extend_from_slice(&0u32.to_le_bytes()); // no payload
     bad.extend_from_slice(&0u64.to_le_bytes()); // seq 0
