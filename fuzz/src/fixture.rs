@@ -39,6 +39,9 @@ pub fn limits() -> DestLimits {
         // An in-memory channel never waits: the timeouts are never reached.
         read_timeout: Duration::from_secs(1),
         hello_timeout: Duration::from_secs(1),
+        // Extra streams need a listener; served channel by channel, a session asking
+        // for more than one is refused.
+        max_streams: 4,
     }
 }
 

@@ -251,9 +251,14 @@ struct SourceArgs {
     /// At the timeout: cancel (source keeps running) or force stop-and-copy.
     #[arg(long, value_enum, default_value = "force")]
     timeout_action: TimeoutArg,
-    /// Cap the link, bytes per second (K/M/G suffixes; 0 = none).
+    /// Cap the link, bytes per second (K/M/G suffixes; 0 = none; over all streams).
     #[arg(long, default_value = "0", value_parser = parse_rate)]
     bandwidth: u64,
+    /// Connections carrying pages, as QEMU's multifd channels: the main one and N - 1
+    /// more, each with its own sender and receiver thread; every pass's pages are dealt
+    /// out over all of them, and a pass is acknowledged once every stream delivered it.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=32))]
+    streams: u32,
     /// Inject a fault (repeatable): report-fail@N, start-e2big, drop@N, cancel@N,
     /// drop-before-commit, drop-after-commit, iommu-across-holes, corrupt-device-state; with
     /// --viommu also the negative controls viommu-no-unmap-query, viommu-naive-rearm,
@@ -390,6 +395,7 @@ fn config(g: &GuestArgs, c: &SourceArgs) -> Result<MigrateConfig, BoxError> {
         TimeoutArg::Force => TimeoutAction::Force,
     };
     cfg.engine.bandwidth = c.bandwidth;
+    cfg.engine.streams = c.streams;
     cfg.engine.auto_converge = c.auto_converge;
     cfg.engine.throttle_initial = c.throttle_initial;
     cfg.engine.throttle_increment = c.throttle_increment;
@@ -533,7 +539,7 @@ fn summary_text(s: &Summary, json: bool, local: bool) -> Result<String, BoxError
     let mut out = String::from("\n");
     let _ = writeln!(
         out,
-        "{}: {} guest, {}, {} pass(es), {} attempt(s)",
+        "{}: {} guest, {}, {} pass(es), {} attempt(s), {} stream(s)",
         if s.verified {
             "VERIFIED"
         } else {
@@ -546,7 +552,8 @@ fn summary_text(s: &Summary, json: bool, local: bool) -> Result<String, BoxError
             format!("{} tracking", s.mode)
         },
         s.passes,
-        s.attempts
+        s.attempts,
+        s.streams
     );
     let _ = writeln!(
         out,
@@ -736,10 +743,11 @@ pub fn run(a: MigrateArgs) -> Result<ExitCode, BoxError> {
                 serde_json::to_string_pretty(&report)? + "\n"
             } else {
                 format!(
-                    "{}: over {}, {} session(s), {} refused connection(s), {} pages received, {} mismatched, {} duplicate(s), resumed: {}, device state restored: {}{}\n",
+                    "{}: over {}, {} session(s) ({} stream(s) in the last), {} refused connection(s), {} pages received, {} mismatched, {} duplicate(s), resumed: {}, device state restored: {}{}\n",
                     if report.verified && report.resumed { "VERIFIED" } else { "NOT VERIFIED" },
                     report.transport,
                     report.sessions,
+                    report.streams,
                     report.refused_connections,
                     report.pages_received,
                     report.mismatched_pages,

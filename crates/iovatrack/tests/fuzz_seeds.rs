@@ -101,9 +101,35 @@ fn one_of_each() -> Vec<(&'static str, OwnedFrame)> {
             Frame::VerifyResult {
                 ok: false,
                 digest: 7,
+                device_digest: 9,
                 mismatched_regions: Cow::Owned(vec![2]),
             },
         ),
+        (
+            "VerifyPages",
+            Frame::VerifyPages {
+                region: 2,
+                first: 0,
+                hashes: Cow::Owned(vec![1, 2]),
+            },
+        ),
+        (
+            "VerifyPagesResult",
+            Frame::VerifyPagesResult {
+                region: 2,
+                first: 0,
+                mismatched: 1,
+            },
+        ),
+        ("Streams", Frame::Streams { count: 2 }),
+        (
+            "Join",
+            Frame::Join {
+                session: 7,
+                stream: 1,
+            },
+        ),
+        ("StreamEnd", Frame::StreamEnd { pass: 0, pages: 1 }),
         ("Commit", Frame::Commit),
         ("CommitAck", Frame::CommitAck),
         (

@@ -549,3 +549,257 @@ fn timing_and_activity_counters_are_consistent() {
     assert!(s.device_dirty_pages <= s.dma_writes, "{s:#?}");
     assert_eq!(s.negative_control, None, "{s:#?}");
 }
+
+/// Issue 10: three streams, the link dropped half-way through pass 1 (every channel
+/// goes, the pass rolls back): the retry opens three new streams and verifies, with no
+/// page twice in a pass on either side.
+#[test]
+fn multi_stream_drop_retry_verifies() {
+    let mut cfg = small();
+    cfg.engine.streams = 3;
+    cfg.faults = vec![Fault::DropAt(1)];
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dest = DemoDestination::new(&cfg.layout, &cfg.devices).unwrap();
+    let h = std::thread::spawn(move || dest.run(&listener, 3, Duration::from_secs(60)));
+    let mut s = run_source(
+        &cfg,
+        || TcpStream::connect_timeout(&addr, Duration::from_secs(5)),
+        &mut |_| {},
+    )
+    .unwrap();
+    let d = h.join().unwrap().unwrap();
+    assert_eq!(d.streams, 3, "{d:#?}");
+    assert_eq!(d.sessions, 2, "{d:#?}");
+    assert_eq!(d.duplicate_pages_received, 0);
+    merge_destination(&mut s, Ok(d));
+    assert!(s.verified, "{s:#?}");
+    assert_eq!(s.streams, 3);
+    assert_eq!(s.attempts, 2);
+    assert_eq!(s.faults_fired, ["drop@1"], "{s:#?}");
+    assert_eq!(s.duplicate_pages_sent, 0);
+}
+
+/// A source driven frame by frame, for what a real one never does on its own.
+struct Manual {
+    w: FrameWriter<TcpStream>,
+    r: FrameReader<TcpStream>,
+    tcp: TcpStream,
+    session: u64,
+}
+
+impl Manual {
+    /// Hello, HelloAck, and `streams` announced.
+    fn connect(addr: SocketAddr, layout: &MemoryLayout, streams: u32) -> Self {
+        let tcp = TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut w = FrameWriter::new(tcp.try_clone().unwrap());
+        let mut r = FrameReader::new(tcp.try_clone().unwrap());
+        w.write_frame(&layout.hello()).unwrap();
+        let Frame::HelloAck { session } = r.read_frame().unwrap() else {
+            panic!("no HelloAck");
+        };
+        w.write_frame(&Frame::Streams { count: streams }).unwrap();
+        Manual { w, r, tcp, session }
+    }
+
+    /// An extra channel that joins as `stream` of `session`.
+    fn join(addr: SocketAddr, session: u64, stream: u32) -> FrameWriter<TcpStream> {
+        let tcp = TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut w = FrameWriter::new(tcp);
+        w.write_frame(&Frame::Join { session, stream }).unwrap();
+        w
+    }
+
+    fn send(&mut self, f: Frame<'_>) {
+        self.w.write_frame(&f).unwrap();
+    }
+
+    fn expect_ack(&mut self, pass: u32) {
+        self.tcp
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let f = self.r.read_frame().unwrap().into_owned();
+        assert_eq!(f, Frame::Ack { pass });
+    }
+
+    /// Whether a frame from the destination arrives within `wait` (nothing is consumed).
+    fn answers_within(&self, wait: Duration) -> bool {
+        self.tcp.set_read_timeout(Some(wait)).unwrap();
+        let got = self.tcp.peek(&mut [0u8; 1]).is_ok_and(|n| n > 0);
+        self.tcp
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        got
+    }
+
+    /// Complete, Verify (the destination has no verifier: any hashes), Commit.
+    fn finish(mut self, pages: u64, regions: usize) {
+        self.send(Frame::Complete {
+            total_pages: pages,
+            digest: 0,
+        });
+        self.send(Frame::Verify {
+            digest: 0,
+            region_hashes: Cow::Owned(vec![0; regions]),
+        });
+        assert!(matches!(
+            self.r.read_frame().unwrap(),
+            Frame::VerifyResult { ok: true, .. }
+        ));
+        self.send(Frame::Commit);
+        assert!(matches!(self.r.read_frame().unwrap(), Frame::CommitAck));
+    }
+}
+
+fn page_of(gpa: u64, fill: u8, data: &[u8]) -> Frame<'_> {
+    assert!(data.iter().all(|b| *b == fill));
+    Frame::Pages {
+        gpa,
+        count: 1,
+        data: Cow::Borrowed(data),
+    }
+}
+
+/// A destination with no verifier and no devices over `regions`, run in a thread.
+fn bare_destination(
+    regions: &[(u64, u64)],
+) -> (
+    Arc<GuestMemory>,
+    SocketAddr,
+    std::thread::JoinHandle<iovatrack::migrate::engine::DestReport>,
+) {
+    let memory = Arc::new(GuestMemory::new(regions).unwrap());
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mem = memory.clone();
+    let h = std::thread::spawn(move || {
+        let mut d = Destination::new(mem, Vec::new());
+        let r = d.run(&listener, 1, Duration::from_secs(60));
+        r.map(|r| r.report)
+            .unwrap_or_else(|e| panic!("{e}: {:#?}", d.report()))
+    });
+    (memory, addr, h)
+}
+
+const REGIONS: [(u64, u64); 2] = [(0, 64 * PAGE), (1 << 20, 16 * PAGE)];
+
+fn bare_layout() -> MemoryLayout {
+    let r = REGIONS.iter().map(|&(a, n)| IovaRange::new(a, n)).collect();
+    MemoryLayout::new(PAGE, "software", r).unwrap()
+}
+
+/// Issue 10: an extra channel whose Join names another memory session is refused (told
+/// why, counted like any stranger), and the session goes on with the stream that joins
+/// right; pages from both channels land.
+#[test]
+fn join_with_a_wrong_session_is_refused() {
+    let (memory, addr, h) = bare_destination(&REGIONS);
+    let mut src = Manual::connect(addr, &bare_layout(), 2);
+    let mut stranger = Manual::join(addr, src.session ^ 0x5a5a, 1);
+    let back: Vec<_> = {
+        let s = stranger.get_mut().try_clone().unwrap();
+        let mut r = FrameReader::new(s);
+        std::iter::from_fn(|| r.read_frame().ok().map(Frame::into_owned)).collect()
+    };
+    assert!(
+        matches!(back.as_slice(), [Frame::Abort { reason }] if reason.contains("session")),
+        "{back:?}"
+    );
+    let mut stream = Manual::join(addr, src.session, 1);
+    let (a, b) = (vec![0xaa; PAGE as usize], vec![0xbb; PAGE as usize]);
+    src.send(Frame::PassBegin { pass: 0, pages: 2 });
+    src.send(page_of(0x3000, 0xaa, &a));
+    stream
+        .write_frame(&page_of((1 << 20) + 0x1000, 0xbb, &b))
+        .unwrap();
+    stream
+        .write_frame(&Frame::StreamEnd { pass: 0, pages: 1 })
+        .unwrap();
+    src.send(Frame::PassEnd {
+        pass: 0,
+        pages_sent: 2,
+    });
+    src.expect_ack(0);
+    drop(stream);
+    src.finish(2, REGIONS.len());
+    let d = h.join().unwrap();
+    assert_eq!(d.refused_connections, 1, "{:#?}", d.refusals);
+    assert!(d.refusals[0].contains("session"), "{:#?}", d.refusals);
+    assert_eq!((d.streams, d.pages_received), (2, 2), "{d:#?}");
+    let mut buf = vec![0u8; PAGE as usize];
+    memory.read_page(0x3000, &mut buf).unwrap();
+    assert_eq!(buf, a);
+    memory.read_page((1 << 20) + 0x1000, &mut buf).unwrap();
+    assert_eq!(buf, b);
+}
+
+/// Issue 10, the per-pass barrier: pass 0's copy of a page is late on stream 1 (its
+/// frames still in flight) when the main channel ends pass 0. A destination that acked
+/// pass 0 then would let pass 1 resend the page on another channel, and the late pass-0
+/// copy would land on top of it. The destination must instead hold the Ack until stream
+/// 1 has delivered pass 0, so the page ends up with pass 1's contents.
+#[test]
+fn a_late_stream_cannot_overwrite_the_next_pass() {
+    let (memory, addr, h) = bare_destination(&REGIONS);
+    let mut src = Manual::connect(addr, &bare_layout(), 2);
+    let mut stream = Manual::join(addr, src.session, 1);
+    let (old, new) = (vec![0x01; PAGE as usize], vec![0x02; PAGE as usize]);
+    let page = 0x5000;
+    src.send(Frame::PassBegin { pass: 0, pages: 1 });
+    // Stream 1's pass-0 frames are "in flight": not written yet.
+    src.send(Frame::PassEnd {
+        pass: 0,
+        pages_sent: 1,
+    });
+    let late = |stream: &mut FrameWriter<TcpStream>| {
+        stream.write_frame(&page_of(page, 0x01, &old)).unwrap();
+        stream
+            .write_frame(&Frame::StreamEnd { pass: 0, pages: 1 })
+            .unwrap();
+    };
+    let acked_early = src.answers_within(Duration::from_secs(2));
+    if !acked_early {
+        // The barrier held the Ack: the late frames arrive, then the Ack.
+        late(&mut stream);
+    }
+    src.expect_ack(0);
+    // Pass 1 sends the page again, on the main channel this time.
+    src.send(Frame::PassBegin { pass: 1, pages: 1 });
+    src.send(page_of(page, 0x02, &new));
+    src.send(Frame::PassEnd {
+        pass: 1,
+        pages_sent: 1,
+    });
+    if acked_early {
+        // Without a barrier pass 1 is acked (its page written) at its PassEnd, and the
+        // late pass-0 frames land after it.
+        src.expect_ack(1);
+        late(&mut stream);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    stream
+        .write_frame(&Frame::StreamEnd { pass: 1, pages: 0 })
+        .unwrap();
+    if !acked_early {
+        src.expect_ack(1);
+    }
+    // Pass 1 is acknowledged: the page must hold its copy now.
+    let mut buf = vec![0u8; PAGE as usize];
+    memory.read_page(page, &mut buf).unwrap();
+    drop(stream);
+    src.finish(2, REGIONS.len());
+    let d = h.join().unwrap();
+    assert!(
+        buf == new,
+        "page {page:#x} holds pass {}'s copy after pass 1 (acked pass 0 early: {acked_early}): {d:#?}",
+        buf[0] - 1
+    );
+    memory.read_page(page, &mut buf).unwrap();
+    assert_eq!(buf, new);
+    assert!(
+        !acked_early,
+        "pass 0 was acknowledged before stream 1 delivered it"
+    );
+}

@@ -2,13 +2,15 @@
 //! order and of any size, valid or corrupted, through a real socket into a real
 //! [`Destination`]. Whatever arrives, the destination never panics, ends every connection
 //! within its timeouts, never completes unverified work, and a refused peer leaves no byte
-//! in guest memory. `PROPTEST_CASES` sets the number of sequences (default 64); the
-//! cargo-fuzz target `receiver` (fuzz/) drives the same path with coverage guidance.
+//! in guest memory. A second property runs sessions of two streams: the second channel
+//! joins with the right session id or a wrong one, and both carry hostile frames.
+//! `PROPTEST_CASES` sets the number of sequences (default 64); the cargo-fuzz target
+//! `receiver` (fuzz/) drives the same path with coverage guidance.
 
 use iovatrack::migrate::demo::verify::{page_hashes, PageHashes};
 use iovatrack::migrate::engine::{Channel, DestLimits, Destination, Served};
 use iovatrack::migrate::guest::GuestMemory;
-use iovatrack::migrate::wire::{Frame, FrameWriter, MemoryLayout, OwnedFrame};
+use iovatrack::migrate::wire::{Frame, FrameReader, FrameWriter, MemoryLayout, OwnedFrame};
 use iovatrack::range::IovaRange;
 use proptest::prelude::*;
 use std::borrow::Cow;
@@ -72,7 +74,114 @@ fn frame() -> impl Strategy<Value = OwnedFrame> {
         Just(Frame::Abort {
             reason: Cow::Borrowed("x")
         }),
+        (0u32..4).prop_map(|count| Frame::Streams { count }),
+        (0u32..4, 0u64..100).prop_map(|(pass, pages)| Frame::StreamEnd { pass, pages }),
+        (any::<u64>(), 0u32..3).prop_map(|(session, stream)| Frame::Join { session, stream }),
     ]
+}
+
+/// `frames` encoded as they follow `skip` frames already on the stream, one byte flipped
+/// sometimes.
+fn after(
+    skip: &[OwnedFrame],
+    frames: &[OwnedFrame],
+    flip: Option<(prop::sample::Index, u8)>,
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut w = FrameWriter::new(&mut out);
+    for f in skip {
+        w.write_frame(f).unwrap();
+    }
+    let head = out.len();
+    let mut w = FrameWriter::new(&mut out);
+    // Numbering goes on from the skipped frames.
+    for f in skip {
+        w.write_frame(f).unwrap();
+    }
+    for f in frames {
+        w.write_frame(f).unwrap();
+    }
+    let mut out = out.split_off(2 * head);
+    if let Some((i, x)) = flip {
+        if !out.is_empty() {
+            let at = i.index(out.len());
+            out[at] ^= x;
+        }
+    }
+    out
+}
+
+/// One two-stream session: the main channel's frames after Hello and Streams, the second
+/// channel's after its Join, whether that Join names the right session, its stream index,
+/// and a byte to flip in either.
+#[derive(Debug, Clone)]
+struct TwoStreams {
+    main: Vec<OwnedFrame>,
+    side: Vec<OwnedFrame>,
+    right_session: bool,
+    index: u32,
+    flips: [Option<(prop::sample::Index, u8)>; 2],
+}
+
+/// Mostly the shape of a real pass (pages on the second stream, its StreamEnd, PassBegin
+/// and PassEnd on the main channel), with counts right or one off, then anything on
+/// either channel: so pages land before the session is refused, or it gets further.
+fn two_streams() -> impl Strategy<Value = TwoStreams> {
+    let flip = || prop::option::of((any::<prop::sample::Index>(), 1u8..=255));
+    (
+        prop::collection::vec((0u64..80, 1u32..4, any::<u8>()), 0..6),
+        (any::<bool>(), any::<bool>()),
+        prop::collection::vec(frame(), 0..8),
+        prop::collection::vec(frame(), 0..4),
+        (any::<bool>(), prop_oneof![4 => Just(1u32), 1 => 0u32..3]),
+        [flip(), flip()],
+    )
+        .prop_map(
+            |(
+                runs,
+                (side_right, main_right),
+                main_tail,
+                side_tail,
+                (right_session, index),
+                flips,
+            )| {
+                let n: u64 = runs.iter().map(|r| u64::from(r.1)).sum();
+                let side = runs
+                    .iter()
+                    .map(|&(p, count, fill)| Frame::Pages {
+                        gpa: p * PAGE,
+                        count,
+                        data: Cow::Owned(vec![fill | 1; count as usize * PAGE as usize]),
+                    })
+                    .chain([Frame::StreamEnd {
+                        pass: 0,
+                        pages: n + u64::from(!side_right),
+                    }])
+                    .chain(side_tail)
+                    .collect();
+                let announced = n + u64::from(!main_right);
+                let main = [
+                    Frame::PassBegin {
+                        pass: 0,
+                        pages: announced,
+                    },
+                    Frame::PassEnd {
+                        pass: 0,
+                        pages_sent: announced,
+                    },
+                ]
+                .into_iter()
+                .chain(main_tail)
+                .collect();
+                TwoStreams {
+                    main,
+                    side,
+                    right_session,
+                    index,
+                    flips,
+                }
+            },
+        )
 }
 
 /// A stream: mostly a valid Hello, then frames; sometimes one byte flipped, sometimes
@@ -104,6 +213,53 @@ fn stream() -> impl Strategy<Value = Vec<u8>> {
         })
 }
 
+/// Every page of guest memory is zero.
+fn all_zero(memory: &GuestMemory) -> Result<(), u64> {
+    let mut buf = vec![0u8; PAGE as usize];
+    for &(a, n) in &REGIONS {
+        for p in 0..n / PAGE {
+            memory.read_page(a + p * PAGE, &mut buf).unwrap();
+            if buf.iter().any(|b| *b != 0) {
+                return Err(a + p * PAGE);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A destination on a fresh listener, run in a thread: its result and report come back
+/// on the channel.
+#[allow(clippy::type_complexity)]
+fn destination(
+    memory: Arc<GuestMemory>,
+) -> (
+    std::net::SocketAddr,
+    std::sync::mpsc::Receiver<(
+        Result<iovatrack::migrate::engine::DestReport, String>,
+        iovatrack::migrate::engine::DestReport,
+    )>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut d = Destination::new(memory, Vec::new())
+            .vcpu_kind("software")
+            .limits(DestLimits {
+                max_refused: 0,
+                hello_timeout: Duration::from_secs(2),
+                read_timeout: Duration::from_secs(5),
+                ..DestLimits::default()
+            });
+        let r = d.run(&listener, 1, Duration::from_secs(10));
+        let _ = tx.send((
+            r.map(|r| r.report).map_err(|e| e.to_string()),
+            d.report().clone(),
+        ));
+    });
+    (addr, rx)
+}
+
 fn cases() -> u32 {
     std::env::var("PROPTEST_CASES")
         .ok()
@@ -117,22 +273,7 @@ proptest! {
     #[test]
     fn hostile_streams_leave_the_receiver_sound(bytes in stream()) {
         let memory = Arc::new(GuestMemory::new(&REGIONS).unwrap());
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mem = memory.clone();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut d = Destination::new(mem, Vec::new())
-                .vcpu_kind("software")
-                .limits(DestLimits {
-                    max_refused: 0,
-                    hello_timeout: Duration::from_secs(5),
-                    read_timeout: Duration::from_secs(5),
-                    ..DestLimits::default()
-                });
-            let r = d.run(&listener, 1, Duration::from_secs(10));
-            let _ = tx.send((r.map(|r| r.report), d.report().clone()));
-        });
+        let (addr, rx) = destination(memory.clone());
         let mut s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let _ = s.write_all(&bytes);
@@ -146,13 +287,57 @@ proptest! {
             prop_assert!(!r.verified || r.mismatched_pages == 0);
         }
         if report.refused_connections > 0 {
-            let mut buf = vec![0u8; PAGE as usize];
-            for &(a, n) in &REGIONS {
-                for p in 0..n / PAGE {
-                    memory.read_page(a + p * PAGE, &mut buf).unwrap();
-                    prop_assert!(buf.iter().all(|b| *b == 0), "a refused peer left page {:#x}", a + p * PAGE);
-                }
-            }
+            let left = all_zero(&memory);
+            prop_assert!(left.is_ok(), "a refused peer left page {:#x}", left.unwrap_err());
+        }
+    }
+
+    #[test]
+    fn hostile_frames_over_two_streams_leave_the_receiver_sound(
+        case in two_streams()
+    ) {
+        let TwoStreams { main, side, right_session, index, flips } = case;
+        let memory = Arc::new(GuestMemory::new(&REGIONS).unwrap());
+        let (addr, rx) = destination(memory.clone());
+        let head = [layout().hello().into_owned(), Frame::Streams { count: 2 }];
+        let mut m = TcpStream::connect(addr).unwrap();
+        m.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut w = FrameWriter::new(m.try_clone().unwrap());
+        for f in &head {
+            w.write_frame(f).unwrap();
+        }
+        let ack = FrameReader::new(m.try_clone().unwrap()).read_frame().map(Frame::into_owned);
+        let Ok(Frame::HelloAck { session }) = ack else {
+            panic!("a valid Hello got {ack:?}");
+        };
+        let join = Frame::Join {
+            session: if right_session { session } else { session ^ 1 },
+            stream: index,
+        };
+        let mut j = TcpStream::connect(addr).unwrap();
+        j.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut jw = FrameWriter::new(j.try_clone().unwrap());
+        let _ = jw.write_frame(&join);
+        let _ = j.write_all(&after(std::slice::from_ref(&join), &side, flips[1]));
+        let _ = m.write_all(&after(&head, &main, flips[0]));
+        for s in [&j, &m] {
+            let _ = s.shutdown(std::net::Shutdown::Write);
+        }
+        for mut s in [&j, &m] {
+            let _ = s.read_to_end(&mut Vec::new());
+        }
+        let (result, report) = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the destination ends every connection within its timeouts");
+        if let Ok(r) = &result {
+            prop_assert!(!r.verified || r.mismatched_pages == 0);
+        }
+        if !(right_session && index == 1) {
+            prop_assert!(report.refused_connections > 0, "a wrong Join was let in: {:#?}", report);
+        }
+        if report.refused_connections > 0 {
+            let left = all_zero(&memory);
+            prop_assert!(left.is_ok(), "a refused peer left page {:#x}", left.unwrap_err());
         }
     }
 }

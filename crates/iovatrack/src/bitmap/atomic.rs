@@ -97,6 +97,19 @@ impl AtomicDirtyBitmap {
         Ok(())
     }
 
+    /// Set bits `first..first + count` and return how many of them were set already (one
+    /// `fetch_or` per word, so of several threads setting the same bit exactly one sees it
+    /// clear): a receiver's "no page twice in a pass" over many streams.
+    pub fn set_range_counting(&self, first: u64, count: u64) -> Result<u64, BitmapError> {
+        self.check(first, count)?;
+        Ok(word_masks(first, count)
+            .map(|(i, m)| {
+                let old = self.words[i].fetch_or(m, Ordering::SeqCst);
+                u64::from((old & m).count_ones())
+            })
+            .sum())
+    }
+
     /// Whether `bit` is set now; `false` past the end.
     pub fn is_set(&self, bit: u64) -> bool {
         bit < self.bits

@@ -2,7 +2,7 @@
 
 use super::regranular::{or_regranular, Geometry};
 use super::runs::Runs;
-use super::words::{fill_range, or_slices, tail_mask, take_slices, words_for};
+use super::words::{fill_range, or_slices, tail_mask, take_slices, word_masks, words_for};
 use super::BitmapError;
 use std::ops::{Deref, DerefMut};
 
@@ -122,6 +122,18 @@ impl DirtyBitmap {
         self.check(first, count)?;
         fill_range(&mut self.words, first, count);
         Ok(())
+    }
+
+    /// Set bits `first..first + count` and return how many of them were set already.
+    pub fn set_range_counting(&mut self, first: u64, count: u64) -> Result<u64, BitmapError> {
+        self.check(first, count)?;
+        Ok(word_masks(first, count)
+            .map(|(i, m)| {
+                let old = self.words[i];
+                self.words[i] |= m;
+                u64::from((old & m).count_ones())
+            })
+            .sum())
     }
 
     /// Whether `bit` is set; `false` past the end.

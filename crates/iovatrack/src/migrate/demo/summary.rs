@@ -73,6 +73,8 @@ pub struct Summary {
     pub mode: String,
     /// Attempts made.
     pub attempts: u32,
+    /// Channels that carried pages (`--streams`).
+    pub streams: u32,
     /// Migrating devices.
     pub devices: usize,
     /// Per device: name, container, mode, state bytes sent.
@@ -208,6 +210,7 @@ impl Summary {
             guest: guest.to_string(),
             mode: r.mode,
             attempts: r.attempts,
+            streams: r.streams,
             devices,
             device_reports: r.devices,
             ranges: r.ranges,

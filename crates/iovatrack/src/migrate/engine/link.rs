@@ -4,36 +4,59 @@
 use super::channel::{Channel, Transport};
 use std::io::{self, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// A writer that counts bytes and caps the rate.
-pub(super) struct Link<W> {
-    pub(super) inner: W,
-    pub(super) bytes: u64,
-    pub(super) cap: u64,
-    pub(super) started: Instant,
+/// The rate cap all of an attempt's streams share: bytes written over all of them since
+/// the attempt began, against the cap.
+pub(super) struct Pacer {
+    cap: u64,
+    started: Instant,
+    bytes: AtomicU64,
 }
 
-impl<W: Write> Link<W> {
-    pub(super) fn new(inner: W, cap: u64) -> Self {
-        Link {
-            inner,
-            bytes: 0,
+impl Pacer {
+    /// A cap of `cap` bytes per second (0: none).
+    pub(super) fn new(cap: u64) -> Arc<Self> {
+        Arc::new(Pacer {
             cap,
             started: Instant::now(),
-        }
+            bytes: AtomicU64::new(0),
+        })
     }
 
-    fn pace(&mut self, n: usize) {
-        self.bytes += n as u64;
+    fn pace(&self, n: usize) {
+        let total = self.bytes.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
         if self.cap > 0 {
-            let due = Duration::from_secs_f64(self.bytes as f64 / self.cap as f64);
+            let due = Duration::from_secs_f64(total as f64 / self.cap as f64);
             let el = self.started.elapsed();
             if due > el {
                 std::thread::sleep(due - el);
             }
         }
+    }
+}
+
+/// A writer that counts its bytes and keeps to the shared cap.
+pub(super) struct Link<W> {
+    pub(super) inner: W,
+    pub(super) bytes: u64,
+    pacer: Arc<Pacer>,
+}
+
+impl<W: Write> Link<W> {
+    pub(super) fn new(inner: W, pacer: Arc<Pacer>) -> Self {
+        Link {
+            inner,
+            bytes: 0,
+            pacer,
+        }
+    }
+
+    fn pace(&mut self, n: usize) {
+        self.bytes += n as u64;
+        self.pacer.pace(n);
     }
 }
 

@@ -47,6 +47,9 @@ pub use tls::{HandshakeError, Peer, Tls, TlsError};
 const PAGE: u64 = 4096;
 /// Pages per Pages frame (1 MiB).
 const FRAME_PAGES: usize = 256;
+/// A sender writes its frames to the socket once they add up to this much (one system call
+/// per 1 MiB, however small the frames).
+const SEND_BATCH: usize = 1 << 20;
 
 /// Most hashes one Verify or VerifyPages frame carries within the default payload limit
 /// (the rest of the payload is its small fields). Both sides use it: it decides whether
@@ -94,6 +97,11 @@ pub struct EngineConfig {
     /// that is alive but silent, so it must cover the destination's longest work between
     /// frames (hashing a large guest before its verdict).
     pub read_timeout: Duration,
+    /// Channels carrying pages, as QEMU's `multifd-channels`: 1 sends everything over
+    /// one connection; N > 1 opens N − 1 more per attempt through the same `connect`
+    /// (so the transport, TLS included, applies to each), and each pass's pages are dealt
+    /// out over all N, one sender thread each, a page to exactly one of them.
+    pub streams: u32,
 }
 
 impl Default for EngineConfig {
@@ -110,6 +118,7 @@ impl Default for EngineConfig {
             throttle_increment: 10,
             throttle_max: 99,
             read_timeout: Duration::from_secs(60),
+            streams: 1,
         }
     }
 }
@@ -395,6 +404,8 @@ pub struct SourceReport {
     pub fallbacks: u64,
     /// Attempts made.
     pub attempts: u32,
+    /// Channels that carried pages (the configured streams).
+    pub streams: u32,
     /// The migrating devices.
     pub devices: Vec<DeviceReport>,
     /// Why the migration gave up, if it did.

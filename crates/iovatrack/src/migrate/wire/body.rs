@@ -16,12 +16,20 @@ use std::mem::size_of;
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-/// PassBegin and PassEnd: the pass number, then a page count (announced or sent).
+/// PassBegin, PassEnd, PassCut and StreamEnd: the pass number, then a page count (announced or sent).
 #[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
 pub(super) struct PassBody {
     pub(super) pass: U32,
     pub(super) pages: U64,
+}
+
+/// Join: the destination's session id, then the stream index.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub(super) struct JoinBody {
+    pub(super) session: U64,
+    pub(super) stream: U32,
 }
 
 /// Complete: pages sent over all passes, then the memory digest.
@@ -60,6 +68,7 @@ pub(super) struct RegionEntry {
 // Sizes as documented by the protocol; a changed field breaks the build here.
 const _: () = {
     assert!(size_of::<PassBody>() == 12);
+    assert!(size_of::<JoinBody>() == 12);
     assert!(size_of::<CompleteBody>() == 16);
     assert!(size_of::<PagesPrefix>() == PAGES_PREFIX_LEN);
     assert!(size_of::<HelloPrefix>() == 18);

@@ -4,7 +4,7 @@
 //! counted lists, bulk bytes) go through the shared [`le`] cursor, whose short
 //! reads become [`Malformation::Short`] for the frame at hand.
 
-use super::body::{CompleteBody, HelloPrefix, PagesPrefix, PassBody, RegionEntry};
+use super::body::{CompleteBody, HelloPrefix, JoinBody, PagesPrefix, PassBody, RegionEntry};
 use super::crc::Crc;
 use super::error::{malformed, Malformation, WireError};
 use super::frame::{Frame, FrameKind, OwnedFrame};
@@ -155,6 +155,21 @@ pub(super) fn encode_parts<'f>(
             out.put_u32(*region);
             out.put_u64(*first);
             out.put_u64(*mismatched);
+            &[]
+        }
+        Frame::Streams { count } => {
+            out.put_u32(*count);
+            &[]
+        }
+        Frame::Join { session, stream } => {
+            out.put(&JoinBody {
+                session: U64::new(*session),
+                stream: U32::new(*stream),
+            });
+            &[]
+        }
+        Frame::StreamEnd { pass, pages } => {
+            out.put(&pass_body(*pass, *pages));
             &[]
         }
     })
@@ -340,6 +355,21 @@ fn decode_payload(kind: FrameKind, payload: &[u8]) -> Result<Frame<'_>, WireErro
             first: c.u64()?,
             mismatched: c.u64()?,
         },
+        FrameKind::Streams => Frame::Streams { count: c.u32()? },
+        FrameKind::Join => {
+            let b: JoinBody = c.read()?;
+            Frame::Join {
+                session: b.session.get(),
+                stream: b.stream.get(),
+            }
+        }
+        FrameKind::StreamEnd => {
+            let b: PassBody = c.read()?;
+            Frame::StreamEnd {
+                pass: b.pass.get(),
+                pages: b.pages.get(),
+            }
+        }
     };
     c.end()?;
     Ok(frame)

@@ -241,6 +241,42 @@ pub enum WireError {
         /// From PassEnd (or the running count when more arrived than announced).
         reported: u64,
     },
+    /// A Streams frame announcing no stream at all.
+    #[error("a session needs at least one stream, Streams says {count}")]
+    StreamCount {
+        /// The count announced.
+        count: u32,
+    },
+    /// An extra channel joins a memory session other than the destination's.
+    #[error("Join names session {theirs:#x}, the destination's is {ours:#x}")]
+    WrongSession {
+        /// The destination's session id.
+        ours: u64,
+        /// The one the Join names.
+        theirs: u64,
+    },
+    /// An extra channel's stream index is 0 (the main channel's) or past the count.
+    #[error("Join as stream {stream} of a session with {streams} stream(s)")]
+    StreamIndex {
+        /// The index in the Join.
+        stream: u32,
+        /// Streams of the session.
+        streams: u32,
+    },
+    /// A stream's StreamEnd disagrees with the pages it carried.
+    #[error(
+        "stream {stream}, pass {pass}: received {received} pages, StreamEnd reports {reported}"
+    )]
+    StreamPages {
+        /// The stream.
+        stream: u32,
+        /// Pass number.
+        pass: u32,
+        /// Pages counted on the stream.
+        received: u64,
+        /// From StreamEnd.
+        reported: u64,
+    },
     /// Complete's page total disagrees with the pages received.
     #[error("Complete reports {reported} pages sent, {received} received")]
     TotalPages {

@@ -45,6 +45,14 @@ pub enum FrameKind {
     VerifyPages = 16,
     /// Destination → source: how many pages of that run differ.
     VerifyPagesResult = 17,
+    /// Source → destination, on the main channel right after HelloAck: pages travel over
+    /// `count` channels, this one and `count - 1` that join the session.
+    Streams = 18,
+    /// Source → destination, the first frame of an extra channel: it joins a session as
+    /// one of its streams.
+    Join = 19,
+    /// Source → destination, on an extra channel: its share of a pass is all sent.
+    StreamEnd = 20,
 }
 
 impl FrameKind {
@@ -69,6 +77,9 @@ impl FrameKind {
             15 => CommitAck,
             16 => VerifyPages,
             17 => VerifyPagesResult,
+            18 => Streams,
+            19 => Join,
+            20 => StreamEnd,
             _ => return None,
         })
     }
@@ -206,6 +217,30 @@ pub enum Frame<'a> {
         /// Pages of the run whose hash differed.
         mismatched: u64,
     },
+    /// Pages of this session travel over `count` channels: the main one (this) and
+    /// `count - 1` extra ones that join with [`Frame::Join`]. Sent once, before pass 0;
+    /// without it a session has one channel.
+    Streams {
+        /// Channels carrying pages, the main one included (≥ 1).
+        count: u32,
+    },
+    /// The first frame of an extra channel: it joins the destination's memory session
+    /// `session` (as in [`Frame::HelloAck`]) as stream `stream`.
+    Join {
+        /// The destination's session id.
+        session: u64,
+        /// This channel's index, 1 ..< the [`Frame::Streams`] count (the main channel is 0).
+        stream: u32,
+    },
+    /// An extra channel's share of pass `pass` is on the wire: `pages` pages. Every
+    /// stream ends every pass with one (a share may be empty); the destination
+    /// acknowledges a pass only when every stream has ended it.
+    StreamEnd {
+        /// Pass number.
+        pass: u32,
+        /// Pages this stream carried in this pass.
+        pages: u64,
+    },
 }
 
 /// A frame that owns all its data (as returned by [`decode_all`](super::decode_all)).
@@ -236,6 +271,9 @@ impl Frame<'_> {
             Frame::Ack { .. } => FrameKind::Ack,
             Frame::VerifyPages { .. } => FrameKind::VerifyPages,
             Frame::VerifyPagesResult { .. } => FrameKind::VerifyPagesResult,
+            Frame::Streams { .. } => FrameKind::Streams,
+            Frame::Join { .. } => FrameKind::Join,
+            Frame::StreamEnd { .. } => FrameKind::StreamEnd,
         }
     }
 
@@ -321,6 +359,9 @@ impl Frame<'_> {
                 first,
                 mismatched,
             },
+            Frame::Streams { count } => Frame::Streams { count },
+            Frame::Join { session, stream } => Frame::Join { session, stream },
+            Frame::StreamEnd { pass, pages } => Frame::StreamEnd { pass, pages },
         }
     }
 }

@@ -9,7 +9,8 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 /// Frame magic, the first four bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"IOVT";
 /// The protocol version this code speaks; peers must match exactly (3: VerifyResult carries
-/// the device-state digest; VerifyPages and VerifyPagesResult).
+/// the device-state digest; VerifyPages and VerifyPagesResult; pages over several streams,
+/// with the Streams, Join and StreamEnd frames).
 pub const PROTOCOL_VERSION: u16 = 3;
 /// Bytes before the payload: magic, version, type, length, sequence.
 pub const HEADER_LEN: usize = 20;

@@ -12,10 +12,12 @@
 //! by one. Lengths are bounded by [`Limits`] and checked before anything is allocated.
 //!
 //! [`FrameWriter`] and [`FrameReader`] move whole frames and reuse their buffers: once warmed
-//! up, neither allocates per [`Frame::Pages`] frame, and page data is neither copied on write
-//! (it is written straight from the caller's slice) nor on read (the frame borrows the
-//! reader's buffer). [`Validator`] is the destination's check of what the source sends:
-//! layout, page runs inside one guest region, pass bookkeeping and frame order.
+//! up, neither allocates per [`Frame::Pages`] frame, and page data is copied neither on
+//! write (it goes straight from the caller's slice, or a buffered writer has the caller
+//! copy it into its frame in place) nor on read (the frame borrows the reader's buffer).
+//! [`Validator`] is the destination's check of what the source sends on the main channel:
+//! layout, page runs inside one guest region, pass bookkeeping and frame order;
+//! [`StreamValidator`] checks each extra channel of a session of several streams.
 //!
 //! Any error leaves the stream at an unknown position: the connection must be dropped.
 //!
@@ -47,5 +49,7 @@ pub use header::{
     Limits, DEFAULT_MAX_PAYLOAD, HEADER_LEN, MAGIC, PAGES_PREFIX_LEN, PROTOCOL_VERSION, TRAILER_LEN,
 };
 pub use reader::FrameReader;
-pub use validator::{MemoryLayout, PagesTarget, StreamState, Validator};
+pub use validator::{
+    MemoryLayout, PagesTarget, StreamState, StreamStep, StreamValidator, Validator,
+};
 pub use writer::FrameWriter;

@@ -217,6 +217,10 @@ pub enum StreamState {
     Committed,
     /// After Abort; nothing may come.
     Aborted,
+    /// An extra channel before its Join: only Join may come.
+    AwaitJoin,
+    /// An extra channel past its Join: Pages, StreamEnd, or Abort.
+    Joined,
 }
 
 /// The destination's check of the source's frame stream, in order: Hello first and matching
@@ -225,8 +229,13 @@ pub enum StreamState {
 /// device and vCPU state between passes; Complete's total equal to all pages received; then
 /// only Verify, then Commit or runs of VerifyPages inside one region each. Abort is accepted
 /// anywhere and ends the stream. Frames only the destination sends (HelloAck, Ack,
-/// VerifyResult, VerifyPagesResult) are rejected. Which regions the VerifyPages runs must
-/// cover is the destination's verdict, checked by the destination itself.
+/// VerifyResult, VerifyPagesResult) are rejected, and so are those of extra channels (Join,
+/// StreamEnd). Which regions the VerifyPages runs must cover is the destination's verdict,
+/// checked by the destination itself.
+///
+/// With several streams (a Streams frame before pass 0), the pages other channels carried
+/// in a pass are added with [`Validator::add_stream_pages`] before its PassEnd is
+/// validated: the counts then cover every stream.
 #[derive(Clone, Debug)]
 pub struct Validator {
     layout: MemoryLayout,
@@ -235,6 +244,7 @@ pub struct Validator {
     announced: u64,
     received: u64,
     total_received: u64,
+    streams: Option<u32>,
 }
 
 impl Validator {
@@ -247,7 +257,46 @@ impl Validator {
             announced: 0,
             received: 0,
             total_received: 0,
+            streams: None,
         }
+    }
+
+    /// Channels carrying pages in this session (1 unless a Streams frame said more).
+    pub fn streams(&self) -> u32 {
+        self.streams.unwrap_or(1)
+    }
+
+    /// The pass in progress (inside a pass) or due next (between passes).
+    pub fn pass(&self) -> u32 {
+        self.next_pass
+    }
+
+    /// Adds `pages` that another stream carried in pass `pass` (from its StreamEnd) to the
+    /// pass's count. Only inside that pass, and never past what its PassBegin announced.
+    pub fn add_stream_pages(&mut self, pass: u32, pages: u64) -> Result<(), WireError> {
+        if self.state != StreamState::InPass {
+            return Err(WireError::UnexpectedFrame {
+                frame: super::FrameKind::StreamEnd,
+                state: self.state,
+            });
+        }
+        if pass != self.next_pass {
+            return Err(WireError::PassOrder {
+                expected: self.next_pass,
+                got: pass,
+            });
+        }
+        let received = self.received.saturating_add(pages);
+        if received > self.announced {
+            return Err(WireError::PassCount {
+                pass,
+                announced: self.announced,
+                received,
+                reported: received,
+            });
+        }
+        self.received = received;
+        Ok(())
     }
 
     /// The destination's layout.
@@ -281,6 +330,13 @@ impl Validator {
             (AwaitHello, Frame::Hello { .. }) => {
                 self.layout.check_hello(frame)?;
                 self.state = Idle;
+            }
+            // Once, before the first pass: a stream count fixed for the whole session.
+            (Idle, Frame::Streams { count }) if self.next_pass == 0 && self.streams.is_none() => {
+                if *count == 0 {
+                    return Err(WireError::StreamCount { count: *count });
+                }
+                self.streams = Some(*count);
             }
             (Idle, Frame::PassBegin { pass, pages }) => {
                 if *pass != self.next_pass {
@@ -384,5 +440,141 @@ impl Validator {
             (state, _) => return unexpected(state),
         }
         Ok(None)
+    }
+}
+
+/// What a frame on an extra channel amounts to, once checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamStep {
+    /// Pages to write there.
+    Pages(PagesTarget),
+    /// The stream's share of pass `pass` is complete: `pages` pages.
+    PassDone {
+        /// Pass number.
+        pass: u32,
+        /// Pages the stream carried in it.
+        pages: u64,
+    },
+    /// The source gave up on this stream.
+    Aborted,
+}
+
+/// The destination's check of one extra channel of a session: a Join naming the
+/// destination's session id and a stream index below the session's stream count, then for
+/// each pass in order its Pages and a StreamEnd that counts them, or Abort. A stream's
+/// share of one pass never exceeds the guest's page count (a page goes to one stream once
+/// per pass). Whether the shares add up to the pass is checked on the main channel
+/// ([`Validator::add_stream_pages`]).
+#[derive(Clone, Debug)]
+pub struct StreamValidator {
+    layout: MemoryLayout,
+    stream: u32,
+    pass: u32,
+    received: u64,
+    aborted: bool,
+}
+
+impl StreamValidator {
+    /// Checks an extra channel's first frame: a Join for memory session `session` of a
+    /// session with `streams` streams, as stream 1 ..< `streams`.
+    pub fn join(
+        layout: MemoryLayout,
+        first: &Frame<'_>,
+        session: u64,
+        streams: u32,
+    ) -> Result<Self, WireError> {
+        let Frame::Join {
+            session: theirs,
+            stream,
+        } = first
+        else {
+            return Err(WireError::UnexpectedFrame {
+                frame: first.kind(),
+                state: StreamState::AwaitJoin,
+            });
+        };
+        if *theirs != session {
+            return Err(WireError::WrongSession {
+                ours: session,
+                theirs: *theirs,
+            });
+        }
+        if *stream == 0 || *stream >= streams {
+            return Err(WireError::StreamIndex {
+                stream: *stream,
+                streams,
+            });
+        }
+        Ok(Self {
+            layout,
+            stream: *stream,
+            pass: 0,
+            received: 0,
+            aborted: false,
+        })
+    }
+
+    /// The stream's index.
+    pub fn stream(&self) -> u32 {
+        self.stream
+    }
+
+    /// The pass whose share this stream carries now.
+    pub fn pass(&self) -> u32 {
+        self.pass
+    }
+
+    /// Checks the next frame on this stream. After an error the stream should be dropped.
+    pub fn validate(&mut self, frame: &Frame<'_>) -> Result<StreamStep, WireError> {
+        let unexpected = |state| WireError::UnexpectedFrame {
+            frame: frame.kind(),
+            state,
+        };
+        if self.aborted {
+            return Err(unexpected(StreamState::Aborted));
+        }
+        match frame {
+            Frame::Pages { gpa, count, data } => {
+                let target = self.layout.locate(*gpa, *count, data.len())?;
+                let received = self.received.saturating_add(u64::from(*count));
+                if received > self.layout.total_pages() {
+                    return Err(WireError::PassCount {
+                        pass: self.pass,
+                        announced: self.layout.total_pages(),
+                        received,
+                        reported: received,
+                    });
+                }
+                self.received = received;
+                Ok(StreamStep::Pages(target))
+            }
+            Frame::StreamEnd { pass, pages } => {
+                if *pass != self.pass {
+                    return Err(WireError::PassOrder {
+                        expected: self.pass,
+                        got: *pass,
+                    });
+                }
+                if *pages != self.received {
+                    return Err(WireError::StreamPages {
+                        stream: self.stream,
+                        pass: *pass,
+                        received: self.received,
+                        reported: *pages,
+                    });
+                }
+                self.pass = self.pass.wrapping_add(1);
+                self.received = 0;
+                Ok(StreamStep::PassDone {
+                    pass: *pass,
+                    pages: *pages,
+                })
+            }
+            Frame::Abort { .. } => {
+                self.aborted = true;
+                Ok(StreamStep::Aborted)
+            }
+            _ => Err(unexpected(StreamState::Joined)),
+        }
     }
 }

@@ -12,21 +12,24 @@
 //!
 //! [`Frame::HelloAck`]: crate::migrate::wire::Frame::HelloAck
 
+mod accept;
+mod join;
 mod session;
+mod streams;
 
 use super::channel::{Channel, PlainTcp, Transport};
 use super::hooks::Verifier;
-use super::link::detect_dead_link;
-use super::{MigrateError, PAGE};
-use crate::bitmap::DirtyBitmap;
+use super::MigrateError;
 use crate::migrate::seams::{DeviceMigration, GuestRam};
 use crate::migrate::wire::{Frame, FrameWriter, WireError};
+use accept::{Acceptor, Incoming, NoIncoming};
 use serde::Serialize;
 use std::io::{self, Read};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::net::TcpListener;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use streams::PageSink;
 
 /// What the destination saw and did.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -56,6 +59,9 @@ pub struct DestReport {
     pub duplicate_pages_received: u64,
     /// Pages received over all sessions.
     pub pages_received: u64,
+    /// Channels that carried pages in the last session past Hello (the main one and
+    /// the streams that joined it).
+    pub streams: u32,
     /// The guest ran on after resuming here (set by whoever resumes it).
     pub resumed: bool,
     /// The guest's counter when it resumed here, and a moment later (demo guests).
@@ -99,8 +105,10 @@ pub struct DestLimits {
     /// hashing a large guest before Complete, must fit in it).
     pub read_timeout: Duration,
     /// Read timeout for the Hello (a connection that sends nothing must not hold the
-    /// destination long).
+    /// destination long), and how long a session's extra streams may take to join.
     pub hello_timeout: Duration,
+    /// Channels one session may carry pages over (each extra one is a receiving thread).
+    pub max_streams: u32,
 }
 
 impl Default for DestLimits {
@@ -113,6 +121,7 @@ impl Default for DestLimits {
             max_refused: 64,
             read_timeout: Duration::from_secs(60),
             hello_timeout: Duration::from_secs(10),
+            max_streams: 32,
         }
     }
 }
@@ -165,6 +174,29 @@ pub enum Refusal {
         /// The limit.
         limit: u32,
     },
+    /// More streams than [`DestLimits::max_streams`].
+    #[error("{count} streams asked, the limit is {limit}")]
+    TooManyStreams {
+        /// Streams the source asked for.
+        count: u32,
+        /// The limit.
+        limit: u32,
+    },
+    /// Several streams on a channel served without a way to accept more
+    /// ([`Destination::serve_channel`]).
+    #[error("{count} streams asked, but this destination serves one channel")]
+    OneChannel {
+        /// Streams the source asked for.
+        count: u32,
+    },
+    /// An extra stream broke the protocol while the session went on.
+    #[error("stream {stream}: {why}")]
+    Stream {
+        /// The stream.
+        stream: u32,
+        /// What it did.
+        why: WireError,
+    },
     /// A vCPU state over [`DestLimits::vcpu_state_bytes`].
     #[error("vCPU state {index}: {bytes} bytes, over the limit of {limit}")]
     VcpuStateLimit {
@@ -211,10 +243,8 @@ pub struct Destination {
     limits: DestLimits,
     vcpus: Vec<Vec<u8>>,
     report: DestReport,
-    /// Pages received in the current pass.
-    seen: Vec<DirtyBitmap>,
-    /// Pages written since the memory was created or last reset.
-    written: Vec<DirtyBitmap>,
+    /// Where pages land, from every stream.
+    sink: Arc<PageSink>,
     /// The memory's session id.
     session_id: u64,
     verify_result: Option<bool>,
@@ -241,12 +271,8 @@ impl Destination {
     /// A destination receiving into `memory` (zeroed, as a new guest's RAM is), restoring
     /// `devices` (matched by name).
     pub fn new(memory: Arc<dyn GuestRam>, devices: Vec<Box<dyn DeviceMigration>>) -> Self {
-        let bitmaps: Vec<DirtyBitmap> = memory
-            .regions()
-            .iter()
-            .map(|r| DirtyBitmap::new(r.length / PAGE))
-            .collect();
         let session_id = new_session_id();
+        let sink = Arc::new(PageSink::new(Arc::clone(&memory)));
         Destination {
             memory,
             devices,
@@ -259,8 +285,7 @@ impl Destination {
                 transport: PlainTcp.name(),
                 ..DestReport::default()
             },
-            seen: bitmaps.clone(),
-            written: bitmaps,
+            sink,
             session_id,
             verify_result: None,
             give_up: Arc::new(AtomicBool::new(false)),
@@ -339,20 +364,34 @@ impl Destination {
     ) -> Result<Received, MigrateError> {
         listener.set_nonblocking(true)?;
         let mut deadline = Instant::now() + accept_timeout;
+        let transport = self.transport.clone();
+        let give_up = self.give_up.clone();
+        let mut acceptor = Acceptor {
+            listener,
+            transport: transport.as_ref(),
+            limits: self.limits,
+            give_up: &give_up,
+        };
         // Sessions of a source of ours (past Hello, not refused): a stranger uses none.
         let mut tries = 0u32;
         while tries < max_sessions {
-            let (tcp, peer) = self.accept(listener, deadline, accept_timeout)?;
-            tcp.set_nonblocking(false)?;
+            let Some((tcp, peer)) = acceptor.accept(deadline)? else {
+                return Err(MigrateError::Destination(format!(
+                    "no source connected within {accept_timeout:?} ({} session(s), {} refused connection(s) before)",
+                    self.report.sessions, self.report.refused_connections
+                )));
+            };
             let peer = peer.to_string();
-            let channel = match self.open(tcp) {
+            let channel = match acceptor.open(tcp) {
                 Ok(ch) => ch,
                 Err(why) => {
                     self.refuse(&peer, &why, false)?;
                     continue;
                 }
             };
-            match self.serve_channel(channel, &peer)? {
+            // Its extra streams, if it asks for several, come through the same listener
+            // and transport.
+            match self.serve_from(channel, &peer, &mut acceptor)? {
                 Served::Complete(received) => return Ok(*received),
                 Served::Interrupted(_) => {
                     tries += 1;
@@ -367,33 +406,26 @@ impl Destination {
         )))
     }
 
-    /// An accepted socket's options (a peer that sends nothing is bounded by the Hello
-    /// timeout; a dead link ends the session within the dead-link time), then the
-    /// transport's handshake.
-    fn open(&self, tcp: TcpStream) -> Result<Box<dyn Channel>, Refusal> {
-        let setup = || -> io::Result<()> {
-            tcp.set_read_timeout(Some(self.limits.hello_timeout))?;
-            tcp.set_write_timeout(Some(self.limits.hello_timeout))?;
-            tcp.set_nodelay(true)?;
-            detect_dead_link(&tcp)
-        };
-        let handshake = |error| Refusal::Handshake {
-            transport: self.transport.name(),
-            error,
-        };
-        setup().map_err(handshake)?;
-        self.transport.server(tcp).map_err(handshake)
-    }
-
     /// Serve one connection that is already open (over whatever transport the VMM
     /// brings; [`Destination::run`] calls it for each accepted socket). `peer` names the
-    /// other end in logs and refusals. Once a migration was committed here, every later
-    /// connection is refused ([`Refusal::HandedOver`]) without a byte read: the memory is
-    /// the running guest's.
+    /// other end in logs and refusals. A source asking for several streams is refused:
+    /// there is no way to accept them here ([`Destination::run`] has its listener). Once a
+    /// migration was committed here, every later connection is refused
+    /// ([`Refusal::HandedOver`]) without a byte read: the memory is the running guest's.
     pub fn serve_channel(
         &mut self,
         channel: Box<dyn Channel>,
         peer: &str,
+    ) -> Result<Served, MigrateError> {
+        self.serve_from(channel, peer, &mut NoIncoming)
+    }
+
+    /// One connection, and the extra streams of its session from `incoming`.
+    fn serve_from(
+        &mut self,
+        channel: Box<dyn Channel>,
+        peer: &str,
+        incoming: &mut dyn Incoming,
     ) -> Result<Served, MigrateError> {
         if self.handed_over {
             // Whoever this is, the guest may already run on this memory: tell them why
@@ -405,8 +437,13 @@ impl Destination {
             self.refuse(peer, &why, false)?;
             return Ok(Served::Refused);
         }
-        let wrote_before = self.report.pages_received;
-        Ok(match self.serve(channel)? {
+        let wrote_before = self.sink.counts().0;
+        let end = self.serve(channel, incoming)?;
+        (
+            self.report.pages_received,
+            self.report.duplicate_pages_received,
+        ) = self.sink.counts();
+        Ok(match end {
             session::SessionEnd::Complete => {
                 self.report.verified = self.verify_result == Some(true);
                 // Complete and verified means committed (a failed verdict completes
@@ -439,7 +476,7 @@ impl Destination {
                 Served::Interrupted(why)
             }
             session::SessionEnd::Refused(why) => {
-                let wrote = self.report.pages_received > wrote_before;
+                let wrote = self.sink.counts().0 > wrote_before;
                 self.refuse(peer, &why, wrote)?;
                 Served::Refused
             }
@@ -469,16 +506,7 @@ impl Destination {
     /// Zero every page written since the memory was created (or last reset), and choose a
     /// new session id: the memory is again what a new destination's is.
     fn reset_memory(&mut self) -> Result<(), MigrateError> {
-        let zero = vec![0u8; PAGE as usize];
-        let regions = self.memory.regions().to_vec();
-        for (r, b) in regions.iter().zip(self.written.iter_mut()) {
-            for (first, len) in b.runs() {
-                for p in first..first + len {
-                    self.memory.write_page(r.iova + p * PAGE, &zero)?;
-                }
-            }
-            b.clear();
-        }
+        self.sink.zero_written()?;
         self.session_id = new_session_id();
         self.report.session_id = self.session_id;
         self.report.memory_resets += 1;
@@ -487,35 +515,5 @@ impl Destination {
             self.session_id
         );
         Ok(())
-    }
-
-    fn accept(
-        &self,
-        listener: &TcpListener,
-        deadline: Instant,
-        accept_timeout: Duration,
-    ) -> Result<(TcpStream, SocketAddr), MigrateError> {
-        loop {
-            match listener.accept() {
-                Ok(s) => return Ok(s),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock && self.give_up.load(SeqCst) => {
-                    return Err(MigrateError::Destination(
-                        "the source gave up before connecting".into(),
-                    ))
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(5))
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    return Err(MigrateError::Destination(format!(
-                        "no source connected within {accept_timeout:?} ({} session(s), {} refused connection(s) before)",
-                        self.report.sessions, self.report.refused_connections
-                    )))
-                }
-                // A connection reset while in the backlog, and the like: the next one.
-                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
     }
 }

@@ -2,21 +2,29 @@
 
 mod narrow;
 
+use super::accept::Incoming;
+use super::streams::{self, Gate, StreamMsg};
 use super::{Destination, Refusal};
 use crate::device::MigState;
 use crate::migrate::engine::channel::{Channel, Duplex};
 use crate::migrate::engine::{max_hashes, MigrateError, StateDigest, PAGE};
 use crate::migrate::wire::{
-    Frame, FrameReader, FrameWriter, MemoryLayout, StreamState, Validator, WireError,
+    Frame, FrameReader, FrameWriter, MemoryLayout, OwnedFrame, PagesTarget, StreamState, Validator,
+    WireError,
 };
 use std::borrow::Cow;
 use std::io;
+use std::net::{Shutdown, TcpStream};
+use std::sync::{mpsc, Arc};
+
+/// The main channel's reader.
+pub(super) type MainReader = FrameReader<io::BufReader<Duplex>>;
 
 /// One connection's state.
-struct Session {
-    w: FrameWriter<Duplex>,
+pub(super) struct Session {
+    pub(super) w: FrameWriter<Duplex>,
     /// The stream's validator, once Hello was accepted.
-    v: Option<Validator>,
+    pub(super) v: Option<Validator>,
     /// The memory's hashes when the source said Complete.
     at_complete: Option<Vec<u64>>,
     /// Devices that received state this session.
@@ -27,6 +35,12 @@ struct Session {
     device_ok: bool,
     /// The device state given to the devices this session (the source compares it).
     state: StateDigest,
+    /// The barrier's gate, which the extra streams wait at between passes.
+    pub(super) gate: Arc<Gate>,
+    /// What the extra streams report (none with one stream).
+    pub(super) rx: Option<mpsc::Receiver<StreamMsg>>,
+    /// Per extra stream (index − 1): passes it has ended, and why it is gone if it is.
+    pub(super) ended: Vec<(u32, Option<String>)>,
 }
 
 /// What a frame leads to.
@@ -60,8 +74,12 @@ impl From<Refusal> for SessionEnd {
 impl Destination {
     /// One connection. What the peer does wrong is a refusal; only the destination's own
     /// failures (its memory, its socket options) are errors.
-    pub(super) fn serve(&mut self, channel: Box<dyn Channel>) -> Result<SessionEnd, MigrateError> {
-        // The Hello comes within the Hello timeout (set by `Destination::open` for TCP; a
+    pub(super) fn serve(
+        &mut self,
+        channel: Box<dyn Channel>,
+        incoming: &mut dyn Incoming,
+    ) -> Result<SessionEnd, MigrateError> {
+        // The Hello comes within the Hello timeout (set by `Acceptor::open` for TCP; a
         // VMM's own channel brings its own bounds).
         let tcp = channel
             .tcp()
@@ -77,6 +95,9 @@ impl Destination {
             state_bytes: vec![0; self.devices.len()],
             device_ok: true,
             state: StateDigest::new(),
+            gate: Arc::default(),
+            rx: None,
+            ended: Vec::new(),
         };
         if let Some(end) = self.handshake(&mut r, &mut s)? {
             return Ok(end);
@@ -92,7 +113,44 @@ impl Destination {
         self.vcpus.clear();
         self.report.device_state_restored = false;
         self.report.devices_restored = 0;
-        let end = self.frames(&mut r, &mut s);
+        self.report.streams = 1;
+        self.sink.new_pass();
+        // A session with several streams says so first, and they join before pass 0.
+        let (joined, first) = match self.join_streams(&mut r, &mut s, incoming)? {
+            Ok(j) => j,
+            Err(end) => return Ok(end),
+        };
+        let (tx, rx) = mpsc::channel();
+        s.rx = Some(rx);
+        s.ended = vec![(0, None); joined.len()];
+        let stream_tcp: Vec<TcpStream> = joined
+            .iter()
+            .filter_map(|j| j.tcp.as_ref().and_then(|t| t.try_clone().ok()))
+            .collect();
+        let sink = self.sink.clone();
+        let gate = s.gate.clone();
+        let end = std::thread::scope(|scope| {
+            for j in joined {
+                let (tx, sink, gate, main) = (tx.clone(), &*sink, &*gate, tcp.as_ref());
+                scope.spawn(move || streams::receive(j, sink, gate, tx, main));
+            }
+            drop(tx);
+            let end = self.frames(&mut r, &mut s, first);
+            // The session is over: every stream stops (the scope waits for them), so none
+            // writes a page after this session ends.
+            s.gate.end();
+            for t in &stream_tcp {
+                let _ = t.shutdown(Shutdown::Both);
+            }
+            end
+        });
+        // A stream that broke the protocol makes the session a refusal, whatever the main
+        // channel saw after it was shut down.
+        let end = match (end, self.stream_failure(&mut s)) {
+            (end @ Ok(SessionEnd::Complete), _) | (end, None) => end,
+            (_, Some(Err(local))) => Err(local),
+            (_, Some(Ok(why))) => Ok(SessionEnd::Refused(why)),
+        };
         if !matches!(end, Ok(SessionEnd::Complete)) {
             // A device left RESUMING with a partial (or a stranger's) stream: STOP ends
             // that stream, so the next session's RESUMING starts a new one from the
@@ -111,25 +169,36 @@ impl Destination {
         end
     }
 
-    /// The frames after Hello, to the session's end.
+    /// The frames after Hello (and `first`, one read already), to the session's end.
     fn frames(
         &mut self,
-        r: &mut FrameReader<io::BufReader<Duplex>>,
+        r: &mut MainReader,
         s: &mut Session,
+        mut first: Option<OwnedFrame>,
     ) -> Result<SessionEnd, MigrateError> {
         loop {
-            let f = match r.read_frame() {
-                Ok(f) => f,
-                Err(e) if is_disconnect(&e) => return Ok(SessionEnd::Interrupted(e.to_string())),
-                Err(e) => return Ok(refuse(s, e.into())),
+            let f = match first.take() {
+                Some(f) => f,
+                None => match r.read_frame() {
+                    Ok(f) => f,
+                    Err(e) if is_disconnect(&e) => {
+                        return Ok(SessionEnd::Interrupted(e.to_string()))
+                    }
+                    Err(e) => return Ok(refuse(s, e.into())),
+                },
             };
+            if let Frame::PassEnd { pass, .. } | Frame::PassCut { pass, .. } = f {
+                // Every stream's share of the pass first: the counts below cover them all.
+                if let Some(end) = self.barrier(s, pass)? {
+                    return Ok(end);
+                }
+            }
             let v = s.v.as_mut().expect("set by the handshake");
             let target = match v.validate(&f) {
                 Ok(t) => t,
                 Err(e) => return Ok(refuse(s, e.into())),
             };
-            let region = target.map(|t| t.region);
-            match self.on_frame(s, f, region) {
+            match self.on_frame(s, f, target) {
                 Ok(Step::Next) => {}
                 Ok(Step::End(end)) => return Ok(end),
                 Ok(Step::AwaitCommit) => return Ok(Self::await_commit(r, s)),
@@ -144,7 +213,7 @@ impl Destination {
     /// memory's session id.
     fn handshake(
         &mut self,
-        r: &mut FrameReader<io::BufReader<Duplex>>,
+        r: &mut MainReader,
         s: &mut Session,
     ) -> Result<Option<SessionEnd>, MigrateError> {
         let hello = match r.read_frame() {
@@ -184,24 +253,24 @@ impl Destination {
         Ok(None)
     }
 
-    /// One validated frame (`region`: the RAM region a Pages frame targets).
+    /// One validated frame (`region`: where a Pages frame lands).
     fn on_frame(
         &mut self,
         s: &mut Session,
         f: Frame<'_>,
-        region: Option<usize>,
+        region: Option<PagesTarget>,
     ) -> Result<Step, FrameError> {
         match f {
             Frame::Pages { gpa, count, data } => {
-                let region = region.expect("validated Pages have a target");
-                self.write_pages(region, gpa, count, &data)?;
-            }
-            Frame::PassBegin { .. } => {
-                for b in &mut self.seen {
-                    b.clear();
-                }
+                let target = region.expect("validated Pages have a target");
+                let _ = gpa;
+                self.sink.write(target, count, &data)?;
             }
             Frame::PassEnd { pass, .. } | Frame::PassCut { pass, .. } => {
+                // Pass complete on every stream: a new pass begins for the duplicate
+                // check, and only now may the streams read on (then the source, acked).
+                self.sink.new_pass();
+                s.gate.complete(pass);
                 if let Err(e) = s.w.write_frame(&Frame::Ack { pass }) {
                     return Ok(Step::End(SessionEnd::Interrupted(format!(
                         "sending Ack: {e}"
@@ -243,30 +312,6 @@ impl Destination {
             _ => {}
         }
         Ok(Step::Next)
-    }
-
-    fn write_pages(
-        &mut self,
-        region: usize,
-        gpa: u64,
-        count: u32,
-        data: &[u8],
-    ) -> Result<(), MigrateError> {
-        let base = self.memory.regions()[region].iova;
-        for i in 0..count as u64 {
-            let page = gpa + i * PAGE;
-            let bit = (page - base) / PAGE;
-            if self.seen[region].is_set(bit) {
-                self.report.duplicate_pages_received += 1;
-            }
-            let _ = self.seen[region].set(bit);
-            let _ = self.written[region].set(bit);
-            let off = (i * PAGE) as usize;
-            self.memory
-                .write_page(page, &data[off..off + PAGE as usize])?;
-        }
-        self.report.pages_received += count as u64;
-        Ok(())
     }
 
     /// A device's first record of a session puts it in RESUMING; every record (pre-copy
@@ -363,7 +408,7 @@ impl Destination {
 
     /// After a good verdict: the guest is resumed here only once the source hands it
     /// over.
-    fn await_commit(r: &mut FrameReader<io::BufReader<Duplex>>, s: &mut Session) -> SessionEnd {
+    fn await_commit(r: &mut MainReader, s: &mut Session) -> SessionEnd {
         let v = s.v.as_mut().expect("set by the handshake");
         match r.read_frame() {
             Ok(f @ Frame::Commit) if v.validate(&f).is_ok() => {
@@ -425,14 +470,14 @@ impl<E: Into<MigrateError>> From<E> for FrameError {
 }
 
 /// Tell the peer why (best effort) and end the session as refused.
-fn refuse(s: &mut Session, why: Refusal) -> SessionEnd {
+pub(super) fn refuse(s: &mut Session, why: Refusal) -> SessionEnd {
     let _ = s.w.write_frame(&Frame::Abort {
         reason: Cow::Owned(why.to_string()),
     });
     SessionEnd::Refused(why)
 }
 
-fn is_disconnect(e: &WireError) -> bool {
+pub(super) fn is_disconnect(e: &WireError) -> bool {
     matches!(
         e,
         WireError::Closed | WireError::Truncated | WireError::Io(_)

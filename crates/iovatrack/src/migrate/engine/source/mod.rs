@@ -11,10 +11,10 @@ pub use converge::Switchover;
 
 use super::channel::{Channel, Duplex};
 use super::hooks::{Checkpoint, Control, SourceHooks, Verifier};
-use super::link::{prepare_source_socket, Link};
+use super::link::{prepare_source_socket, Link, Pacer};
 use super::{
     AttemptError, DeviceReport, EngineConfig, Event, Handover, MigrateError, PassStats,
-    SourceReport, StateDigest, TimeoutAction, FRAME_PAGES, PAGE,
+    SourceReport, StateDigest, TimeoutAction, PAGE, SEND_BATCH,
 };
 use crate::bitmap::DirtyBitmap;
 use crate::layout::Layout;
@@ -25,6 +25,7 @@ use crate::track::{DirtLedger, Tracker};
 use std::borrow::Cow;
 use std::io::{self, Read};
 use std::net::{Shutdown, TcpStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// What the source engine migrates: the VMM's parts, lent for the migration.
@@ -68,22 +69,50 @@ impl<E: Into<AttemptError>> From<E> for AttemptEnd {
     }
 }
 
-/// One connection to the destination.
+/// One attempt's connections to the destination: the main channel, and the extra streams
+/// of a multi-stream session.
 struct Conn {
-    w: FrameWriter<Link<io::BufWriter<Duplex>>>,
+    w: FrameWriter<Link<Duplex>>,
     r: FrameReader<Duplex>,
-    /// The TCP socket under the channel, if any, to end the connection at once.
+    /// The TCP socket under the main channel, if any, to end the connection at once.
     tcp: Option<TcpStream>,
+    /// The extra channels, until the final pass is sent.
+    streams: Vec<Stream>,
+    /// The TCP sockets under the extra channels (kept apart so a sender thread may end
+    /// them all while others write).
+    stream_tcp: Vec<TcpStream>,
+    /// Bytes the extra channels wrote before they were closed.
+    closed_bytes: u64,
     /// Bytes written up to what the destination last acknowledged.
     acked_bytes: u64,
+}
+
+/// An extra channel: written by its own sender thread during a pass, never read.
+struct Stream {
+    w: FrameWriter<Link<Box<dyn Channel>>>,
 }
 
 impl Conn {
     /// Drop the link as a failure would (an injected fault, or before a retry).
     fn drop_link(&self) {
-        if let Some(t) = &self.tcp {
-            let _ = t.shutdown(Shutdown::Both);
-        }
+        shutdown(self.tcp.as_ref(), &self.stream_tcp);
+    }
+
+    /// Every byte written on every channel of this attempt.
+    fn bytes(&self) -> u64 {
+        let streams: u64 = self.streams.iter().map(|s| s.w.get_ref().bytes).sum();
+        self.w.get_ref().bytes + streams + self.closed_bytes
+    }
+
+    /// After the final pass: the extra channels have nothing more to carry.
+    fn close_streams(&mut self) {
+        self.closed_bytes += self
+            .streams
+            .iter()
+            .map(|s| s.w.get_ref().bytes)
+            .sum::<u64>();
+        self.streams.clear();
+        self.stream_tcp.clear();
     }
 
     /// Tell the destination this attempt ends, best effort.
@@ -92,6 +121,13 @@ impl Conn {
             reason: Cow::Borrowed(reason),
         });
         let _ = self.w.flush();
+    }
+}
+
+/// End every connection of an attempt at once (a failure on one fails them all).
+fn shutdown(main: Option<&TcpStream>, streams: &[TcpStream]) {
+    for t in main.into_iter().chain(streams) {
+        let _ = t.shutdown(Shutdown::Both);
     }
 }
 
@@ -121,7 +157,6 @@ struct Source<'a, 'h> {
     /// The destination memory's session id (from its HelloAck) the ledger's acknowledged
     /// passes went to.
     dest_session: Option<u64>,
-    page_buf: Vec<u8>,
     report: SourceReport,
     bandwidth: f64,
     /// Pages sent on the current connection (its Complete frame reports them).
@@ -162,7 +197,6 @@ impl<'a, 'h> Source<'a, 'h> {
             at_dest: bitmaps.clone(),
             dest_session: None,
             sent: bitmaps,
-            page_buf: vec![0; FRAME_PAGES * PAGE as usize],
             report: SourceReport::default(),
             bandwidth: 0.0,
             conn_pages: 0,
@@ -298,28 +332,30 @@ impl<'a, 'h> Source<'a, 'h> {
         self.ledger.pending_pages() as f64 * (PAGE as f64 + 12.0) / bw * 1000.0
     }
 
-    /// One attempt over one connection.
+    /// One attempt over a connection from `connect` (and, with several streams, as many
+    /// more).
     fn attempt(
         &mut self,
-        channel: Box<dyn Channel>,
+        connect: &mut dyn FnMut() -> io::Result<Box<dyn Channel>>,
         attempt: u32,
         started: Instant,
         events: &mut dyn FnMut(Event),
     ) -> Result<Verdict, AttemptEnd> {
+        let channel = connect().map_err(|e| AttemptEnd::Retry(AttemptError::Connect(e)))?;
         let tcp = channel.tcp().map(TcpStream::try_clone).transpose()?;
         if let Some(t) = &tcp {
             prepare_source_socket(t)?;
             t.set_read_timeout(Some(self.cfg.read_timeout))?;
         }
         let duplex = Duplex::new(channel);
-        let link = Link::new(
-            io::BufWriter::with_capacity(1 << 20, duplex.clone()),
-            self.cfg.bandwidth,
-        );
+        let pacer = Pacer::new(self.cfg.bandwidth);
         let mut c = Conn {
-            w: FrameWriter::new(link),
+            w: FrameWriter::buffered(Link::new(duplex.clone(), pacer.clone()), SEND_BATCH),
             r: FrameReader::new(duplex),
             tcp,
+            streams: Vec::new(),
+            stream_tcp: Vec::new(),
+            closed_bytes: 0,
             acked_bytes: 0,
         };
         self.conn_pages = 0;
@@ -345,15 +381,47 @@ impl<'a, 'h> Source<'a, 'h> {
             }
         };
         self.join_session(session);
-        let result = self.precopy(&mut c, attempt, started, events);
-        self.report.bytes_on_wire += c.w.get_ref().bytes;
+        let result = match self.open_streams(&mut c, session, connect, &pacer) {
+            Ok(()) => self.precopy(&mut c, attempt, started, events),
+            Err(e) => Err(e),
+        };
+        self.report.bytes_on_wire += c.bytes();
         self.report.bytes_sent += c.acked_bytes;
         if result.is_err() {
-            // Dropping the BufWriter flushes it: on a dead link that would block for another
-            // write timeout before the retry could start.
+            // Whatever is still queued on a dead link would otherwise hold the close up.
             c.drop_link();
         }
         result
+    }
+
+    /// With several streams: say how many on the main channel, then open the others
+    /// through `connect` (the same transport) and have each join `session`.
+    fn open_streams(
+        &mut self,
+        c: &mut Conn,
+        session: u64,
+        connect: &mut dyn FnMut() -> io::Result<Box<dyn Channel>>,
+        pacer: &Arc<Pacer>,
+    ) -> Result<(), AttemptEnd> {
+        let count = self.cfg.streams.max(1);
+        self.report.streams = count;
+        if count == 1 {
+            return Ok(());
+        }
+        c.w.write_frame(&Frame::Streams { count })?;
+        c.w.flush()?;
+        for stream in 1..count {
+            let ch = connect().map_err(|e| AttemptEnd::Retry(AttemptError::Connect(e)))?;
+            if let Some(t) = ch.tcp() {
+                prepare_source_socket(t)?;
+                c.stream_tcp.push(t.try_clone()?);
+            }
+            let mut w = FrameWriter::buffered(Link::new(ch, pacer.clone()), SEND_BATCH);
+            w.write_frame(&Frame::Join { session, stream })?;
+            w.flush()?;
+            c.streams.push(Stream { w });
+        }
+        Ok(())
     }
 
     /// A destination memory session other than the one the ledger's acknowledged passes
@@ -466,7 +534,7 @@ impl<'a, 'h> Source<'a, 'h> {
             } else {
                 self.ledger.ack();
             }
-            c.acked_bytes = c.w.get_ref().bytes;
+            c.acked_bytes = c.bytes();
             self.report.pages_sent += sent.pages;
             self.report.passes += 1;
             last_bytes = sent.bytes;
@@ -540,9 +608,11 @@ fn expect<R: Read>(
 }
 
 /// Migrate `vm` to whatever `connect` returns, retrying after a dropped connection or a
-/// cancel up to `cfg.retries` times. Tracking starts here (nothing is spent on it
-/// before), and is stopped on return. On success the source's vCPUs stay paused (the
-/// guest runs at the destination); after a clean failure they run again.
+/// cancel up to `cfg.retries` times. With `cfg.streams` N > 1 each attempt calls
+/// `connect` N times: the main channel, then N − 1 that join its session. Tracking starts
+/// here (nothing is spent on it before), and is stopped on return. On success the
+/// source's vCPUs stay paused (the guest runs at the destination); after a clean failure
+/// they run again.
 pub fn run_source<C: Into<Box<dyn Channel>>>(
     cfg: &EngineConfig,
     vm: SourceVm<'_>,
@@ -551,6 +621,8 @@ pub fn run_source<C: Into<Box<dyn Channel>>>(
     events: &mut dyn FnMut(Event),
 ) -> Result<SourceReport, MigrateError> {
     let mut src = Source::new(cfg, vm, hooks)?;
+    // The main channel and every extra stream open through this one `connect`.
+    let mut connect = move || -> io::Result<Box<dyn Channel>> { connect().map(Into::into) };
     // Everything dirtied before pass 0 is covered by pass 0: drop what the CPU log holds.
     for (slot, buf) in src.cpu_log.iter_mut().enumerate() {
         src.vm.cpu_log.read_and_clear(slot, buf)?;
@@ -560,10 +632,7 @@ pub fn run_source<C: Into<Box<dyn Channel>>>(
     let mut attempt = 0u32;
     let outcome = loop {
         let started = Instant::now();
-        let res = match connect() {
-            Ok(ch) => src.attempt(ch.into(), attempt, started, events),
-            Err(e) => Err(AttemptEnd::Retry(AttemptError::Connect(e))),
-        };
+        let res = src.attempt(&mut connect, attempt, started, events);
         match res {
             Ok(v) if v.ok => break Ok(v),
             Ok(v) => {

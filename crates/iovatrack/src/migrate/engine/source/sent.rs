@@ -7,12 +7,8 @@ use crate::bitmap::DirtyBitmap;
 /// Mark `count` pages from `first` of a region as written in this pass (`pass`: the
 /// region's pages written so far this pass); returns how many were written before in it.
 pub(super) fn record_run(pass: &mut DirtyBitmap, first: u64, count: u64) -> u64 {
-    let mut again = 0;
-    for bit in first..first + count {
-        again += u64::from(pass.is_set(bit));
-        let _ = pass.set(bit);
-    }
-    again
+    // Frames come from the region's own ledger bitmap: always in range.
+    pass.set_range_counting(first, count).unwrap_or_default()
 }
 
 #[cfg(test)]

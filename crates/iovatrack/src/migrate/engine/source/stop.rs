@@ -36,6 +36,8 @@ impl Source<'_, '_> {
         let super::pass::Sent {
             pages, bytes, secs, ..
         } = self.send_pass(c, attempt, pass, None, events)?;
+        // The last pages are out: the extra streams end here (their pass is complete).
+        c.close_streams();
         // Device states: the rest of each data fd's stream (STOP_COPY runs to its end).
         self.send_device_states_inner(c, true)?;
         let vcpus = self
@@ -56,7 +58,7 @@ impl Source<'_, '_> {
             |f| matches!(f, Frame::Ack { pass: p } if *p == pass),
         )?;
         self.ledger.ack();
-        c.acked_bytes = c.w.get_ref().bytes;
+        c.acked_bytes = c.bytes();
         self.report.pages_sent += pages;
         self.report.passes += 1;
         let downtime_ms = paused_at.elapsed().as_secs_f64() * 1000.0;

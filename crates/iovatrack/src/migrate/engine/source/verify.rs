@@ -98,7 +98,7 @@ impl Source<'_, '_> {
             }
         };
         // The destination answered: it read everything before its verdict.
-        c.acked_bytes = c.w.get_ref().bytes;
+        c.acked_bytes = c.bytes();
         let mut heard = Heard {
             memory_ok,
             mismatched: differ.len() as u64,
@@ -164,7 +164,7 @@ impl Source<'_, '_> {
                     }
                     Err(e) => return Err(format!("no count of differing pages: {e}")),
                 }
-                c.acked_bytes = c.w.get_ref().bytes;
+                c.acked_bytes = c.bytes();
                 first += n;
             }
         }

@@ -6,7 +6,7 @@ use super::*;
 fn round_trip_every_frame_type() {
     let frames = every_frame();
     let kinds: std::collections::HashSet<_> = frames.iter().map(|f| f.kind()).collect();
-    assert_eq!(kinds.len(), 15, "every frame kind is covered");
+    assert_eq!(kinds.len(), 18, "every frame kind is covered");
     let bytes = encode(&frames);
     assert_eq!(decode_all(&bytes, &Limits::default()).unwrap(), frames);
     // And through the streaming reader, which borrows its buffer.

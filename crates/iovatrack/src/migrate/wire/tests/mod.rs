@@ -4,10 +4,12 @@ use super::*;
 use crate::range::IovaRange;
 use std::borrow::Cow;
 
+mod buffered;
 mod codec;
 mod crc;
 mod loopback;
 mod props;
+mod streams;
 mod validator;
 
 const PAGE: u64 = 4096;
@@ -93,6 +95,15 @@ fn every_frame() -> Vec<OwnedFrame> {
             reason: Cow::Owned("device refused STOP_COPY".into()),
         },
         Frame::Ack { pass: u32::MAX },
+        Frame::Streams { count: 4 },
+        Frame::Join {
+            session: 0x0123_4567_89ab_cdef,
+            stream: 3,
+        },
+        Frame::StreamEnd {
+            pass: 2,
+            pages: u64::MAX,
+        },
     ]
 }
 

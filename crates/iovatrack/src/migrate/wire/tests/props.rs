@@ -83,6 +83,9 @@ fn arb_frame() -> impl Strategy<Value = OwnedFrame> {
             reason: Cow::Owned(r)
         }),
         any::<u32>().prop_map(|pass| Frame::Ack { pass }),
+        any::<u32>().prop_map(|count| Frame::Streams { count }),
+        (any::<u64>(), any::<u32>()).prop_map(|(session, stream)| Frame::Join { session, stream }),
+        (any::<u32>(), any::<u64>()).prop_map(|(pass, pages)| Frame::StreamEnd { pass, pages }),
     ]
 }
 
@@ -163,7 +166,7 @@ proptest! {
 
     #[test]
     fn arbitrary_payloads_behind_a_valid_crc_never_panic(
-        ty in 0u16..14,
+        ty in 0u16..20,
         payload in proptest::collection::vec(any::<u8>(), 0..128),
     ) {
         let bytes = raw_frame(PROTOCOL_VERSION, ty, 0, &payload);
