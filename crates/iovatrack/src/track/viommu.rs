@@ -127,6 +127,9 @@ pub struct ViommuStats {
     pub rearms: u64,
     /// Re-arms after a failed REPORT.
     pub error_rearms: u64,
+    /// REPORTs that failed, wherever (collect, unmap query, a re-arm's own REPORT): each
+    /// one's log is lost and covered by marking every mapped page.
+    pub report_errors: u64,
     /// Pages marked dirty to cover STOP→START windows.
     pub rearm_pages: u64,
     /// Maps held until logging covered them.
@@ -174,6 +177,7 @@ struct Ctl {
     /// REPORT-error re-arms already counted by a collect (an unmap query may meet the
     /// error first: the next collect still reports it).
     counted_error_rearms: u64,
+    counted_report_errors: u64,
 }
 
 type WindowHook = Box<dyn Fn() + Send + Sync>;
@@ -254,6 +258,7 @@ impl IovaSpace {
                 scratch: Vec::new(),
                 failed: None,
                 counted_error_rearms: 0,
+                counted_report_errors: 0,
             }),
             stats: Mutex::new(ViommuStats::default()),
             bits: AtomicU64::new(0),
@@ -518,10 +523,14 @@ impl IovaSpace {
             reports,
             ..CollectStats::default()
         };
-        let total = lock(&self.stats).error_rearms;
+        let (total, errors) = {
+            let s = lock(&self.stats);
+            (s.error_rearms, s.report_errors)
+        };
         st.rearms = total - ctl.counted_error_rearms;
-        st.report_errors = st.rearms;
+        st.report_errors = errors - ctl.counted_report_errors;
         ctl.counted_error_rearms = total;
+        ctl.counted_report_errors = errors;
         st.device_bits = self.bits.load(Relaxed) - bits0;
         let pending = std::mem::take(&mut ctl.pending);
         for p in &pending {
@@ -691,6 +700,7 @@ impl IovaSpace {
         let mut s = lock(&self.stats);
         if after_error {
             s.error_rearms += 1;
+            s.report_errors += 1;
         } else {
             s.rearms += 1;
         }
@@ -707,6 +717,7 @@ impl IovaSpace {
             for (d, &page) in self.devices.iter().zip(&report_pages) {
                 for w in device_windows(&d.report_granule(), &ranges, page, ctl.chunk_bits, None) {
                     if self.read(ctl, |bm| d.report(w, page, bm), w, page).is_err() {
+                        lock(&self.stats).report_errors += 1;
                         // Its log is lost: every mapped page is marked after the START.
                         self.mark_mapped(ctl, None);
                         break;
