@@ -43,6 +43,8 @@ pub struct MigrateArgs {
     /// address connected to).
     #[arg(long, value_name = "NAME", requires = "tls_cert")]
     tls_hostname: Option<String>,
+    #[command(flatten)]
+    dest: DestArgs,
 }
 
 /// TLS 1.3 with mutual authentication: all three files, or none (plain TCP).
@@ -120,7 +122,19 @@ enum Mode {
         tls: TlsArgs,
         #[command(flatten)]
         guest: GuestArgs,
+        #[command(flatten)]
+        dest: DestArgs,
     },
+}
+
+/// How the destination holds the guest.
+#[derive(Args, Clone)]
+struct DestArgs {
+    /// Allocate all of the destination's guest RAM before the source connects, as a
+    /// destination with a passthrough device has it (mapping RAM for the device's DMA pins
+    /// every page): received pages then cost no page fault and no zeroing.
+    #[arg(long)]
+    prealloc: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -577,6 +591,13 @@ fn summary_text(s: &Summary, json: bool, local: bool) -> Result<String, BoxError
         "  downtime        {:.1} ms (stop-and-copy: {})",
         s.downtime_ms, s.switchover_reason
     );
+    if s.verify_ms > 0.0 {
+        let _ = writeln!(
+            out,
+            "  verification    {:.1} ms after it, the guest still paused until Commit",
+            s.verify_ms
+        );
+    }
     let _ = writeln!(out, "  mismatched      {} page(s)", s.mismatched_pages);
     let _ = writeln!(
         out,
@@ -683,6 +704,7 @@ pub fn run(a: MigrateArgs) -> Result<ExitCode, BoxError> {
         None => {
             let mut cfg = config(&a.guest, &a.source)?;
             cfg.transport = a.tls.transport(a.tls_hostname.as_deref(), None)?;
+            cfg.prealloc = a.dest.prealloc;
             (
                 demo::run_local(&cfg, &mut |e| progress.on(e))?,
                 a.guest.json,
@@ -712,6 +734,7 @@ pub fn run(a: MigrateArgs) -> Result<ExitCode, BoxError> {
             max_device_state,
             tls,
             guest,
+            dest: dest_args,
         }) => {
             let cfg = guest_config(&guest)?;
             let transport = tls.transport(None, None)?;
@@ -734,6 +757,13 @@ pub fn run(a: MigrateArgs) -> Result<ExitCode, BoxError> {
             let dest = demo::DemoDestination::new(&cfg.layout, &cfg.devices)?
                 .limits(limits)
                 .transport(transport);
+            if dest_args.prealloc {
+                let took = dest.prealloc()?;
+                eprintln!(
+                    "guest RAM allocated up front in {:.0} ms",
+                    took.as_secs_f64() * 1000.0
+                );
+            }
             let report = dest.run(
                 &listener,
                 cfg.engine.retries + 1,

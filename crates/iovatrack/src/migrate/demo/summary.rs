@@ -46,6 +46,9 @@ pub struct Summary {
     pub downtime_budget_ms: u64,
     /// The downtime exceeded the budget.
     pub downtime_exceeded: bool,
+    /// Verification after the downtime (both sides hashing, the verdict), ms; the guest
+    /// stays paused through it, until Commit.
+    pub verify_ms: f64,
     /// Why stop-and-copy began: `converged`, `max-iterations`, `timeout`, `forced`, or
     /// `none` when it was never reached.
     pub switchover_reason: Switchover,
@@ -120,6 +123,9 @@ pub struct Summary {
     pub migration_ms: f64,
     /// Wall time, ms (guest setup and warm-up included).
     pub total_ms: f64,
+    /// Allocating the destination's guest RAM before the source connected (`--prealloc`),
+    /// ms; in `total_ms`, not in `migration_ms`. 0 without.
+    pub prealloc_ms: f64,
     // --- Behind a vIOMMU (`migrate --viommu`); zero and false otherwise. ---
     /// The guest mapped its own DMA through a vIOMMU; tracking ran in IOVA space.
     pub viommu: bool,
@@ -199,6 +205,7 @@ impl Summary {
             duplicate_pages_sent: r.duplicate_pages_sent,
             downtime_ms: r.downtime_ms,
             downtime_exceeded: r.downtime_exceeded,
+            verify_ms: r.verify_ms,
             switchover_reason: r.switchover_reason,
             cpu_dirty_pages: r.cpu_dirty_pages,
             cpu_dirty_bytes_per_s: r.cpu_dirty_bytes_per_s,

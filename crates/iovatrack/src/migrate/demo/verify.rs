@@ -4,6 +4,7 @@
 use crate::migrate::engine::Verifier;
 use crate::migrate::guest;
 use crate::migrate::seams::{GuestRam, VmError};
+use std::sync::{Mutex, PoisonError};
 
 /// FNV-1a page hashes, folded per region when there are more than fit a frame.
 pub struct PageHashes;
@@ -34,8 +35,10 @@ impl Verifier for PageHashes {
 /// One hash per page, regions in order.
 pub fn page_hashes(memory: &dyn GuestRam) -> Result<Vec<u64>, VmError> {
     let mut out = Vec::new();
-    for i in 0..memory.regions().len() {
-        out.extend(memory.page_hashes(i)?);
+    for (i, r) in memory.regions().iter().enumerate() {
+        let at = out.len();
+        out.resize(at + (r.length / guest::PAGE_SIZE) as usize, 0);
+        hash_into(memory, i, 0, &mut out[at..])?;
     }
     Ok(out)
 }
@@ -61,13 +64,53 @@ pub fn region_hashes(memory: &dyn GuestRam, pages: &[u64]) -> Vec<u64> {
 pub fn region_hash(memory: &dyn GuestRam, index: usize) -> Result<u64, VmError> {
     let pages = memory.regions()[index].length / guest::PAGE_SIZE;
     let mut h = guest::HASH_SEED;
+    let mut run = vec![0u64; pages.min(RUN_PAGES) as usize];
     let mut first = 0;
     while first < pages {
-        let n = (pages - first).min(RUN_PAGES);
-        h = guest::hash_words_from(h, memory.page_hashes_in(index, first, n)?);
-        first += n;
+        let n = (pages - first).min(RUN_PAGES) as usize;
+        hash_into(memory, index, first, &mut run[..n])?;
+        h = guest::hash_words_from(h, run[..n].iter().copied());
+        first += n as u64;
     }
     Ok(h)
+}
+
+/// Pages one hashing thread takes at a time.
+const CHUNK_PAGES: usize = 1 << 15;
+
+/// The hashes of pages `first..first + out.len()` of region `index`, into `out`, on every
+/// core: the guest is paused while both sides verify, so this is downtime.
+fn hash_into(
+    memory: &dyn GuestRam,
+    index: usize,
+    first: u64,
+    out: &mut [u64],
+) -> Result<(), VmError> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(out.len().div_ceil(CHUNK_PAGES));
+    let chunks = Mutex::new(out.chunks_mut(CHUNK_PAGES).enumerate());
+    let work = || -> Result<(), VmError> {
+        loop {
+            let next = chunks.lock().unwrap_or_else(PoisonError::into_inner).next();
+            let Some((i, chunk)) = next else {
+                return Ok(());
+            };
+            let at = first + (i * CHUNK_PAGES) as u64;
+            chunk.copy_from_slice(&memory.page_hashes_in(index, at, chunk.len() as u64)?);
+        }
+    };
+    if threads <= 1 {
+        return work();
+    }
+    std::thread::scope(|s| {
+        let helpers: Vec<_> = (1..threads).map(|_| s.spawn(work)).collect();
+        let mine = work();
+        helpers
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .fold(mine, Result::and)
+    })
 }
 
 /// FNV-1a over arbitrary bytes (device state has any length).

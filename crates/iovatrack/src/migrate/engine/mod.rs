@@ -379,6 +379,10 @@ pub struct SourceReport {
     pub downtime_ms: f64,
     /// The downtime exceeded the budget.
     pub downtime_exceeded: bool,
+    /// Verification after the downtime above: both sides hashing memory and the verdict,
+    /// ms (last verdict; 0 without a verifier). The guest stays paused through it, until
+    /// Commit: a migration without a verifier hands over that much sooner.
+    pub verify_ms: f64,
     /// Why stop-and-copy began (last attempt).
     pub switchover_reason: Switchover,
     /// Pages the CPU dirtied (KVM log bits) over all passes.

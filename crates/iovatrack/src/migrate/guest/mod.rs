@@ -83,6 +83,16 @@ pub enum GuestError {
         /// OS error.
         source: std::io::Error,
     },
+    /// Allocating guest RAM up front failed (out of memory, or a kernel before 5.14).
+    #[error("allocating guest RAM [{gpa:#x}, +{size:#x}) up front failed: {source}")]
+    Prefault {
+        /// Region start.
+        gpa: u64,
+        /// Region size.
+        size: u64,
+        /// OS error.
+        source: std::io::Error,
+    },
     /// No region (memslot) with this index.
     #[error("no RAM region {index}")]
     NoSuchRegion {

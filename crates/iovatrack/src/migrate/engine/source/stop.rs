@@ -73,7 +73,9 @@ impl Source<'_, '_> {
             est_downtime_ms: downtime_ms,
             final_pass: true,
         }));
+        let verifying = Instant::now();
         let heard = self.verify(c)?;
+        self.report.verify_ms = verifying.elapsed().as_secs_f64() * 1000.0;
         let ok = heard.memory_ok && heard.device_state_matched();
         if heard.memory_ok && !heard.device_state_matched() {
             // The memory matched but the devices would resume from other state than
