@@ -147,3 +147,37 @@ fn the_source_leaves_the_resume_to_the_receivers_report() {
     assert!(s_out.contains("in the receiver's report"), "{logs}");
     assert!(s_out.contains("Acknowledged"), "{logs}");
 }
+
+/// `--prealloc` is the destination's: `migrate` (one process) and `migrate receive` take
+/// it, `migrate send` refuses it, and the one-process run says how long it took.
+#[test]
+fn prealloc_is_a_destination_flag() {
+    for args in [
+        &["migrate", "--help"][..],
+        &["migrate", "receive", "--help"],
+    ] {
+        let (code, help, _) = run(args);
+        assert_eq!(code, 0);
+        assert!(help.contains("--prealloc"), "{args:?}:\n{help}");
+    }
+    let (code, help, _) = run(&["migrate", "send", "--help"]);
+    assert_eq!(code, 0);
+    assert!(!help.contains("--prealloc"), "send --help:\n{help}");
+    let (code, _, err) = run(&["migrate", "send", "--to", "127.0.0.1:1", "--prealloc"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--prealloc"), "{err}");
+    let (code, out, err) = run(&[
+        "migrate",
+        "--prealloc",
+        "--scale",
+        "16",
+        "--json",
+        "--cpu-rate",
+        "2000",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(j["verified"], true, "{out}");
+    assert!(j["prealloc_ms"].as_f64().unwrap() > 0.0, "{out}");
+    assert!(j["verify_ms"].as_f64().unwrap() > 0.0, "{out}");
+}

@@ -548,6 +548,27 @@ fn timing_and_activity_counters_are_consistent() {
     assert!(s.guest_pages_written > 0 && s.dma_writes > 0, "{s:#?}");
     assert!(s.device_dirty_pages <= s.dma_writes, "{s:#?}");
     assert_eq!(s.negative_control, None, "{s:#?}");
+    // Verification comes after the downtime, inside the migration; no prealloc asked.
+    assert!(
+        s.verify_ms > 0.0 && s.downtime_ms + s.verify_ms <= s.migration_ms,
+        "{s:#?}"
+    );
+    assert_eq!(s.prealloc_ms, 0.0, "{s:#?}");
+}
+
+/// `--prealloc`: the destination's RAM is allocated before the source connects, counted
+/// apart from the migration (in the wall time, not in `migration_ms`), and the migration
+/// still verifies.
+#[test]
+fn prealloc_is_counted_apart_from_the_migration() {
+    let mut cfg = small();
+    cfg.prealloc = true;
+    let t = std::time::Instant::now();
+    let s = run_local(&cfg, &mut |_| {}).unwrap();
+    let wall = t.elapsed().as_secs_f64() * 1000.0;
+    assert!(s.verified, "{s:#?}");
+    assert!(s.prealloc_ms > 0.0, "{s:#?}");
+    assert!(s.migration_ms + s.prealloc_ms <= wall, "{s:#?}");
 }
 
 /// Issue 10: three streams, the link dropped half-way through pass 1 (every channel

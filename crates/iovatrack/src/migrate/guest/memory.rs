@@ -508,6 +508,28 @@ mod tests {
     }
     use super::*;
 
+    /// Allocating up front keeps what was written and leaves no page unbacked (a page
+    /// that was never written reads as present afterwards).
+    #[test]
+    fn prefault_keeps_contents_and_backs_every_page() {
+        let m = GuestMemory::new(&[(0, 4 << 20), (1 << 32, 64 << 10)]).unwrap();
+        m.write_u64(0x1238, 77).unwrap();
+        let before = m.never_written(0);
+        m.prefault().unwrap();
+        assert_eq!(m.read_u64(0x1238).unwrap(), 77);
+        assert!(m.is_zero_page(0x2000).unwrap());
+        if let Some(before) = before {
+            assert!(
+                before.iter().any(|w| *w != 0),
+                "nothing was unbacked before"
+            );
+            for region in 0..2 {
+                let after = m.never_written(region).unwrap();
+                assert!(after.iter().all(|w| *w == 0), "region {region}: {after:x?}");
+            }
+        }
+    }
+
     #[test]
     fn rejects_bad_layouts() {
         assert!(matches!(GuestMemory::new(&[]), Err(GuestError::NoRegions)));
