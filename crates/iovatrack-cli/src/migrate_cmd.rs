@@ -273,6 +273,12 @@ struct SourceArgs {
     /// out over all of them, and a pass is acknowledged once every stream delivered it.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=32))]
     streams: u32,
+    /// Read the CPU dirty log this often during a pre-copy pass, not only when a pass
+    /// begins (0 = once per pass, as QEMU): the dirty rate is then measured over short
+    /// windows; each read write-protects the guest's pages again.
+    #[arg(long, value_name = "MS", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    cpu_log_interval_ms: u64,
     /// Inject a fault (repeatable): report-fail@N, start-e2big, drop@N, cancel@N,
     /// drop-before-commit, drop-after-commit, iommu-across-holes, corrupt-device-state; with
     /// --viommu also the negative controls viommu-no-unmap-query, viommu-naive-rearm,
@@ -410,6 +416,8 @@ fn config(g: &GuestArgs, c: &SourceArgs) -> Result<MigrateConfig, BoxError> {
     };
     cfg.engine.bandwidth = c.bandwidth;
     cfg.engine.streams = c.streams;
+    cfg.engine.cpu_log_interval =
+        (c.cpu_log_interval_ms > 0).then(|| Duration::from_millis(c.cpu_log_interval_ms));
     cfg.engine.auto_converge = c.auto_converge;
     cfg.engine.throttle_initial = c.throttle_initial;
     cfg.engine.throttle_increment = c.throttle_increment;

@@ -295,3 +295,44 @@ fn counters_when_a_hook_forces_stop_and_copy() {
     assert_eq!(s.pages_sent, 600 + 71, "{ctx}");
     assert_eq!(s.passes_cut, 0, "{ctx}");
 }
+
+/// Issue 10: the CPU dirty log is read during a long pass too, so the dirty rate is the
+/// guest's, not its working set per pass. A software guest rewrites 64 pages as fast as
+/// it can while a capped link makes pass 0 carry about 20 MiB in some 20 frames: read
+/// every 20 ms (in practice between two frames, 30 ms apart) the rate is the working set
+/// per window; read once per pass it is the working set per pass 0 (the negative control,
+/// about 20× lower; asserted 6×).
+#[test]
+fn cpu_log_read_mid_pass_measures_the_rate_not_the_working_set() {
+    use iovatrack::layout::presets;
+    use iovatrack::migrate::demo::{run_local, MigrateConfig};
+    use iovatrack::migrate::scale_ram;
+    let run = |interval: Option<Duration>| {
+        let mut cfg = MigrateConfig::new(scale_ram(&presets::get("q35-2g").unwrap(), 4));
+        cfg.use_kvm = false;
+        cfg.warmup = Duration::from_millis(50);
+        cfg.warm_pct = 4; // about 20 MiB for pass 0
+        cfg.cpu_rate = 0;
+        cfg.working_set = 64 * PAGE;
+        cfg.engine.bandwidth = 32 << 20;
+        cfg.engine.cpu_log_interval = interval;
+        let s = run_local(&cfg, &mut |_| {}).unwrap();
+        assert!(s.verified, "{s:#?}");
+        s
+    };
+    let often = run(Some(Duration::from_millis(20)));
+    let once = run(None);
+    let ws = (64 * PAGE) as f64;
+    assert!(
+        often.cpu_dirty_bytes_per_s >= ws / 0.2,
+        "read every 20 ms: {} B/s, {} bits",
+        often.cpu_dirty_bytes_per_s,
+        often.cpu_dirty_pages
+    );
+    assert!(
+        once.cpu_dirty_bytes_per_s * 6.0 <= often.cpu_dirty_bytes_per_s,
+        "once per pass {} B/s vs every 20 ms {} B/s",
+        once.cpu_dirty_bytes_per_s,
+        often.cpu_dirty_bytes_per_s
+    );
+}

@@ -102,6 +102,13 @@ pub struct EngineConfig {
     /// (so the transport, TLS included, applies to each), and each pass's pages are dealt
     /// out over all N, one sender thread each, a page to exactly one of them.
     pub streams: u32,
+    /// During a pre-copy pass, read and clear the CPU dirty log this often (into the
+    /// pages pending for the next pass), as KVM's dirty ring is harvested continuously:
+    /// the dirty rate is then measured over short windows, not one per pass (which caps
+    /// it at the working set per pass). Each read write-protects the guest's pages
+    /// again, so a page written in two windows faults twice. `None`: once per pass, as
+    /// QEMU's bitmap sync.
+    pub cpu_log_interval: Option<Duration>,
 }
 
 impl Default for EngineConfig {
@@ -119,6 +126,7 @@ impl Default for EngineConfig {
             throttle_max: 99,
             read_timeout: Duration::from_secs(60),
             streams: 1,
+            cpu_log_interval: Some(Duration::from_millis(100)),
         }
     }
 }

@@ -2,6 +2,7 @@
 
 mod converge;
 mod devices;
+mod harvest;
 mod pass;
 mod sent;
 mod stop;
@@ -26,7 +27,7 @@ use std::borrow::Cow;
 use std::io::{self, Read};
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// What the source engine migrates: the VMM's parts, lent for the migration.
 pub struct SourceVm<'a> {
@@ -166,8 +167,11 @@ struct Source<'a, 'h> {
     sent_state: StateDigest,
     /// Auto-converge.
     throttle: converge::Throttle,
-    /// Pre-copy time and CPU dirt, for the dirty rate.
-    dirty_window: (std::time::Duration, u64),
+    /// The CPU dirty rate over pre-copy.
+    rate: harvest::DirtyRate,
+    /// Pages the CPU log added to the pending ones during the pass in flight (read
+    /// mid-pass), for the next pass's dirt.
+    mid_pass_cpu: u64,
 }
 
 impl<'a, 'h> Source<'a, 'h> {
@@ -202,7 +206,8 @@ impl<'a, 'h> Source<'a, 'h> {
             conn_pages: 0,
             sent_state: StateDigest::new(),
             throttle: converge::Throttle::default(),
-            dirty_window: (Duration::ZERO, 0),
+            rate: harvest::DirtyRate::new(),
+            mid_pass_cpu: 0,
         })
     }
 
@@ -295,12 +300,7 @@ impl<'a, 'h> Source<'a, 'h> {
     /// The CPU's log and every container's, into the ledger. Returns (cpu pages, device
     /// pages).
     fn collect(&mut self) -> Result<(u64, u64), AttemptError> {
-        let mut cpu = 0;
-        for (slot, buf) in self.cpu_log.iter_mut().enumerate() {
-            self.vm.cpu_log.read_and_clear(slot, buf)?;
-            cpu += buf.iter().map(|w| w.count_ones() as u64).sum::<u64>();
-            self.ledger.or_region_words(slot, buf)?;
-        }
+        let cpu = harvest::harvest(self.vm.cpu_log, &mut self.cpu_log, &mut self.ledger)?.bits;
         let mut dev = 0;
         for tracker in self.vm.containers.iter_mut() {
             let st = tracker.collect(&mut self.ledger)?;
@@ -456,7 +456,8 @@ impl<'a, 'h> Source<'a, 'h> {
         self.devices_to_precopy()?;
         let deadline = started + self.cfg.timeout;
         let mut pass = 0u32;
-        let mut last_collect = Instant::now();
+        self.rate.open();
+        self.mid_pass_cpu = 0;
         let mut last_bytes = 0u64;
         let mut cut = false;
         loop {
@@ -468,10 +469,10 @@ impl<'a, 'h> Source<'a, 'h> {
                     pass,
                     final_pass: false,
                 });
-                let got = self.collect()?;
-                self.dirty_window.0 += last_collect.elapsed();
-                self.dirty_window.1 += got.0;
-                last_collect = Instant::now();
+                let mut got = self.collect()?;
+                self.rate.close(got.0);
+                // What the CPU dirtied since the last pass began, read mid-pass or now.
+                got.0 += std::mem::take(&mut self.mid_pass_cpu);
                 if let Some(pct) = self.throttle.observe(self.cfg, got.0 * PAGE, last_bytes) {
                     self.vm.vcpus.throttle(pct)?;
                     self.report.throttle_pct = pct;
@@ -669,10 +670,7 @@ pub fn run_source<C: Into<Box<dyn Channel>>>(
         }
     };
     src.report.attempts = attempt + 1;
-    let (secs, pages) = src.dirty_window;
-    if !secs.is_zero() {
-        src.report.cpu_dirty_bytes_per_s = (pages * PAGE) as f64 / secs.as_secs_f64();
-    }
+    src.report.cpu_dirty_bytes_per_s = src.rate.bytes_per_s(PAGE);
     if src.report.throttle_pct > 0 {
         // Full speed again, wherever the guest runs on.
         let _ = src.vm.vcpus.throttle(0);

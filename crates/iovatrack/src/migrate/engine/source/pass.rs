@@ -108,6 +108,17 @@ impl Source<'_, '_> {
             deadline,
         };
         let hooks = &mut *self.hooks;
+        // Pre-copy passes read the CPU log every `cpu_log_interval` (see `harvest`); the
+        // stop-and-copy pass runs paused, its dirt read once before it.
+        let every = deadline.and(self.cfg.cpu_log_interval);
+        let mut next_read = every.map(|e| Instant::now() + e);
+        let (cpu_log, bufs, ledger, rate) = (
+            self.vm.cpu_log,
+            &mut self.cpu_log,
+            &mut self.ledger,
+            &mut self.rate,
+        );
+        let mut read = super::harvest::Harvest::default();
         let (main, shares) = std::thread::scope(|s| {
             let senders: Vec<_> = c
                 .streams
@@ -141,6 +152,22 @@ impl Source<'_, '_> {
                     main = Err(AttemptEnd::Retry(AttemptError::Dropped { pass }));
                     break;
                 }
+                if let (Some(at), Some(e)) = (next_read, every) {
+                    if Instant::now() >= at {
+                        match super::harvest::harvest(cpu_log, bufs, ledger) {
+                            Ok(h) => {
+                                rate.close(h.bits);
+                                read.bits += h.bits;
+                                read.new += h.new;
+                            }
+                            Err(e) => {
+                                main = Err(AttemptEnd::from(e));
+                                break;
+                            }
+                        }
+                        next_read = Some(Instant::now() + e);
+                    }
+                }
             }
             if main.is_err() {
                 // One channel failed: the attempt fails, and every sender stops now.
@@ -153,6 +180,8 @@ impl Source<'_, '_> {
                 .collect();
             (main, shares)
         });
+        self.report.cpu_dirty_pages += read.bits;
+        self.mid_pass_cpu += read.bits;
         // Frames dealt out may have arrived even if the pass failed: the destination's
         // memory may hold them now (never zero-skip them again).
         let claimed = deal.claimed();
