@@ -247,6 +247,10 @@ pub enum AttemptError {
     /// The source could not connect.
     #[error("cannot connect: {0}")]
     Connect(#[source] io::Error),
+    /// The transport's handshake failed in a way no retry can fix (a certificate one
+    /// side refuses, a peer that does not speak TLS): not retried.
+    #[error("TLS: {0}; not retried (it would fail the same way)")]
+    Handshake(#[source] io::Error),
     /// A hook dropped the link.
     #[error("connection dropped during pass {pass} (injected)")]
     Dropped {

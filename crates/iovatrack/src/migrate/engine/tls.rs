@@ -229,6 +229,68 @@ impl From<HandshakeError> for io::Error {
     }
 }
 
+/// Whether a failed connection would fail the same way if tried again: a certificate one
+/// side refuses, or a peer that does not speak TLS. The source gives up on those at once,
+/// naming why, instead of spending its retries (and the receiver's refusal budget) on
+/// them; a refused, reset or timed-out connection, or an unclassified TLS failure, is
+/// retried. Looks for the [`HandshakeError`] [`Tls`] returns, or a bare `rustls::Error`
+/// (another transport built on rustls).
+pub(super) fn is_permanent(e: &io::Error) -> bool {
+    let Some(inner) = e.get_ref() else {
+        return false;
+    };
+    if let Some(h) = inner.downcast_ref::<HandshakeError>() {
+        return match h {
+            HandshakeError::NoClientCertificate
+            | HandshakeError::UnknownCa { .. }
+            | HandshakeError::WrongName { .. }
+            | HandshakeError::BadCertificate { .. }
+            | HandshakeError::NotTls { .. } => true,
+            HandshakeError::Refused { alert, .. } => permanent_alert(*alert),
+            HandshakeError::Tls(t) => permanent_tls(t),
+            HandshakeError::Timeout { .. } | HandshakeError::Closed(_) | HandshakeError::Io(_) => {
+                false
+            }
+        };
+    }
+    inner
+        .downcast_ref::<rustls::Error>()
+        .is_some_and(permanent_tls)
+}
+
+/// [`is_permanent`] for a rustls error.
+fn permanent_tls(e: &rustls::Error) -> bool {
+    match e {
+        rustls::Error::InvalidCertificate(_)
+        | rustls::Error::NoCertificatesPresented
+        | rustls::Error::InvalidMessage(_)
+        | rustls::Error::InappropriateMessage { .. }
+        | rustls::Error::InappropriateHandshakeMessage { .. } => true,
+        rustls::Error::AlertReceived(a) => permanent_alert(*a),
+        _ => false,
+    }
+}
+
+/// [`is_permanent`] for an alert the peer sent: it refused a certificate (or the key's
+/// signature), or shares no TLS version or parameters with this side. Each comes from
+/// files and settings that stay as they are between attempts.
+fn permanent_alert(a: AlertDescription) -> bool {
+    matches!(
+        a,
+        AlertDescription::BadCertificate
+            | AlertDescription::UnsupportedCertificate
+            | AlertDescription::CertificateRevoked
+            | AlertDescription::CertificateExpired
+            | AlertDescription::CertificateUnknown
+            | AlertDescription::CertificateRequired
+            | AlertDescription::UnknownCA
+            | AlertDescription::AccessDenied
+            | AlertDescription::DecryptError
+            | AlertDescription::ProtocolVersion
+            | AlertDescription::HandshakeFailure
+    )
+}
+
 /// A certificate name as webpki lists it (`IpAddress(10.0.0.2)`, `DnsName("a.b")`), as
 /// an operator writes it.
 fn tidy_name(n: &str) -> String {
@@ -680,6 +742,81 @@ mod tests {
             "error: \"not a name!\" is not a TLS server name (a DNS name or an IP address)"
         );
         assert!(name("dst.example:7000").starts_with("error"));
+    }
+
+    #[test]
+    fn refused_certificates_are_permanent_and_broken_links_are_not() {
+        let io = |e: HandshakeError| io::Error::from(e);
+        let ca = PathBuf::from("ca.pem");
+        let permanent = [
+            io(HandshakeError::UnknownCa {
+                peer: Peer::Destination,
+                ca: ca.clone(),
+            }),
+            io(HandshakeError::WrongName {
+                expected: "a.example".into(),
+                presented: vec!["10.0.0.2".into()],
+            }),
+            io(HandshakeError::BadCertificate {
+                peer: Peer::Destination,
+                reason: "expired".into(),
+            }),
+            io(HandshakeError::NoClientCertificate),
+            io(HandshakeError::Refused {
+                peer: Peer::Destination,
+                alert: AlertDescription::UnknownCA,
+            }),
+            io(HandshakeError::Refused {
+                peer: Peer::Destination,
+                alert: AlertDescription::BadCertificate,
+            }),
+            io(HandshakeError::Refused {
+                peer: Peer::Destination,
+                alert: AlertDescription::CertificateRequired,
+            }),
+            io(HandshakeError::NotTls {
+                peer: Peer::Destination,
+                detail: "corrupt message".into(),
+            }),
+            io(HandshakeError::Tls(rustls::Error::NoCertificatesPresented)),
+            // A transport that hands rustls's error over bare.
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer),
+            ),
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                rustls::Error::AlertReceived(AlertDescription::BadCertificate),
+            ),
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType),
+            ),
+        ];
+        for e in &permanent {
+            assert!(is_permanent(e), "{e}");
+        }
+        // Negative controls: what a link that is down, or a receiver not yet up, does.
+        let transient = [
+            io::Error::from(io::ErrorKind::ConnectionRefused),
+            io::Error::new(io::ErrorKind::ConnectionReset, "10.0.0.2:7000: reset"),
+            io::Error::from(io::ErrorKind::TimedOut),
+            io(HandshakeError::Timeout {
+                peer: Peer::Destination,
+                after: Duration::from_secs(10),
+            }),
+            io(HandshakeError::Closed(Peer::Destination)),
+            io(HandshakeError::Io(io::ErrorKind::BrokenPipe.into())),
+            io(HandshakeError::Refused {
+                peer: Peer::Destination,
+                alert: AlertDescription::InternalError,
+            }),
+            io(HandshakeError::Tls(rustls::Error::General("?".into()))),
+            io::Error::other("not TLS at all"),
+        ];
+        for e in &transient {
+            assert!(!is_permanent(e), "{e}");
+        }
     }
 
     #[test]

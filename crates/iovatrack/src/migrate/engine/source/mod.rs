@@ -12,6 +12,7 @@ pub use converge::Switchover;
 use super::channel::{Channel, Duplex};
 use super::hooks::{Checkpoint, Control, SourceHooks, Verifier};
 use super::link::{prepare_source_socket, Link, Pacer};
+use super::tls::is_permanent;
 use super::{
     AttemptError, DeviceReport, EngineConfig, Event, Handover, MigrateError, PassStats,
     SourceReport, StateDigest, TimeoutAction, PAGE, SEND_BATCH,
@@ -66,6 +67,16 @@ impl<E: Into<AttemptError>> From<E> for AttemptEnd {
             e @ (AttemptError::Wire(_) | AttemptError::Io(_)) => AttemptEnd::Retry(e),
             e => AttemptEnd::Abort(e),
         }
+    }
+}
+
+/// A connection that could not be opened: retried (a link down, a receiver not yet
+/// listening), unless the handshake says the next attempt would fail the same way.
+fn connect_failed(e: io::Error) -> AttemptEnd {
+    if is_permanent(&e) {
+        AttemptEnd::Abort(AttemptError::Handshake(e))
+    } else {
+        AttemptEnd::Retry(AttemptError::Connect(e))
     }
 }
 
@@ -341,7 +352,7 @@ impl<'a, 'h> Source<'a, 'h> {
         started: Instant,
         events: &mut dyn FnMut(Event),
     ) -> Result<Verdict, AttemptEnd> {
-        let channel = connect().map_err(|e| AttemptEnd::Retry(AttemptError::Connect(e)))?;
+        let channel = connect().map_err(connect_failed)?;
         let tcp = channel.tcp().map(TcpStream::try_clone).transpose()?;
         if let Some(t) = &tcp {
             prepare_source_socket(t)?;
@@ -411,7 +422,7 @@ impl<'a, 'h> Source<'a, 'h> {
         c.w.write_frame(&Frame::Streams { count })?;
         c.w.flush()?;
         for stream in 1..count {
-            let ch = connect().map_err(|e| AttemptEnd::Retry(AttemptError::Connect(e)))?;
+            let ch = connect().map_err(connect_failed)?;
             if let Some(t) = ch.tcp() {
                 prepare_source_socket(t)?;
                 c.stream_tcp.push(t.try_clone()?);
