@@ -299,7 +299,10 @@ fn tls_receiver_refuses_unauthenticated_sources_before_any_page() {
         refusals.iter().all(|r| r.contains("tls handshake")),
         "{logs}"
     );
-    assert!(refusals[1].contains("does not speak TLS"), "{logs}");
+    assert!(
+        refusals[1].contains("plain iovatrack Hello on a TLS receiver"),
+        "{logs}"
+    );
     assert!(
         refusals[2].contains("not signed by a CA in") && refusals[2].contains("ca.pem"),
         "{logs}"
@@ -631,4 +634,62 @@ fn tls_authentication_failures_are_not_retried() {
     // The readiness probe and one handshake per refused source: no retries came.
     assert_eq!(d["refused_connections"], 3, "{logs}");
     assert_eq!(d["sessions"], 1, "{logs}");
+}
+
+#[test]
+fn tls_on_one_side_only_says_which_side_needs_it() {
+    let pki = Pki::new("one-sided");
+    // A TLS receiver, a plain source.
+    let addr = format!("127.0.0.1:{}", free_port());
+    let r = receiver(&pki, &addr);
+    let plain = send(&addr, &[]);
+    let source = send(&addr, &pki.flags("client", "ca"));
+    let r = r.wait_with_output().unwrap();
+    let logs = format!(
+        "plain: {}\nsource: {}\nreceiver: {}",
+        text(&plain),
+        text(&source),
+        text(&r)
+    );
+    let why = gave_up_at_once(&plain, &logs);
+    assert!(
+        why.contains("the destination speaks TLS") && why.contains("--tls-"),
+        "{logs}"
+    );
+    assert!(source.status.success(), "{logs}");
+    let d = json(&r, &logs);
+    assert_eq!(d["verified"], true, "{logs}");
+    assert_eq!(d["refused_connections"], 2, "{logs}");
+    let refusals = strings(&d["refusals"]);
+    assert!(
+        refusals[1].contains("plain iovatrack Hello on a TLS receiver: the source needs --tls-*"),
+        "{logs}"
+    );
+    // A plain receiver, a TLS source.
+    let addr = format!("127.0.0.1:{}", free_port());
+    let r = receiver_with(&addr, &[]);
+    let tls = send(&addr, &pki.flags("client", "ca"));
+    let source = send(&addr, &[]);
+    let r = r.wait_with_output().unwrap();
+    let logs = format!(
+        "tls: {}\nsource: {}\nreceiver: {}",
+        text(&tls),
+        text(&source),
+        text(&r)
+    );
+    let why = gave_up_at_once(&tls, &logs);
+    assert!(
+        why.contains("the destination does not speak TLS (is it running without --tls-*?)"),
+        "{logs}"
+    );
+    assert!(source.status.success(), "{logs}");
+    let d = json(&r, &logs);
+    assert_eq!(d["verified"], true, "{logs}");
+    assert_eq!(d["sessions"], 1, "{logs}");
+    assert_eq!(d["refused_connections"], 2, "{logs}");
+    let refusals = strings(&d["refusals"]);
+    assert!(
+        refusals[1].contains("a TLS ClientHello on a plain-TCP receiver: start it with --tls-*"),
+        "{logs}"
+    );
 }
