@@ -124,6 +124,11 @@ fn free_port() -> u16 {
 
 /// A TLS receiver on `addr` with the host certificate.
 fn receiver(pki: &Pki, addr: &str) -> Child {
+    receiver_with(addr, &pki.flags("host", "ca"))
+}
+
+/// A receiver on `addr` with `flags` (none: plain TCP).
+fn receiver_with(addr: &str, flags: &[String]) -> Child {
     let child = Command::new(BIN)
         .args([
             "migrate",
@@ -133,7 +138,7 @@ fn receiver(pki: &Pki, addr: &str) -> Child {
             "--accept-timeout",
             "60",
         ])
-        .args(pki.flags("host", "ca"))
+        .args(flags)
         .args(COMMON)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -294,7 +299,10 @@ fn tls_receiver_refuses_unauthenticated_sources_before_any_page() {
         refusals.iter().all(|r| r.contains("tls handshake")),
         "{logs}"
     );
-    assert!(refusals[1].contains("does not speak TLS"), "{logs}");
+    assert!(
+        refusals[1].contains("plain iovatrack Hello on a TLS receiver"),
+        "{logs}"
+    );
     assert!(
         refusals[2].contains("not signed by a CA in") && refusals[2].contains("ca.pem"),
         "{logs}"
@@ -572,5 +580,116 @@ fn tls_bad_inputs_are_clear_errors() {
         String::from_utf8_lossy(&early.stderr).contains("cannot be used with"),
         "{}",
         text(&early)
+    );
+}
+
+/// The source's report after a failed attempt: exit status 1, no pass, one attempt (no
+/// retry), and the reason it gave up.
+fn gave_up_at_once(o: &Output, logs: &str) -> String {
+    assert_eq!(o.status.code(), Some(1), "{logs}");
+    let v = json(o, logs);
+    assert_eq!(v["verified"], false, "{logs}");
+    assert_eq!(v["passes"], 0, "{logs}");
+    assert_eq!(v["attempts"], 1, "not retried: {logs}");
+    assert!(
+        !String::from_utf8_lossy(&o.stderr).contains("retrying after"),
+        "{logs}"
+    );
+    v["aborted"].as_str().unwrap_or_default().to_string()
+}
+
+#[test]
+fn tls_authentication_failures_are_not_retried() {
+    let pki = Pki::new("no-retry");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let r = receiver(&pki, &addr);
+    // The default --retries (2): a dropped link would be tried twice more, a certificate
+    // the other side refuses is not.
+    let untrusted = send(&addr, &pki.flags("client", "stranger-ca"));
+    let refused = send(&addr, &pki.flags("stranger", "ca"));
+    let source = send(&addr, &pki.flags("client", "ca"));
+    let r = r.wait_with_output().unwrap();
+    let logs = format!(
+        "untrusted: {}\nrefused: {}\nsource: {}\nreceiver: {}",
+        text(&untrusted),
+        text(&refused),
+        text(&source),
+        text(&r)
+    );
+    let why = gave_up_at_once(&untrusted, &logs);
+    assert!(
+        why.starts_with("TLS: the destination's certificate is not signed by a CA in")
+            && why.contains("stranger-ca.pem")
+            && why.contains("not retried"),
+        "{logs}"
+    );
+    let why = gave_up_at_once(&refused, &logs);
+    assert!(
+        why.starts_with("TLS: the destination refused this side") && why.contains("UnknownCA"),
+        "{logs}"
+    );
+    assert!(source.status.success(), "{logs}");
+    let d = json(&r, &logs);
+    assert_eq!(d["verified"], true, "{logs}");
+    // The readiness probe and one handshake per refused source: no retries came.
+    assert_eq!(d["refused_connections"], 3, "{logs}");
+    assert_eq!(d["sessions"], 1, "{logs}");
+}
+
+#[test]
+fn tls_on_one_side_only_says_which_side_needs_it() {
+    let pki = Pki::new("one-sided");
+    // A TLS receiver, a plain source.
+    let addr = format!("127.0.0.1:{}", free_port());
+    let r = receiver(&pki, &addr);
+    let plain = send(&addr, &[]);
+    let source = send(&addr, &pki.flags("client", "ca"));
+    let r = r.wait_with_output().unwrap();
+    let logs = format!(
+        "plain: {}\nsource: {}\nreceiver: {}",
+        text(&plain),
+        text(&source),
+        text(&r)
+    );
+    let why = gave_up_at_once(&plain, &logs);
+    assert!(
+        why.contains("the destination speaks TLS") && why.contains("--tls-"),
+        "{logs}"
+    );
+    assert!(source.status.success(), "{logs}");
+    let d = json(&r, &logs);
+    assert_eq!(d["verified"], true, "{logs}");
+    assert_eq!(d["refused_connections"], 2, "{logs}");
+    let refusals = strings(&d["refusals"]);
+    assert!(
+        refusals[1].contains("plain iovatrack Hello on a TLS receiver: the source needs --tls-*"),
+        "{logs}"
+    );
+    // A plain receiver, a TLS source.
+    let addr = format!("127.0.0.1:{}", free_port());
+    let r = receiver_with(&addr, &[]);
+    let tls = send(&addr, &pki.flags("client", "ca"));
+    let source = send(&addr, &[]);
+    let r = r.wait_with_output().unwrap();
+    let logs = format!(
+        "tls: {}\nsource: {}\nreceiver: {}",
+        text(&tls),
+        text(&source),
+        text(&r)
+    );
+    let why = gave_up_at_once(&tls, &logs);
+    assert!(
+        why.contains("the destination does not speak TLS (is it running without --tls-*?)"),
+        "{logs}"
+    );
+    assert!(source.status.success(), "{logs}");
+    let d = json(&r, &logs);
+    assert_eq!(d["verified"], true, "{logs}");
+    assert_eq!(d["sessions"], 1, "{logs}");
+    assert_eq!(d["refused_connections"], 2, "{logs}");
+    let refusals = strings(&d["refusals"]);
+    assert!(
+        refusals[1].contains("a TLS ClientHello on a plain-TCP receiver: start it with --tls-*"),
+        "{logs}"
     );
 }

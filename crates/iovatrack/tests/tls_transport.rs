@@ -1,7 +1,7 @@
 //! The TLS transport's deadlines: a peer that says nothing, or trickles a handshake a byte
 //! at a time, is refused within the socket's read timeout (the destination's Hello
 //! timeout) in total, not per read; a source facing a silent destination gives up within
-//! its handshake timeout.
+//! its handshake timeout. A peer without TLS is named as such on either side.
 
 use iovatrack::migrate::engine::{Tls, Transport};
 use rcgen::{
@@ -125,6 +125,46 @@ fn a_source_gives_up_on_a_silent_destination() {
     );
     assert!(took >= BUDGET && took < BUDGET * 2, "{took:?}");
     hold.join().unwrap();
+}
+
+/// A Hello frame's first bytes, as a source without TLS sends them.
+const PLAIN_HELLO: &[u8] = b"IOVT\x03\x00\x01\x00\x10\x00\x00\x00";
+
+#[test]
+fn a_plain_source_is_told_it_needs_tls() {
+    let (_, err) = serve(tls("plain-source"), |mut s| {
+        let _ = s.write_all(PLAIN_HELLO);
+        let _ = std::io::Read::read(&mut s, &mut [0u8; 64]);
+    });
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{err}");
+    assert_eq!(
+        err.to_string(),
+        "plain iovatrack Hello on a TLS receiver: the source needs --tls-*"
+    );
+}
+
+#[test]
+fn a_plain_destination_is_told_apart_from_a_broken_link() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    // A receiver without TLS: it reads the ClientHello as a frame header, answers with an
+    // Abort frame and closes.
+    let plain = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let _ = std::io::Read::read(&mut s, &mut [0u8; 20]);
+        let _ = s.write_all(PLAIN_HELLO);
+    });
+    let t = tls("plain-destination").handshake_timeout(Duration::from_secs(5));
+    let err = match t.client(TcpStream::connect(addr).unwrap()) {
+        Ok(_) => panic!("the handshake succeeded"),
+        Err(e) => e,
+    };
+    plain.join().unwrap();
+    assert!(
+        err.to_string()
+            .starts_with("the destination does not speak TLS (is it running without --tls-*?)"),
+        "{err}"
+    );
 }
 
 /// The bytes of the ClientHello `t` sends, captured from a connection to a listener that

@@ -255,6 +255,14 @@ pub enum AttemptError {
     /// The source could not connect.
     #[error("cannot connect: {0}")]
     Connect(#[source] io::Error),
+    /// The transport's handshake failed in a way no retry can fix (a certificate one
+    /// side refuses, a peer that does not speak TLS): not retried.
+    #[error("TLS: {0}; not retried (it would fail the same way)")]
+    Handshake(#[source] io::Error),
+    /// The destination answered the Hello with a TLS record: it runs TLS, this source
+    /// does not. Not retried.
+    #[error("the destination speaks TLS (it answered the Hello with a TLS record): is it running with --tls-*? This source needs them too; not retried")]
+    DestinationSpeaksTls,
     /// A hook dropped the link.
     #[error("connection dropped during pass {pass} (injected)")]
     Dropped {

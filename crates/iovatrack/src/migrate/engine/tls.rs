@@ -8,7 +8,7 @@
 //! [`Transport::client`] / [`Transport::server`], within a deadline, so a stranger is
 //! refused before it can send one frame, with a [`HandshakeError`] saying why.
 
-use super::channel::{Channel, Transport};
+use super::channel::{looks_like_frame, Channel, Sniff, Transport};
 use rustls::client::Resumption;
 use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -185,13 +185,16 @@ pub enum HandshakeError {
         alert: AlertDescription,
     },
     /// The peer's bytes are not TLS.
-    #[error("the {peer} does not speak TLS ({detail}): is it running without TLS?")]
+    #[error("the {peer} does not speak TLS (is it running without --tls-*?): {detail}")]
     NotTls {
         /// Who.
         peer: Peer,
         /// What rustls found.
         detail: String,
     },
+    /// A source of ours without TLS: its first bytes are a frame's (its Hello).
+    #[error("plain iovatrack Hello on a TLS receiver: the source needs --tls-*")]
+    PlainHello,
     /// No complete handshake within the deadline.
     #[error("no TLS handshake with the {peer} within {after:?}")]
     Timeout {
@@ -216,7 +219,9 @@ impl HandshakeError {
         match self {
             HandshakeError::Timeout { .. } => io::ErrorKind::TimedOut,
             HandshakeError::Closed(_) => io::ErrorKind::ConnectionAborted,
-            HandshakeError::NotTls { .. } | HandshakeError::Tls(_) => io::ErrorKind::InvalidData,
+            HandshakeError::NotTls { .. } | HandshakeError::PlainHello | HandshakeError::Tls(_) => {
+                io::ErrorKind::InvalidData
+            }
             HandshakeError::Io(e) => e.kind(),
             _ => io::ErrorKind::PermissionDenied,
         }
@@ -227,6 +232,69 @@ impl From<HandshakeError> for io::Error {
     fn from(e: HandshakeError) -> Self {
         io::Error::new(e.kind(), e)
     }
+}
+
+/// Whether a failed connection would fail the same way if tried again: a certificate one
+/// side refuses, or a peer that does not speak TLS. The source gives up on those at once,
+/// naming why, instead of spending its retries (and the receiver's refusal budget) on
+/// them; a refused, reset or timed-out connection, or an unclassified TLS failure, is
+/// retried. Looks for the [`HandshakeError`] [`Tls`] returns, or a bare `rustls::Error`
+/// (another transport built on rustls).
+pub(super) fn is_permanent(e: &io::Error) -> bool {
+    let Some(inner) = e.get_ref() else {
+        return false;
+    };
+    if let Some(h) = inner.downcast_ref::<HandshakeError>() {
+        return match h {
+            HandshakeError::NoClientCertificate
+            | HandshakeError::UnknownCa { .. }
+            | HandshakeError::WrongName { .. }
+            | HandshakeError::BadCertificate { .. }
+            | HandshakeError::NotTls { .. }
+            | HandshakeError::PlainHello => true,
+            HandshakeError::Refused { alert, .. } => permanent_alert(*alert),
+            HandshakeError::Tls(t) => permanent_tls(t),
+            HandshakeError::Timeout { .. } | HandshakeError::Closed(_) | HandshakeError::Io(_) => {
+                false
+            }
+        };
+    }
+    inner
+        .downcast_ref::<rustls::Error>()
+        .is_some_and(permanent_tls)
+}
+
+/// [`is_permanent`] for a rustls error.
+fn permanent_tls(e: &rustls::Error) -> bool {
+    match e {
+        rustls::Error::InvalidCertificate(_)
+        | rustls::Error::NoCertificatesPresented
+        | rustls::Error::InvalidMessage(_)
+        | rustls::Error::InappropriateMessage { .. }
+        | rustls::Error::InappropriateHandshakeMessage { .. } => true,
+        rustls::Error::AlertReceived(a) => permanent_alert(*a),
+        _ => false,
+    }
+}
+
+/// [`is_permanent`] for an alert the peer sent: it refused a certificate (or the key's
+/// signature), or shares no TLS version or parameters with this side. Each comes from
+/// files and settings that stay as they are between attempts.
+fn permanent_alert(a: AlertDescription) -> bool {
+    matches!(
+        a,
+        AlertDescription::BadCertificate
+            | AlertDescription::UnsupportedCertificate
+            | AlertDescription::CertificateRevoked
+            | AlertDescription::CertificateExpired
+            | AlertDescription::CertificateUnknown
+            | AlertDescription::CertificateRequired
+            | AlertDescription::UnknownCA
+            | AlertDescription::AccessDenied
+            | AlertDescription::DecryptError
+            | AlertDescription::ProtocolVersion
+            | AlertDescription::HandshakeFailure
+    )
 }
 
 /// A certificate name as webpki lists it (`IpAddress(10.0.0.2)`, `DnsName("a.b")`), as
@@ -485,12 +553,12 @@ where
 /// cannot stretch it (rustls's `complete_io` keeps reading while bytes come).
 fn handshake<S: SideData>(
     conn: &mut ConnectionCommon<S>,
-    tcp: &mut TcpStream,
+    tcp: &mut Sniff<TcpStream>,
     deadline: Instant,
 ) -> io::Result<()> {
     loop {
         while conn.wants_write() {
-            conn.write_tls(tcp)?;
+            conn.write_tls(tcp.get_mut())?;
         }
         if !conn.is_handshaking() {
             return Ok(());
@@ -504,15 +572,15 @@ fn handshake<S: SideData>(
 /// why (best effort).
 fn read_some<S: SideData>(
     conn: &mut ConnectionCommon<S>,
-    tcp: &mut TcpStream,
+    tcp: &mut Sniff<TcpStream>,
     deadline: Instant,
 ) -> io::Result<()> {
-    set_left(tcp, deadline)?;
+    set_left(tcp.get_ref(), deadline)?;
     if conn.read_tls(tcp)? == 0 {
         return Err(io::ErrorKind::UnexpectedEof.into());
     }
     conn.process_new_packets().map_err(|e| {
-        let _ = conn.write_tls(tcp);
+        let _ = conn.write_tls(tcp.get_mut());
         io::Error::new(io::ErrorKind::InvalidData, e)
     })?;
     Ok(())
@@ -521,7 +589,7 @@ fn read_some<S: SideData>(
 /// The destination's first plaintext byte, by `deadline`.
 fn confirmation(
     conn: &mut ClientConnection,
-    tcp: &mut TcpStream,
+    tcp: &mut Sniff<TcpStream>,
     deadline: Instant,
 ) -> io::Result<u8> {
     loop {
@@ -545,9 +613,20 @@ fn set_left(tcp: &TcpStream, deadline: Instant) -> io::Result<()> {
 }
 
 /// What a failed handshake (or confirmation) means, seen from the side whose peer is
-/// `peer`.
-fn classify(e: io::Error, peer: Peer, ca: &Path, budget: Duration) -> HandshakeError {
+/// `peer`, which sent `head` first.
+fn classify(e: io::Error, peer: Peer, head: &[u8], ca: &Path, budget: Duration) -> HandshakeError {
     use io::ErrorKind as K;
+    // An iovatrack peer in the clear: a source's Hello, or a plain receiver's refusal
+    // (an Abort frame, after which it may close or reset before rustls has a word).
+    if looks_like_frame(head) {
+        return match peer {
+            Peer::Source => HandshakeError::PlainHello,
+            Peer::Destination => HandshakeError::NotTls {
+                peer,
+                detail: "it answered with an iovatrack frame in the clear".into(),
+            },
+        };
+    }
     match e.kind() {
         K::WouldBlock | K::TimedOut => {
             return HandshakeError::Timeout {
@@ -603,7 +682,7 @@ fn classify(e: io::Error, peer: Peer, ca: &Path, budget: Duration) -> HandshakeE
 }
 
 impl Transport for Tls {
-    fn client(&self, mut tcp: TcpStream) -> io::Result<Box<dyn Channel>> {
+    fn client(&self, tcp: TcpStream) -> io::Result<Box<dyn Channel>> {
         let name = match &self.server_name {
             Some(n) => n.clone(),
             None => ServerName::IpAddress(tcp.peer_addr()?.ip().into()),
@@ -613,10 +692,14 @@ impl Transport for Tls {
         let before = tcp.read_timeout()?;
         let budget = self.budget(&tcp);
         let deadline = Instant::now() + budget;
-        let fail = |e| -> io::Error { classify(e, Peer::Destination, &self.ca, budget).into() };
-        handshake(&mut *conn, &mut tcp, deadline).map_err(fail)?;
+        let mut sock = Sniff::new(tcp);
+        let fail = |e, head: &[u8]| -> io::Error {
+            classify(e, Peer::Destination, head, &self.ca, budget).into()
+        };
+        handshake(&mut *conn, &mut sock, deadline).map_err(|e| fail(e, sock.head()))?;
         // The destination accepts this source's certificate, or says why not.
-        let ok = confirmation(&mut conn, &mut tcp, deadline).map_err(fail)?;
+        let ok = confirmation(&mut conn, &mut sock, deadline).map_err(|e| fail(e, sock.head()))?;
+        let tcp = sock.into_inner();
         if ok != ACCEPTED {
             return Err(HandshakeError::NotTls {
                 peer: Peer::Destination,
@@ -633,13 +716,16 @@ impl Transport for Tls {
         Ok(Box::new(TlsChannel { stream }))
     }
 
-    fn server(&self, mut tcp: TcpStream) -> io::Result<Box<dyn Channel>> {
+    fn server(&self, tcp: TcpStream) -> io::Result<Box<dyn Channel>> {
         let mut conn = ServerConnection::new(self.server.clone()).map_err(HandshakeError::Tls)?;
         let before = tcp.read_timeout()?;
         let budget = self.budget(&tcp);
         let deadline = Instant::now() + budget;
-        handshake(&mut *conn, &mut tcp, deadline)
-            .map_err(|e| io::Error::from(classify(e, Peer::Source, &self.ca, budget)))?;
+        let mut sock = Sniff::new(tcp);
+        handshake(&mut *conn, &mut sock, deadline).map_err(|e| {
+            io::Error::from(classify(e, Peer::Source, sock.head(), &self.ca, budget))
+        })?;
+        let tcp = sock.into_inner();
         tcp.set_read_timeout(before)?;
         let mut stream = StreamOwned::new(conn, tcp);
         stream.write_all(&[ACCEPTED])?;
@@ -680,6 +766,81 @@ mod tests {
             "error: \"not a name!\" is not a TLS server name (a DNS name or an IP address)"
         );
         assert!(name("dst.example:7000").starts_with("error"));
+    }
+
+    #[test]
+    fn refused_certificates_are_permanent_and_broken_links_are_not() {
+        let io = |e: HandshakeError| io::Error::from(e);
+        let ca = PathBuf::from("ca.pem");
+        let permanent = [
+            io(HandshakeError::UnknownCa {
+                peer: Peer::Destination,
+                ca: ca.clone(),
+            }),
+            io(HandshakeError::WrongName {
+                expected: "a.example".into(),
+                presented: vec!["10.0.0.2".into()],
+            }),
+            io(HandshakeError::BadCertificate {
+                peer: Peer::Destination,
+                reason: "expired".into(),
+            }),
+            io(HandshakeError::NoClientCertificate),
+            io(HandshakeError::Refused {
+                peer: Peer::Destination,
+                alert: AlertDescription::UnknownCA,
+            }),
+            io(HandshakeError::Refused {
+                peer: Peer::Destination,
+                alert: AlertDescription::BadCertificate,
+            }),
+            io(HandshakeError::Refused {
+                peer: Peer::Destination,
+                alert: AlertDescription::CertificateRequired,
+            }),
+            io(HandshakeError::NotTls {
+                peer: Peer::Destination,
+                detail: "corrupt message".into(),
+            }),
+            io(HandshakeError::Tls(rustls::Error::NoCertificatesPresented)),
+            // A transport that hands rustls's error over bare.
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer),
+            ),
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                rustls::Error::AlertReceived(AlertDescription::BadCertificate),
+            ),
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType),
+            ),
+        ];
+        for e in &permanent {
+            assert!(is_permanent(e), "{e}");
+        }
+        // Negative controls: what a link that is down, or a receiver not yet up, does.
+        let transient = [
+            io::Error::from(io::ErrorKind::ConnectionRefused),
+            io::Error::new(io::ErrorKind::ConnectionReset, "10.0.0.2:7000: reset"),
+            io::Error::from(io::ErrorKind::TimedOut),
+            io(HandshakeError::Timeout {
+                peer: Peer::Destination,
+                after: Duration::from_secs(10),
+            }),
+            io(HandshakeError::Closed(Peer::Destination)),
+            io(HandshakeError::Io(io::ErrorKind::BrokenPipe.into())),
+            io(HandshakeError::Refused {
+                peer: Peer::Destination,
+                alert: AlertDescription::InternalError,
+            }),
+            io(HandshakeError::Tls(rustls::Error::General("?".into()))),
+            io::Error::other("not TLS at all"),
+        ];
+        for e in &transient {
+            assert!(!is_permanent(e), "{e}");
+        }
     }
 
     #[test]

@@ -164,6 +164,10 @@ pub enum Refusal {
         /// What failed.
         error: io::Error,
     },
+    /// A TLS ClientHello where this receiver, running plain TCP, expected a Hello: the
+    /// source runs TLS and this side does not.
+    #[error("a TLS ClientHello on a plain-TCP receiver: start it with --tls-*")]
+    TlsClientHello,
     /// A migration into this memory was committed: the guest was handed over and may be
     /// running on it, so no later connection may write to it (nor, refused, zero it).
     #[error("the guest was already handed over (a migration into this memory was committed)")]

@@ -6,7 +6,7 @@ use super::accept::Incoming;
 use super::streams::{self, Gate, StreamMsg};
 use super::{Destination, Refusal};
 use crate::device::MigState;
-use crate::migrate::engine::channel::{Channel, Duplex};
+use crate::migrate::engine::channel::{looks_like_tls, Channel, Duplex, PlainTcp, Transport};
 use crate::migrate::engine::{max_hashes, MigrateError, StateDigest, PAGE};
 use crate::migrate::wire::{
     Frame, FrameReader, FrameWriter, MemoryLayout, OwnedFrame, PagesTarget, StreamState, Validator,
@@ -219,6 +219,13 @@ impl Destination {
         let hello = match r.read_frame() {
             Ok(f) => f.into_owned(),
             Err(e) if is_disconnect(&e) => return Ok(Some(Refusal::NoHello(e).into())),
+            // A source with TLS at a receiver without: say so rather than "bad magic".
+            // (Through a TLS session these would be decrypted bytes: no such claim.)
+            Err(WireError::BadMagic { found })
+                if looks_like_tls(&found) && self.transport.name() == PlainTcp.name() =>
+            {
+                return Ok(Some(refuse(s, Refusal::TlsClientHello)))
+            }
             Err(e) => return Ok(Some(refuse(s, e.into()))),
         };
         let Frame::Hello { guest_kind, .. } = &hello else {

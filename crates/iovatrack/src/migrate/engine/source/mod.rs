@@ -10,9 +10,10 @@ mod verify;
 
 pub use converge::Switchover;
 
-use super::channel::{Channel, Duplex};
+use super::channel::{looks_like_tls, Channel, Duplex, Sniff};
 use super::hooks::{Checkpoint, Control, SourceHooks, Verifier};
 use super::link::{prepare_source_socket, Link, Pacer};
+use super::tls::is_permanent;
 use super::{
     AttemptError, DeviceReport, EngineConfig, Event, Handover, MigrateError, PassStats,
     SourceReport, StateDigest, TimeoutAction, PAGE, SEND_BATCH,
@@ -70,11 +71,22 @@ impl<E: Into<AttemptError>> From<E> for AttemptEnd {
     }
 }
 
+/// A connection that could not be opened: retried (a link down, a receiver not yet
+/// listening), unless the handshake says the next attempt would fail the same way.
+fn connect_failed(e: io::Error) -> AttemptEnd {
+    if is_permanent(&e) {
+        AttemptEnd::Abort(AttemptError::Handshake(e))
+    } else {
+        AttemptEnd::Retry(AttemptError::Connect(e))
+    }
+}
+
 /// One attempt's connections to the destination: the main channel, and the extra streams
 /// of a multi-stream session.
 struct Conn {
     w: FrameWriter<Link<Duplex>>,
-    r: FrameReader<Duplex>,
+    /// Its first bytes kept: a TLS record where the HelloAck was due is a TLS receiver.
+    r: FrameReader<Sniff<Duplex>>,
     /// The TCP socket under the main channel, if any, to end the connection at once.
     tcp: Option<TcpStream>,
     /// The extra channels, until the final pass is sent.
@@ -341,7 +353,7 @@ impl<'a, 'h> Source<'a, 'h> {
         started: Instant,
         events: &mut dyn FnMut(Event),
     ) -> Result<Verdict, AttemptEnd> {
-        let channel = connect().map_err(|e| AttemptEnd::Retry(AttemptError::Connect(e)))?;
+        let channel = connect().map_err(connect_failed)?;
         let tcp = channel.tcp().map(TcpStream::try_clone).transpose()?;
         if let Some(t) = &tcp {
             prepare_source_socket(t)?;
@@ -351,7 +363,7 @@ impl<'a, 'h> Source<'a, 'h> {
         let pacer = Pacer::new(self.cfg.bandwidth);
         let mut c = Conn {
             w: FrameWriter::buffered(Link::new(duplex.clone(), pacer.clone()), SEND_BATCH),
-            r: FrameReader::new(duplex),
+            r: FrameReader::new(Sniff::new(duplex)),
             tcp,
             streams: Vec::new(),
             stream_tcp: Vec::new(),
@@ -366,7 +378,16 @@ impl<'a, 'h> Source<'a, 'h> {
             .map_err(|e| AttemptEnd::Abort(AttemptError::Layout(e)))?;
         c.w.write_frame(&layout.hello())?;
         c.w.flush()?;
-        let session = match c.r.read_frame()? {
+        // (Owned: the reader's first bytes are looked at when it failed.)
+        let answer = match c.r.read_frame().map(Frame::into_owned) {
+            // A TLS receiver answers a Hello in the clear with an alert, then closes:
+            // "truncated frame" would hide why, and retrying cannot help.
+            Err(_) if looks_like_tls(c.r.get_ref().head()) => {
+                return Err(AttemptEnd::Abort(AttemptError::DestinationSpeaksTls))
+            }
+            answer => answer?,
+        };
+        let session = match answer {
             Frame::HelloAck { session } => session,
             Frame::Abort { reason } => {
                 return Err(AttemptEnd::Abort(AttemptError::DestinationAborted(
@@ -411,7 +432,7 @@ impl<'a, 'h> Source<'a, 'h> {
         c.w.write_frame(&Frame::Streams { count })?;
         c.w.flush()?;
         for stream in 1..count {
-            let ch = connect().map_err(|e| AttemptEnd::Retry(AttemptError::Connect(e)))?;
+            let ch = connect().map_err(connect_failed)?;
             if let Some(t) = ch.tcp() {
                 prepare_source_socket(t)?;
                 c.stream_tcp.push(t.try_clone()?);
