@@ -206,9 +206,10 @@ struct SourceArgs {
     /// Use the software vCPU even where /dev/kvm exists.
     #[arg(long)]
     no_kvm: bool,
-    /// Pages per second the guest dirties (0 = unlimited).
-    #[arg(long, default_value_t = 20_000)]
-    cpu_rate: u64,
+    /// Pages per second the guest dirties (0 = unlimited). Default: unlimited with
+    /// --working-set (a guest rewriting its working set as fast as it can), else 20000.
+    #[arg(long)]
+    cpu_rate: Option<u64>,
     /// Percent of guest RAM filled with data before migration (a booted OS's page cache).
     /// Default: 25 %, at most 1 GiB of data (so a 1 TiB layout does not fill this host).
     #[arg(long, value_name = "PCT",
@@ -218,9 +219,9 @@ struct SourceArgs {
     #[arg(long, default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=16))]
     vcpus: u32,
-    /// Bytes of RAM the guest keeps dirtying (K/M/G suffixes; 0 = all RAM).
-    #[arg(long, value_name = "SIZE", default_value = "0", value_parser = parse_rate)]
-    working_set: u64,
+    /// Bytes of RAM the guest keeps dirtying (K/M/G suffixes; 0 = all RAM, the default).
+    #[arg(long, value_name = "SIZE", value_parser = parse_rate)]
+    working_set: Option<u64>,
     /// DMA writes per second (0 = unlimited).
     #[arg(long, default_value_t = 20_000)]
     dma_rate: u64,
@@ -376,7 +377,9 @@ fn guest_config(g: &GuestArgs) -> Result<MigrateConfig, BoxError> {
 fn config(g: &GuestArgs, c: &SourceArgs) -> Result<MigrateConfig, BoxError> {
     let mut cfg = guest_config(g)?;
     cfg.use_kvm = !c.no_kvm;
-    cfg.cpu_rate = c.cpu_rate;
+    cfg.cpu_rate = c
+        .cpu_rate
+        .unwrap_or(if c.working_set.is_some() { 0 } else { 20_000 });
     cfg.warm_pct = c.warm.unwrap_or_else(|| {
         let ram: u64 = migrate::guest_regions(&cfg.layout)
             .iter()
@@ -385,7 +388,7 @@ fn config(g: &GuestArgs, c: &SourceArgs) -> Result<MigrateConfig, BoxError> {
         (25u64.min((100u64 << 30) / ram.max(1))) as u8
     });
     cfg.vcpus = c.vcpus as usize;
-    cfg.working_set = c.working_set;
+    cfg.working_set = c.working_set.unwrap_or(0);
     cfg.dma = DmaConfig {
         threads: c.dma_threads as usize,
         rate: c.dma_rate,
