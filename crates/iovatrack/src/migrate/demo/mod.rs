@@ -155,6 +155,7 @@ pub fn run_source<C: Into<Box<dyn engine::Channel>>>(
         ));
     }
     let memory = Arc::new(GuestMemory::new(&regions)?);
+    memory.advise_huge_pages();
     // The guest's own setup (page tables, code, stack): no DMA there.
     let reserved = guest::x86::SetupLayout::for_memory(&memory)?.reserved;
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -385,6 +386,9 @@ impl DemoDestination {
     /// pages then cost no page fault and no kernel zeroing. Returns how long it took.
     pub fn prealloc(&self) -> Result<Duration, MigrateError> {
         let t = Instant::now();
+        // Whole 2 MiB pages when all of it is allocated anyway (without prealloc, a
+        // destination's scattered first writes would each zero 2 MiB).
+        self.memory.advise_huge_pages();
         self.memory.prefault()?;
         Ok(t.elapsed())
     }

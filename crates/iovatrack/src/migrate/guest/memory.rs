@@ -114,24 +114,7 @@ impl GuestMemory {
             size: out.iter().map(|r| r.length).sum(),
             source: std::io::Error::other(e.to_string()),
         })?;
-        let memory = Self::from_vm_memory(mmap)?;
-        for m in &memory.maps {
-            // As QEMU (`ram_block_add`) and Cloud Hypervisor (`thp`, on by default) do: with
-            // THP in `madvise` mode (Debian's default) a 4 KiB fault per page makes the
-            // destination's first write of each received page cost a fault and a zeroing of
-            // its own; one 2 MiB fault serves 512 pages. KVM still logs dirt per 4 KiB page.
-            // Advice only: where THP is off this fails or does nothing, and that is fine.
-            // SAFETY: the range is exactly one mapping `vm-memory` made and `memory` owns;
-            // MADV_HUGEPAGE changes no contents and no protection.
-            unsafe {
-                libc::madvise(
-                    m.host.as_ptr().cast(),
-                    m.range.length as usize,
-                    libc::MADV_HUGEPAGE,
-                )
-            };
-        }
-        Ok(memory)
+        Self::from_vm_memory(mmap)
     }
 
     /// Use a VMM's own `vm-memory` guest memory (regions 4 KiB aligned). Its mappings are
@@ -166,6 +149,34 @@ impl GuestMemory {
             maps,
             mmap,
         })
+    }
+
+    /// Ask for transparent huge pages (`MADV_HUGEPAGE`), as QEMU (`ram_block_add`) and
+    /// Cloud Hypervisor (`thp`, on by default) do for guest RAM: with THP in `madvise` mode
+    /// (Debian's default) one fault then maps 2 MiB. Right for a running guest's RAM and
+    /// before [`GuestMemory::prefault`]; wrong for a destination filled by scattered
+    /// first writes, where each would zero a whole 2 MiB. KVM still logs dirt per 4 KiB
+    /// page. Advice only: where THP is off it is ignored.
+    pub fn advise_huge_pages(&self) {
+        for m in &self.maps {
+            // SAFETY: the range is exactly one live mapping this value owns; MADV_HUGEPAGE
+            // changes no contents and no protection.
+            let rc = unsafe {
+                libc::madvise(
+                    m.host.as_ptr().cast(),
+                    m.range.length as usize,
+                    libc::MADV_HUGEPAGE,
+                )
+            };
+            if rc != 0 {
+                log::debug!(
+                    "MADV_HUGEPAGE on [{:#x}, +{:#x}): {}",
+                    m.range.iova,
+                    m.range.length,
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
     }
 
     /// Allocate every page of guest RAM now, as a VFIO destination's `VFIO_IOMMU_MAP_DMA`
