@@ -206,8 +206,9 @@ struct SourceArgs {
     /// Use the software vCPU even where /dev/kvm exists.
     #[arg(long)]
     no_kvm: bool,
-    /// Pages per second the guest dirties (0 = unlimited). Default: unlimited with
-    /// --working-set (a guest rewriting its working set as fast as it can), else 20000.
+    /// Pages per second the guest dirties (0 = unlimited). Default: unlimited with a
+    /// non-zero --working-set (a guest rewriting its working set as fast as it can), else
+    /// 20000.
     #[arg(long)]
     cpu_rate: Option<u64>,
     /// Percent of guest RAM filled with data before migration (a booted OS's page cache).
@@ -379,7 +380,11 @@ fn config(g: &GuestArgs, c: &SourceArgs) -> Result<MigrateConfig, BoxError> {
     cfg.use_kvm = !c.no_kvm;
     cfg.cpu_rate = c
         .cpu_rate
-        .unwrap_or(if c.working_set.is_some() { 0 } else { 20_000 });
+        .unwrap_or(if c.working_set.is_some_and(|w| w > 0) {
+            0
+        } else {
+            20_000
+        });
     cfg.warm_pct = c.warm.unwrap_or_else(|| {
         let ram: u64 = migrate::guest_regions(&cfg.layout)
             .iter()

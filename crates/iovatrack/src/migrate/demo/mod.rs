@@ -155,7 +155,6 @@ pub fn run_source<C: Into<Box<dyn engine::Channel>>>(
         ));
     }
     let memory = Arc::new(GuestMemory::new(&regions)?);
-    memory.advise_huge_pages();
     // The guest's own setup (page tables, code, stack): no DMA there.
     let reserved = guest::x86::SetupLayout::for_memory(&memory)?.reserved;
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -477,6 +476,7 @@ pub fn run_local(
         .map_err(|_| MigrateError::Destination("the destination thread panicked".into()))?;
     let mut summary = summary?;
     summary.prealloc_ms = prealloc.as_secs_f64() * 1000.0;
+    summary.total_ms += summary.prealloc_ms;
     merge_destination(&mut summary, dest);
     Ok(summary)
 }

@@ -123,8 +123,8 @@ pub struct Summary {
     pub migration_ms: f64,
     /// Wall time, ms (guest setup and warm-up included).
     pub total_ms: f64,
-    /// Allocating the destination's guest RAM before the source connected (`--prealloc`),
-    /// ms; in `total_ms`, not in `migration_ms`. 0 without.
+    /// Allocating the destination's guest RAM before the source connected (`--prealloc`,
+    /// one-process runs), ms; in `total_ms`, not in `migration_ms`. 0 without.
     pub prealloc_ms: f64,
     // --- Behind a vIOMMU (`migrate --viommu`); zero and false otherwise. ---
     /// The guest mapped its own DMA through a vIOMMU; tracking ran in IOVA space.

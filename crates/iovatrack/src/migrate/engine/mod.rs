@@ -144,7 +144,8 @@ pub struct PassStats {
     pub bytes: u64,
     /// Seconds it took.
     pub secs: f64,
-    /// Pages the CPU dirtied (KVM log) collected for it.
+    /// Pages the CPU's dirty log (KVM) made pending since the pass before began, each
+    /// once (read then, during that pass, or now).
     pub cpu_dirty: u64,
     /// Pages the devices reported for it.
     pub device_dirty: u64,

@@ -10,8 +10,10 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 pub const MAGIC: [u8; 4] = *b"IOVT";
 /// The protocol version this code speaks; peers must match exactly (3: VerifyResult carries
 /// the device-state digest; VerifyPages and VerifyPagesResult; pages over several streams,
-/// with the Streams, Join and StreamEnd frames).
-pub const PROTOCOL_VERSION: u16 = 3;
+/// with the Streams, Join and StreamEnd frames. 4: the frames are 3's; the page hashes in
+/// Verify and VerifyPages are four FNV-1a lanes, so a version-3 peer would see every page
+/// differ instead of being refused by version).
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Bytes before the payload: magic, version, type, length, sequence.
 pub const HEADER_LEN: usize = 20;
 /// Bytes after the payload: the CRC-32C.

@@ -57,7 +57,7 @@ impl DirtyRate {
         }
     }
 
-    /// A window opens now (pre-copy starts; what the log held before was read already).
+    /// A window opens now (migration starts; what the log held before was read already).
     pub(super) fn open(&mut self) {
         self.since = Instant::now();
     }

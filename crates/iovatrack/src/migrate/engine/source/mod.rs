@@ -181,9 +181,10 @@ struct Source<'a, 'h> {
     throttle: converge::Throttle,
     /// The CPU dirty rate over pre-copy.
     rate: harvest::DirtyRate,
-    /// Pages the CPU log added to the pending ones during the pass in flight (read
-    /// mid-pass), for the next pass's dirt.
-    mid_pass_cpu: u64,
+    /// Pages the CPU log newly made pending at reads during a pass, for the dirt counted
+    /// when the next pass begins (kept over a failed attempt: those pages are still
+    /// pending).
+    mid_pass_new: u64,
 }
 
 impl<'a, 'h> Source<'a, 'h> {
@@ -219,7 +220,7 @@ impl<'a, 'h> Source<'a, 'h> {
             sent_state: StateDigest::new(),
             throttle: converge::Throttle::default(),
             rate: harvest::DirtyRate::new(),
-            mid_pass_cpu: 0,
+            mid_pass_new: 0,
         })
     }
 
@@ -311,8 +312,8 @@ impl<'a, 'h> Source<'a, 'h> {
 
     /// The CPU's log and every container's, into the ledger. Returns (cpu pages, device
     /// pages).
-    fn collect(&mut self) -> Result<(u64, u64), AttemptError> {
-        let cpu = harvest::harvest(self.vm.cpu_log, &mut self.cpu_log, &mut self.ledger)?.bits;
+    fn collect(&mut self) -> Result<(harvest::Harvest, u64), AttemptError> {
+        let cpu = harvest::harvest(self.vm.cpu_log, &mut self.cpu_log, &mut self.ledger)?;
         let mut dev = 0;
         for tracker in self.vm.containers.iter_mut() {
             let st = tracker.collect(&mut self.ledger)?;
@@ -328,7 +329,7 @@ impl<'a, 'h> Source<'a, 'h> {
                 self.report.mode = m.name().to_string();
             }
         }
-        self.report.cpu_dirty_pages += cpu;
+        self.report.cpu_dirty_pages += cpu.bits;
         self.report.device_dirty_pages += dev;
         Ok((cpu, dev))
     }
@@ -477,8 +478,6 @@ impl<'a, 'h> Source<'a, 'h> {
         self.devices_to_precopy()?;
         let deadline = started + self.cfg.timeout;
         let mut pass = 0u32;
-        self.rate.open();
-        self.mid_pass_cpu = 0;
         let mut last_bytes = 0u64;
         let mut cut = false;
         loop {
@@ -490,16 +489,18 @@ impl<'a, 'h> Source<'a, 'h> {
                     pass,
                     final_pass: false,
                 });
-                let mut got = self.collect()?;
-                self.rate.close(got.0);
-                // What the CPU dirtied since the last pass began, read mid-pass or now.
-                got.0 += std::mem::take(&mut self.mid_pass_cpu);
-                if let Some(pct) = self.throttle.observe(self.cfg, got.0 * PAGE, last_bytes) {
+                let (read, dev) = self.collect()?;
+                self.rate.close(read.bits);
+                // The pages the CPU dirtied since the last pass began, each once (QEMU's
+                // `num_dirty_pages_period`): newly pending at a read during that pass or
+                // now. A page rewritten in every window is one page to resend, not many.
+                let cpu = read.new + std::mem::take(&mut self.mid_pass_new);
+                if let Some(pct) = self.throttle.observe(self.cfg, cpu * PAGE, last_bytes) {
                     self.vm.vcpus.throttle(pct)?;
                     self.report.throttle_pct = pct;
                     events(Event::Throttle { pct });
                 }
-                got
+                (cpu, dev)
             };
             let forced = match self.hooks.at(Checkpoint::PassStart { attempt, pass }) {
                 Control::Continue => false,
@@ -649,6 +650,8 @@ pub fn run_source<C: Into<Box<dyn Channel>>>(
     for (slot, buf) in src.cpu_log.iter_mut().enumerate() {
         src.vm.cpu_log.read_and_clear(slot, buf)?;
     }
+    // The dirty rate's first window opens with the log empty.
+    src.rate.open();
     src.start_tracking(true, events)?;
     src.ledger.mark_all();
     let mut attempt = 0u32;

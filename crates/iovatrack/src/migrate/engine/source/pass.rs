@@ -181,7 +181,7 @@ impl Source<'_, '_> {
             (main, shares)
         });
         self.report.cpu_dirty_pages += read.bits;
-        self.mid_pass_cpu += read.bits;
+        self.mid_pass_new += read.new;
         // Frames dealt out may have arrived even if the pass failed: the destination's
         // memory may hold them now (never zero-skip them again).
         let claimed = deal.claimed();

@@ -29,7 +29,8 @@ impl Source<'_, '_> {
             pass,
             final_pass: true,
         });
-        let (cpu, dev) = self.collect().map_err(AttemptEnd::Abort)?;
+        let (read, dev) = self.collect().map_err(AttemptEnd::Abort)?;
+        let cpu = read.new;
         self.ledger
             .begin_pass()
             .map_err(|e| AttemptEnd::Abort(e.into()))?;
@@ -74,8 +75,10 @@ impl Source<'_, '_> {
             final_pass: true,
         }));
         let verifying = Instant::now();
-        let heard = self.verify(c)?;
+        let heard = self.verify(c);
+        // Also when verification failed: the guest waited that long.
         self.report.verify_ms = verifying.elapsed().as_secs_f64() * 1000.0;
+        let heard = heard?;
         let ok = heard.memory_ok && heard.device_state_matched();
         if heard.memory_ok && !heard.device_state_matched() {
             // The memory matched but the devices would resume from other state than
