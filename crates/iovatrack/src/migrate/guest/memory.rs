@@ -160,24 +160,8 @@ impl GuestMemory {
     /// 200 ms after dirty logging stopped, one run in two. Advice only: where THP is off it
     /// is ignored.
     pub fn advise_huge_pages(&self) {
-        for m in &self.maps {
-            // SAFETY: the range is exactly one live mapping this value owns; MADV_HUGEPAGE
-            // changes no contents and no protection.
-            let rc = unsafe {
-                libc::madvise(
-                    m.host.as_ptr().cast(),
-                    m.range.length as usize,
-                    libc::MADV_HUGEPAGE,
-                )
-            };
-            if rc != 0 {
-                log::debug!(
-                    "MADV_HUGEPAGE on [{:#x}, +{:#x}): {}",
-                    m.range.iova,
-                    m.range.length,
-                    std::io::Error::last_os_error()
-                );
-            }
+        if let Err((r, e)) = self.advise(libc::MADV_HUGEPAGE) {
+            log::debug!("MADV_HUGEPAGE on [{:#x}, +{:#x}): {e}", r.iova, r.length);
         }
     }
 
@@ -187,23 +171,27 @@ impl GuestMemory {
     /// `MADV_POPULATE_WRITE` (Linux 5.14) faults the ranges in writable without touching
     /// the contents from user space.
     pub fn prefault(&self) -> Result<(), GuestError> {
+        self.advise(libc::MADV_POPULATE_WRITE)
+            .map_err(|(r, source)| GuestError::Prefault {
+                gpa: r.iova,
+                size: r.length,
+                source,
+            })
+    }
+
+    /// `madvise(advice)` over every region's mapping; the first region it failed on.
+    /// Only advice that keeps contents and protections comes here (MADV_HUGEPAGE,
+    /// MADV_POPULATE_WRITE).
+    fn advise(&self, advice: libc::c_int) -> Result<(), (IovaRange, std::io::Error)> {
         for m in &self.maps {
-            // SAFETY: the range is exactly one live mapping this value owns;
-            // MADV_POPULATE_WRITE only faults its pages in (zero-filled, contents kept where
-            // already present) and changes no protection.
-            let rc = unsafe {
-                libc::madvise(
-                    m.host.as_ptr().cast(),
-                    m.range.length as usize,
-                    libc::MADV_POPULATE_WRITE,
-                )
-            };
+            // SAFETY: the range is exactly one live mapping this value owns, and the
+            // advice (see above) changes neither what it holds nor how it may be accessed:
+            // MADV_POPULATE_WRITE only faults pages in (zero-filled, contents kept where
+            // present).
+            let rc =
+                unsafe { libc::madvise(m.host.as_ptr().cast(), m.range.length as usize, advice) };
             if rc != 0 {
-                return Err(GuestError::Prefault {
-                    gpa: m.range.iova,
-                    size: m.range.length,
-                    source: std::io::Error::last_os_error(),
-                });
+                return Err((m.range, std::io::Error::last_os_error()));
             }
         }
         Ok(())
