@@ -310,8 +310,8 @@ impl<'a, 'h> Source<'a, 'h> {
             .collect();
     }
 
-    /// The CPU's log and every container's, into the ledger. Returns (cpu pages, device
-    /// pages).
+    /// The CPU's log and every container's, into the ledger. Returns what the CPU log's
+    /// read found and the device pages.
     fn collect(&mut self) -> Result<(harvest::Harvest, u64), AttemptError> {
         let cpu = harvest::harvest(self.vm.cpu_log, &mut self.cpu_log, &mut self.ledger)?;
         let mut dev = 0;
