@@ -4,6 +4,7 @@
 use super::accept::Incoming;
 use super::session::{is_disconnect, refuse, MainReader, Session, SessionEnd};
 use super::streams::{Joined, StreamMsg};
+use super::READ_BUFFER;
 use super::{Destination, Refusal};
 use crate::migrate::engine::channel::Channel;
 use crate::migrate::engine::MigrateError;
@@ -96,7 +97,7 @@ impl Destination {
             .transpose()
             .map_err(|e| Refusal::Wire(e.into()))?;
         // The reader goes on with the stream (it may hold its first pages already).
-        let mut r = FrameReader::new(io::BufReader::with_capacity(1 << 20, channel));
+        let mut r = FrameReader::new(io::BufReader::with_capacity(READ_BUFFER, channel));
         let checked = match r.read_frame() {
             Ok(f) => StreamValidator::join(layout.clone(), &f, self.session_id, count)
                 .and_then(|v| match joined.get(v.stream() as usize - 1) {

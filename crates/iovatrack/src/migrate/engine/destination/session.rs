@@ -4,7 +4,7 @@ mod narrow;
 
 use super::accept::Incoming;
 use super::streams::{self, Gate, StreamMsg};
-use super::{Destination, Refusal};
+use super::{Destination, Refusal, READ_BUFFER};
 use crate::device::MigState;
 use crate::migrate::engine::channel::{looks_like_tls, Channel, Duplex, PlainTcp, Transport};
 use crate::migrate::engine::{max_hashes, MigrateError, StateDigest, PAGE};
@@ -86,7 +86,7 @@ impl Destination {
             .map(std::net::TcpStream::try_clone)
             .transpose()?;
         let duplex = Duplex::new(channel);
-        let mut r = FrameReader::new(io::BufReader::with_capacity(1 << 20, duplex.clone()));
+        let mut r = FrameReader::new(io::BufReader::with_capacity(READ_BUFFER, duplex.clone()));
         let mut s = Session {
             w: FrameWriter::new(duplex),
             v: None,
