@@ -361,6 +361,28 @@ fn check_vcpu_counters(g: &KvmGuest) -> Vec<u64> {
     counters
 }
 
+/// Wait (up to [`PATIENCE`]) until every vCPU has counted a write. A total counter says
+/// nothing about each vCPU: on two busy cores the other three once made 100,000 writes
+/// before the fourth vCPU's thread first ran (CI).
+fn wait_every_vcpu_ran(g: &KvmGuest) {
+    let end = Instant::now() + PATIENCE;
+    loop {
+        g.pause().unwrap();
+        let counters: Vec<u64> = g
+            .vcpu_states()
+            .unwrap()
+            .iter()
+            .map(VcpuState::counter)
+            .collect();
+        g.resume().unwrap();
+        if counters.iter().all(|&c| c > 0) {
+            return;
+        }
+        assert!(Instant::now() < end, "a vCPU never ran: {counters:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn kvm_multi_vcpu_pause_resume_state_and_resume_elsewhere() {
     if !kvm_or_skip() {
@@ -375,6 +397,7 @@ fn kvm_multi_vcpu_pause_resume_state_and_resume_elsewhere() {
     let g = KvmGuest::start(Arc::clone(&mem), &cfg).unwrap();
     assert_eq!(g.vcpu_count(), 4);
     wait_counter(&g, 100_000);
+    wait_every_vcpu_ran(&g);
     for _ in 0..20 {
         g.pause().unwrap();
         let before = all_hashes(&mem);
