@@ -6,7 +6,9 @@ use iovatrack::layout::presets;
 use iovatrack::migrate::demo::{
     merge_destination, run_local, run_source, DemoDestination, Fault, MigrateConfig, Summary,
 };
-use iovatrack::migrate::engine::{DestLimits, Destination, Event, Handover};
+use iovatrack::migrate::engine::{
+    DestLimits, DestReport, Destination, Event, Handover, MigrateError,
+};
 use iovatrack::migrate::guest::GuestMemory;
 use iovatrack::migrate::wire::{
     Frame, FrameReader, FrameWriter, MemoryLayout, HEADER_LEN, TRAILER_LEN,
@@ -62,22 +64,35 @@ fn stranger(addr: SocketAddr, frames: &[Frame<'_>], raw: &[u8]) -> Vec<u8> {
     back
 }
 
-/// The source of `cfg` against `dest` on `listener`, in one process.
+/// The source of `cfg` against `dest` on `listener`, in one process; the destination's
+/// report apart.
+fn migrate_apart(
+    cfg: &MigrateConfig,
+    listener: TcpListener,
+    dest: DemoDestination,
+    sessions: u32,
+) -> (Summary, Result<DestReport, MigrateError>) {
+    let addr = listener.local_addr().unwrap();
+    let h = std::thread::spawn(move || dest.run(&listener, sessions, Duration::from_secs(60)));
+    let s = run_source(
+        cfg,
+        || TcpStream::connect_timeout(&addr, Duration::from_secs(5)),
+        &mut |_| {},
+    )
+    .unwrap();
+    (s, h.join().unwrap())
+}
+
+/// The source of `cfg` against `dest` on `listener`, in one process, with the
+/// destination's observations folded in.
 fn migrate_to(
     cfg: &MigrateConfig,
     listener: TcpListener,
     dest: DemoDestination,
     sessions: u32,
 ) -> Summary {
-    let addr = listener.local_addr().unwrap();
-    let h = std::thread::spawn(move || dest.run(&listener, sessions, Duration::from_secs(60)));
-    let mut s = run_source(
-        cfg,
-        || TcpStream::connect_timeout(&addr, Duration::from_secs(5)),
-        &mut |_| {},
-    )
-    .unwrap();
-    merge_destination(&mut s, h.join().unwrap());
+    let (mut s, d) = migrate_apart(cfg, listener, dest, sessions);
+    merge_destination(&mut s, d);
     s
 }
 
@@ -429,16 +444,9 @@ fn device_state_digest_catches_a_changed_record() {
     let mut cfg = small();
     cfg.faults = vec![Fault::CorruptDeviceState];
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
     let dest = DemoDestination::new(&cfg.layout, &cfg.devices).unwrap();
-    let h = std::thread::spawn(move || dest.run(&listener, 1, Duration::from_secs(60)));
-    let mut s = run_source(
-        &cfg,
-        || TcpStream::connect_timeout(&addr, Duration::from_secs(5)),
-        &mut |_| {},
-    )
-    .unwrap();
-    let d = h.join().unwrap().unwrap();
+    let (mut s, d) = migrate_apart(&cfg, listener, dest, 1);
+    let d = d.unwrap();
     assert_eq!(s.faults_fired, ["corrupt-device-state"], "{s:#?}");
     assert!(!s.verified && !s.device_state_matched, "{s:#?}");
     assert_eq!(s.mismatched_pages, 0, "the memory matched: {s:#?}");
@@ -580,16 +588,9 @@ fn multi_stream_drop_retry_verifies() {
     cfg.engine.streams = 3;
     cfg.faults = vec![Fault::DropAt(1)];
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
     let dest = DemoDestination::new(&cfg.layout, &cfg.devices).unwrap();
-    let h = std::thread::spawn(move || dest.run(&listener, 3, Duration::from_secs(60)));
-    let mut s = run_source(
-        &cfg,
-        || TcpStream::connect_timeout(&addr, Duration::from_secs(5)),
-        &mut |_| {},
-    )
-    .unwrap();
-    let d = h.join().unwrap().unwrap();
+    let (mut s, d) = migrate_apart(&cfg, listener, dest, 3);
+    let d = d.unwrap();
     assert_eq!(d.streams, 3, "{d:#?}");
     assert_eq!(d.sessions, 2, "{d:#?}");
     assert_eq!(d.duplicate_pages_received, 0);
