@@ -25,7 +25,7 @@ use iovatrack::migrate::wire::{FrameWriter, WireError, HEADER_LEN, PAGES_PREFIX_
 use std::io::{BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const PAGE: u64 = 4096;
@@ -102,13 +102,19 @@ impl Setup {
     /// The frames as one stream's bytes, to write raw.
     fn encoded(&self) -> Vec<u8> {
         let mut w = FrameWriter::new(Vec::new());
-        let mut buf = vec![0u8; 256 * PAGE as usize];
+        self.write_frames(&mut w, &mut vec![0u8; 256 * PAGE as usize]);
+        w.into_inner()
+    }
+
+    /// Every frame written by `w`, its pages copied out into `buf` first (the copy the
+    /// in-place path saves), then flushed.
+    fn write_frames<W: Write>(&self, w: &mut FrameWriter<W>, buf: &mut [u8]) {
         for &(gpa, n) in &self.frames {
             let b = &mut buf[..n as usize * PAGE as usize];
             self.copy_out(gpa, n, b);
             w.write_pages(gpa, n, b).unwrap();
         }
-        w.into_inner()
+        w.flush().unwrap();
     }
 }
 
@@ -164,51 +170,44 @@ fn bench_shape(c: &mut Criterion, conns: &[Conn], scattered: bool) {
         });
     }
 
-    let mut buf = vec![0u8; 256 * PAGE as usize];
-    let mut bw = FrameWriter::new(BufWriter::with_capacity(BATCH, &conns[0].tx));
+    // One stream, pages copied out into a scratch buffer first: frames gathered by a
+    // `BufWriter`, and each frame in one vectored write.
+    let scratch = Mutex::new(vec![0u8; 256 * PAGE as usize]);
+    let bw = Mutex::new(FrameWriter::new(BufWriter::with_capacity(
+        BATCH,
+        &conns[0].tx,
+    )));
     g.bench_function(BenchmarkId::new("bufwriter", 1), |b| {
         b.iter_custom(|iters| {
-            let mut t = Duration::ZERO;
-            for _ in 0..iters {
-                let from = conns[0].got.load(Ordering::Relaxed);
-                let start = Instant::now();
-                for &(gpa, n) in &setup.frames {
-                    let d = &mut buf[..n as usize * PAGE as usize];
-                    setup.copy_out(gpa, n, d);
-                    bw.write_pages(gpa, n, d).unwrap();
-                }
-                bw.flush().unwrap();
-                conns[0].drained(from, encoded.len() as u64);
-                t += start.elapsed();
-            }
-            t
+            (0..iters)
+                .map(|_| {
+                    timed(conns, 1, |_, _| {
+                        setup.write_frames(&mut bw.lock().unwrap(), &mut scratch.lock().unwrap());
+                        encoded.len() as u64
+                    })
+                })
+                .sum()
         })
     });
-
-    let mut vw = FrameWriter::new(&conns[0].tx);
+    let vw = Mutex::new(FrameWriter::new(&conns[0].tx));
     g.bench_function(BenchmarkId::new("vectored", 1), |b| {
         b.iter_custom(|iters| {
-            let mut t = Duration::ZERO;
-            for _ in 0..iters {
-                let from = conns[0].got.load(Ordering::Relaxed);
-                let start = Instant::now();
-                for &(gpa, n) in &setup.frames {
-                    let d = &mut buf[..n as usize * PAGE as usize];
-                    setup.copy_out(gpa, n, d);
-                    vw.write_pages(gpa, n, d).unwrap();
-                }
-                conns[0].drained(from, encoded.len() as u64);
-                t += start.elapsed();
-            }
-            t
+            (0..iters)
+                .map(|_| {
+                    timed(conns, 1, |_, _| {
+                        setup.write_frames(&mut vw.lock().unwrap(), &mut scratch.lock().unwrap());
+                        encoded.len() as u64
+                    })
+                })
+                .sum()
         })
     });
 
     for &n in &STREAMS {
         // One warm writer per stream, kept across iterations as the engine keeps them.
-        let writers: Vec<std::sync::Mutex<FrameWriter<&TcpStream>>> = conns[..n]
+        let writers: Vec<Mutex<FrameWriter<&TcpStream>>> = conns[..n]
             .iter()
-            .map(|c| std::sync::Mutex::new(FrameWriter::buffered(&c.tx, BATCH)))
+            .map(|c| Mutex::new(FrameWriter::buffered(&c.tx, BATCH)))
             .collect();
         g.bench_function(BenchmarkId::new("inplace", n), |b| {
             b.iter_custom(|iters| {
