@@ -3,7 +3,8 @@
 //! get past it: when the first byte is odd, the target re-computes each frame's CRC before
 //! decoding, so mutations reach the payload decoders too.
 
-use iovatrack::migrate::wire::{crc32c, decode_all, Limits, HEADER_LEN, TRAILER_LEN};
+use iovatrack::migrate::wire::{decode_all, Limits, HEADER_LEN, TRAILER_LEN};
+use iovatrack_fuzz::receiver::fix_frames;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -12,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let mut bytes = rest.to_vec();
     if mode & 1 == 1 {
-        fix_crcs(&mut bytes);
+        fix_frames(&mut bytes, true, false);
     }
     // A small payload bound too, so the length checks are exercised at both sizes.
     let limits = if mode & 2 == 2 {
@@ -25,20 +26,3 @@ fuzz_target!(|data: &[u8]| {
         assert!(frames.len() * (HEADER_LEN + TRAILER_LEN) <= bytes.len());
     }
 });
-
-/// Walks frames by their length field and writes a correct CRC into each trailer.
-fn fix_crcs(bytes: &mut [u8]) {
-    let mut at = 0usize;
-    while at + HEADER_LEN <= bytes.len() {
-        let len = u32::from_le_bytes(bytes[at + 8..at + 12].try_into().unwrap()) as usize;
-        let Some(end) = at.checked_add(HEADER_LEN + len) else {
-            return;
-        };
-        if end + TRAILER_LEN > bytes.len() {
-            return;
-        }
-        let crc = crc32c(&bytes[at..end]);
-        bytes[end..end + TRAILER_LEN].copy_from_slice(&crc.to_le_bytes());
-        at = end + TRAILER_LEN;
-    }
-}

@@ -436,6 +436,7 @@ fn frame_op(
             2 => put(&Frame::VerifyResult {
                 ok: true,
                 digest: 0,
+                device_digest: 0,
                 mismatched_regions: Cow::Borrowed(&[]),
             }),
             3 => put(&Frame::CommitAck),
